@@ -1,0 +1,473 @@
+"""Expand a spec into its runs: variants × grid × zip groups × seeds, minus excludes.
+
+Precedence, lowest first: the spec's sections, the variant, grid/zip values, then ``--set``.
+Every value remembers where it came from, so a bad one is reported at the line the user wrote.
+Expansion is deterministic: the same spec always gives the same runs, names and keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from workbench.datasets import KNOWN_DATASETS, data_checksum
+from workbench.errors import SpecError
+from workbench.spec import (
+    DEFAULT_SEEDS,
+    MODEL_KINDS,
+    SECTIONS,
+    RunConfig,
+    Spec,
+    check_dotted_key,
+    describe_error,
+    format_problem,
+    section_keys,
+    spec_problems,
+)
+from workbench.yamlio import load_yaml_file, parse_value
+
+RUN_KEY_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a value was written: the file (or ``--set``) and the dotted key there."""
+
+    origin: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Run:
+    """One grid point: what to train and how to recognise it later."""
+
+    name: str
+    variant: str
+    seed: int
+    key: str
+    config: RunConfig
+    varying: dict[str, Any]
+    data_sha256: str
+
+    @property
+    def tokens(self) -> int:
+        train = self.config.train
+        return train.max_iters * train.batch_size * train.block_size
+
+
+@dataclass
+class Plan:
+    """The expanded spec."""
+
+    spec_path: Path
+    spec: Spec
+    runs: list[Run]
+    varying_keys: list[str]
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (dropped, same as)
+    excluded: int = 0
+
+    @property
+    def experiment(self) -> str:
+        return self.spec.experiment
+
+
+@dataclass(frozen=True)
+class Override:
+    """``--set KEY=VALUE`` parsed."""
+
+    key: str
+    value: Any
+    text: str
+
+
+def parse_overrides(items: list[str]) -> list[Override]:
+    problems, overrides = [], []
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_iters=200")
+            continue
+        overrides.append(Override(key=key, value=parse_value(text), text=item))
+    if problems:
+        raise SpecError(problems)
+    return overrides
+
+
+def expand(
+    spec_path: Path, sets: list[str] | None = None, only: list[str] | None = None
+) -> Plan:
+    """Load, validate and expand a spec; raises SpecError listing every problem at once.
+
+    Problems of shape (unknown keys, types, grid keys) are all reported together; rules that
+    span keys (``n_embd`` divisible by ``n_head``, ...) are checked per run once the shape holds.
+    """
+    overrides = parse_overrides(sets or [])
+    origin = str(spec_path)
+    raw = load_yaml_file(spec_path)
+    if not isinstance(raw, dict):
+        raise SpecError([f"{origin}: expected a mapping at the top level (got {raw!r})"])
+    raw = _apply_top_level_overrides(raw, overrides)
+    overrides = [o for o in overrides if "." in o.key]
+    problems = _structure_problems(raw, origin, overrides)
+    spec: Spec | None = None
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as exc:
+        # Bad values inside sections are found again, with every other problem, per run below;
+        # a bad shape (grid not a mapping, ...) stops here.
+        problems = spec_problems(exc, origin) + problems
+        if any(not _inside_section(tuple(e["loc"])) for e in exc.errors()):
+            raise SpecError(problems) from None
+    if problems and spec is not None:
+        raise SpecError(problems)
+
+    axes = _axes(raw, origin)
+    points = _grid_points(axes)
+    varying = [k for k in _varying_keys(axes) if k not in {o.key for o in overrides}]
+    runs: list[Run] = []
+    excluded = 0
+    for variant, layers in _variants(raw):
+        for point in points:
+            for seed in raw.get("seeds", DEFAULT_SEEDS):
+                config_raw, sources = _merge(raw, origin, layers, point, overrides)
+                config_raw["seed"] = seed
+                config, errors = _validate_run(config_raw, sources, spec_path)
+                if errors:
+                    problems.extend(errors)
+                    continue
+                assert config is not None
+                if _excluded(raw.get("exclude") or [], variant, seed, config):
+                    excluded += 1
+                    continue
+                runs.append(_make_run(variant, seed, config, varying))
+    if problems:
+        raise SpecError(problems)
+    runs, duplicates = _drop_duplicates(runs)
+    if only:
+        runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, g) for g in only)]
+        if not runs:
+            raise SpecError([f"--only {' '.join(only)}: no run name matches"])
+    if not runs:
+        raise SpecError([f"{origin}: exclude: every run is excluded"])
+    assert spec is not None
+    return Plan(spec_path, spec, runs, varying, duplicates, excluded)
+
+
+def _inside_section(loc: tuple[Any, ...]) -> bool:
+    """Whether a spec error sits inside a config section (and is re-checked per run)."""
+    if len(loc) >= 2 and loc[0] in SECTIONS:
+        return True
+    return len(loc) >= 4 and loc[0] == "variants" and loc[2] in SECTIONS
+
+
+def _apply_top_level_overrides(raw: dict[str, Any], overrides: list[Override]) -> dict[str, Any]:
+    """``--set seeds=[1,2]`` or ``--set experiment=x`` change the spec itself."""
+    top = [o for o in overrides if "." not in o.key]
+    if not top:
+        return raw
+    allowed = ("experiment", "seeds")
+    bad = [o for o in top if o.key not in allowed]
+    if bad:
+        raise SpecError(
+            [
+                f"--set: {o.key}: unknown key (allowed: {', '.join(allowed)}, or a dotted key "
+                "such as train.max_iters)"
+                for o in bad
+            ]
+        )
+    raw = copy.deepcopy(raw)
+    for o in top:
+        raw[o.key] = o.value
+    return raw
+
+
+Axis = list[tuple[str, list[Any], Source]]  # keys that vary together, their values, sources
+
+
+def _axes(raw: dict[str, Any], origin: str) -> list[Axis]:
+    axes: list[Axis] = []
+    for key, values in (raw.get("grid") or {}).items():
+        axes.append([(key, values, Source(origin, f"grid.{key}"))])
+    for i, group in enumerate(raw.get("zip") or []):
+        axes.append(
+            [(key, values, Source(origin, f"zip[{i}].{key}")) for key, values in group.items()]
+        )
+    return axes
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _structure_problems(raw: dict[str, Any], origin: str, overrides: list[Override]) -> list[str]:
+    """Checks of grid/zip/exclude/--set keys that pydantic cannot express; tolerant of bad
+    shapes (pydantic reports those)."""
+    problems: list[str] = []
+    grid = raw.get("grid")
+    zips = raw.get("zip")
+    if isinstance(grid, dict) and not grid:
+        problems.append(format_problem(origin, "grid", "empty (remove it or add a key)"))
+    if isinstance(zips, list) and not zips:
+        problems.append(format_problem(origin, "zip", "empty (remove it or add a group)"))
+    if isinstance(raw.get("variants"), dict) and not raw["variants"]:
+        problems.append(format_problem(origin, "variants", "empty (remove it or add a variant)"))
+    groups: list[tuple[str, dict[str, Any]]] = [("grid.", _mapping(grid))]
+    groups += [(f"zip[{i}].", _mapping(g)) for i, g in enumerate(zips or []) if zips is not None]
+    seen: dict[str, str] = {}
+    for prefix, group in groups:
+        for key, values in group.items():
+            where = f"{prefix}{key}"
+            problem = check_dotted_key(str(key))
+            if problem:
+                problems.append(format_problem(origin, where, problem))
+            if isinstance(values, list) and not values:
+                problems.append(format_problem(origin, where, "empty list of values"))
+            if key in seen:
+                problems.append(format_problem(origin, where, f"also varied by {seen[key]}"))
+            seen[key] = where
+        lengths = {len(v) for v in group.values() if isinstance(v, list)}
+        if prefix.startswith("zip") and len(lengths) > 1:
+            sizes = ", ".join(f"{k}: {len(v)}" for k, v in group.items() if isinstance(v, list))
+            problems.append(
+                format_problem(origin, prefix[:-1], f"lists differ in length ({sizes})")
+            )
+    seeds = raw.get("seeds")
+    if isinstance(seeds, list) and len(seeds) != len({repr(s) for s in seeds}):
+        problems.append(format_problem(origin, "seeds", "repeated seed", seeds))
+    names = set(_mapping(raw.get("variants")))
+    excludes = raw.get("exclude")
+    for i, entry in enumerate(excludes if isinstance(excludes, list) else []):
+        if isinstance(entry, dict) and not entry:
+            problems.append(format_problem(origin, f"exclude[{i}]", "empty assignment"))
+        for key, value in _mapping(entry).items():
+            where = f"exclude[{i}].{key}"
+            if key == "variant":
+                if value not in names:
+                    allowed = ", ".join(sorted(names)) or "none defined"
+                    problems.append(
+                        format_problem(origin, where, f"no such variant (allowed: {allowed})", value)
+                    )
+            elif key != "seed" and (problem := check_dotted_key(str(key))):
+                problems.append(format_problem(origin, where, problem))
+    for override in overrides:
+        problem = check_dotted_key(override.key)
+        if problem:
+            problems.append(format_problem("--set", override.key, problem))
+    return problems
+
+
+Layer = tuple[dict[str, Any], str]  # raw overrides of the sections, and the prefix of their keys
+
+
+def _variants(raw: dict[str, Any]) -> list[tuple[str, Layer | None]]:
+    variants = raw.get("variants")
+    if not variants:
+        kind = (raw.get("model") or {}).get("kind") or "run"
+        return [(str(kind), None)]
+    return [(name, (layer or {}, f"variants.{name}")) for name, layer in variants.items()]
+
+
+def _grid_points(axes: list[Axis]) -> list[list[tuple[str, Any, Source]]]:
+    per_axis = [
+        [[(key, values[i], source) for key, values, source in axis] for i in range(len(axis[0][1]))]
+        for axis in axes
+    ]
+    return [[item for group in combo for item in group] for combo in itertools.product(*per_axis)]
+
+
+def _varying_keys(axes: list[Axis]) -> list[str]:
+    keys = []
+    for axis in axes:
+        for key, values, _ in axis:
+            distinct = {json.dumps(v, sort_keys=True, default=str) for v in values}
+            if len(distinct) > 1:
+                keys.append(key)
+    return keys
+
+
+def _merge(
+    raw: dict[str, Any],
+    origin: str,
+    variant: Layer | None,
+    point: list[tuple[str, Any, Source]],
+    overrides: list[Override],
+) -> tuple[dict[str, Any], dict[str, Source]]:
+    """The raw config of one run, and where each dotted key's value came from."""
+    config: dict[str, Any] = {}
+    sources: dict[str, Source] = {}
+    base_layer = {name: raw.get(name) or {} for name in SECTIONS}
+    if "data" not in raw:
+        base_layer["data"] = {"dataset": "tinyshakespeare"}
+    layers: list[tuple[dict[str, Any], str, str]] = [(base_layer, origin, "")]
+    if variant is not None:
+        layers.append((variant[0], origin, variant[1] + "."))
+    for layer, layer_origin, prefix in layers:
+        for section in SECTIONS:
+            values = layer.get(section) or {}
+            target = config.setdefault(section, {})
+            for key, value in values.items():
+                target[key] = value
+                sources[f"{section}.{key}"] = Source(layer_origin, f"{prefix}{section}.{key}")
+    for key, value, source in point:
+        section, _, name = key.partition(".")
+        config[section][name] = value
+        sources[key] = source
+    for override in overrides:
+        section, _, name = override.key.partition(".")
+        config[section][name] = override.value
+        sources[override.key] = Source("--set", override.key)
+    return config, sources
+
+
+def _validate_run(
+    config_raw: dict[str, Any], sources: dict[str, Source], spec_path: Path
+) -> tuple[RunConfig | None, list[str]]:
+    def where(key: str) -> Source:
+        return sources.get(key) or sources.get(key.split(".")[0]) or Source(str(spec_path), key)
+
+    try:
+        config = RunConfig.model_validate(config_raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(p) for p in error["loc"])
+            source = where(key)
+            allowed = section_keys(key.split(".")[0]) if error["type"] == "extra_forbidden" else None
+            problems.append(
+                format_problem(source.origin, source.key, describe_error(error, allowed),
+                               error.get("input", ...), error["type"] not in ("missing", "extra_forbidden"))
+            )
+        return None, problems
+
+    problems = []
+    for key, message, value in _semantic_problems(config, spec_path):
+        source = where(key)
+        problems.append(format_problem(source.origin, source.key, message, value))
+    if problems:
+        return None, problems
+    if config.data.path is not None:  # resolved so that any working folder finds it later
+        resolved = str((spec_path.parent / config.data.path).resolve())
+        config = config.model_copy(update={"data": config.data.model_copy(update={"path": resolved})})
+    return config, []
+
+
+def _semantic_problems(config: RunConfig, spec_path: Path) -> list[tuple[str, str, Any]]:
+    """Rules that span several keys: (dotted key to blame, message, bad value)."""
+    problems: list[tuple[str, str, Any]] = []
+    model, train, data = config.model, config.train, config.data
+    if model.kind is None:
+        problems.append(
+            ("model.kind", f"missing; set it under model: or in each variant "
+             f"(allowed: {', '.join(MODEL_KINDS)})", None)
+        )
+    if model.kind in ("multi_head", "transformer") and model.n_embd % model.n_head:
+        problems.append(
+            ("model.n_head", f"must divide model.n_embd ({model.n_embd})", model.n_head)
+        )
+    if train.eval_interval > train.max_iters:
+        problems.append(
+            ("train.eval_interval", f"must be <= train.max_iters ({train.max_iters})",
+             train.eval_interval)
+        )
+    if train.min_lr > train.learning_rate:
+        problems.append(
+            ("train.min_lr", f"must be <= train.learning_rate ({train.learning_rate})",
+             train.min_lr)
+        )
+    if data.dataset is None and data.path is None:
+        problems.append(("data", "set data.dataset or data.path", None))
+    elif data.dataset is not None and data.path is not None:
+        problems.append(("data.path", "set data.dataset or data.path, not both", data.path))
+    elif data.dataset is not None and data.dataset not in KNOWN_DATASETS:
+        allowed = ", ".join(KNOWN_DATASETS)
+        problems.append(
+            ("data.dataset", f"unknown data set (allowed: {allowed}, or data.path: FILE)",
+             data.dataset)
+        )
+    elif data.path is not None and not (spec_path.parent / data.path).is_file():
+        problems.append(
+            ("data.path", f"no such file (looked in {spec_path.parent.resolve()})", data.path)
+        )
+    return [(k, m, v if v is not None else ...) for k, m, v in problems]
+
+
+def _lookup(config: RunConfig, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
+
+
+def _excluded(excludes: list[dict[str, Any]], variant: str, seed: int, config: RunConfig) -> bool:
+    for entry in excludes:
+        matches = True
+        for key, value in entry.items():
+            actual = variant if key == "variant" else seed if key == "seed" else _lookup(config, key)
+            if actual != value:
+                matches = False
+                break
+        if matches:
+            return True
+    return False
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """``train.block_size`` → ``block_size`` unless two varying keys share the last part."""
+    last = [k.split(".")[-1] for k in keys]
+    return {k: (k.split(".")[-1] if last.count(k.split(".")[-1]) == 1 else k) for k in keys}
+
+
+def _make_run(variant: str, seed: int, config: RunConfig, varying: list[str]) -> Run:
+    names = short_names(varying)
+    shown = {key: _lookup(config, key) for key in varying}
+    parts = [variant] + [f"{names[k]}={format_value(v)}" for k, v in shown.items()]
+    parts.append(f"seed={seed}")
+    checksum = data_checksum(config.data.dataset, config.data.path)
+    return Run(
+        name="-".join(parts),
+        variant=variant,
+        seed=seed,
+        key=run_key(config, checksum),
+        config=config,
+        varying=shown,
+        data_sha256=checksum,
+    )
+
+
+def run_key(config: RunConfig, data_sha256: str) -> str:
+    """A stable hash of the resolved config and the data's checksum.
+
+    The data's location is left out (its checksum identifies it), so moving a file or the repo
+    keeps every key.
+    """
+    payload = config.model_dump(mode="json")
+    payload["data"]["path"] = None
+    blob = json.dumps({"config": payload, "data_sha256": data_sha256}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:RUN_KEY_LENGTH]
+
+
+def _drop_duplicates(runs: list[Run]) -> tuple[list[Run], list[tuple[str, str]]]:
+    first: dict[str, Run] = {}
+    kept, duplicates = [], []
+    for run in runs:
+        if run.key in first:
+            duplicates.append((run.name, first[run.key].name))
+        else:
+            first[run.key] = run
+            kept.append(run)
+    return kept, duplicates

@@ -1,0 +1,323 @@
+"""The ladder of "Let's build GPT", top to bottom: bigram → averaging the past → one head of
+self-attention → many heads → transformer blocks. Each model is built from its
+:class:`~workbench.spec.ModelConfig`, the vocabulary size and the block size, and has
+``forward(idx, targets=None) -> (logits, loss)`` and ``generate``.
+
+Attention is computed the fast way: one fused QKV projection and
+``scaled_dot_product_attention(is_causal=True)``, never one Python module per head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.spec import ModelConfig
+
+
+class LanguageModel(nn.Module):
+    """Shared plumbing: the loss, generation, and (for attention models) attention maps."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int, block_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab_size = vocab_size
+        self.block_size = block_size
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.logits(idx)  # (B, T, vocab)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend ``idx`` (B, T) by ``max_new_tokens``, feeding at most ``block_size`` back."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.block_size :]
+            logits = self.logits(context)[:, -1, :].float() / max(temperature, 1e-8)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)
+            next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx
+
+    def attention_weights(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """(n_layer, n_head, T, T) attention probabilities for one sequence, or None."""
+        return None
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class Bigram(LanguageModel):
+    """Rung 0: a vocab × vocab table, read straight off as the next character's logits."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int, block_size: int) -> None:
+        super().__init__(config, vocab_size, block_size)
+        self.token_embedding = nn.Embedding(vocab_size, vocab_size)
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(idx)  # (B, T, vocab)
+
+
+class Embedded(LanguageModel):
+    """Token plus position embeddings in, ``lm_head`` out; subclasses mix positions between."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int, block_size: int) -> None:
+        super().__init__(config, vocab_size, block_size)
+        self.token_embedding = nn.Embedding(vocab_size, config.n_embd)
+        self.position_embedding = nn.Embedding(block_size, config.n_embd)
+        self.lm_head = nn.Linear(self.head_width(), vocab_size)
+
+    def head_width(self) -> int:
+        return self.config.n_embd
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(idx.size(1), device=idx.device)
+        return self.token_embedding(idx) + self.position_embedding(positions)  # (B, T, C)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.mix(self.embed(idx)))
+
+
+def causal_mask(block_size: int) -> torch.Tensor:
+    return torch.tril(torch.ones(block_size, block_size, dtype=torch.bool))
+
+
+class UniformAverage(Embedded):
+    """Each position takes the mean of positions ≤ t (the seeds' version 2: tril / rowsum)."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int, block_size: int) -> None:
+        super().__init__(config, vocab_size, block_size)
+        tril = torch.tril(torch.ones(block_size, block_size))
+        self.register_buffer("weights", tril / tril.sum(1, keepdim=True), persistent=False)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.size(1)
+        weights: torch.Tensor = self.weights
+        return weights[:T, :T] @ x  # (T, T) @ (B, T, C) -> (B, T, C)
+
+
+class SoftmaxAverage(Embedded):
+    """The seeds' version 3: affinities, masked to the past, softmaxed. The affinities are a
+    parameter that starts at zero (uniform averaging); position-dependent, not data-dependent."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int, block_size: int) -> None:
+        super().__init__(config, vocab_size, block_size)
+        affinity = torch.zeros(block_size, block_size)
+        self.affinity = nn.Parameter(affinity, requires_grad=config.learnable)
+        self.register_buffer("mask", causal_mask(block_size), persistent=False)
+
+    def mixing_weights(self, T: int) -> torch.Tensor:
+        mask: torch.Tensor = self.mask
+        wei = self.affinity[:T, :T].masked_fill(~mask[:T, :T], float("-inf"))
+        return F.softmax(wei, dim=-1)  # (T, T)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixing_weights(x.size(1)) @ x
+
+    def attention_weights(self, idx: torch.Tensor) -> torch.Tensor | None:
+        return self.mixing_weights(idx.size(-1))[None, None].detach()
+
+
+class CausalSelfAttention(nn.Module):
+    """``n_head`` heads of ``head_size`` in one fused QKV projection, concatenated, optionally
+    projected back to ``n_embd``."""
+
+    def __init__(
+        self, n_embd: int, n_head: int, head_size: int, proj: bool, dropout: float
+    ) -> None:
+        super().__init__()
+        self.n_head, self.head_size, self.dropout = n_head, head_size, dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_head * head_size, bias=False)
+        self.proj = nn.Linear(n_head * head_size, n_embd) if proj else None
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.n_head * self.head_size, dim=2)
+        shape = (B, T, self.n_head, self.head_size)
+        return (
+            q.view(shape).transpose(1, 2),  # (B, nh, T, hs)
+            k.view(shape).transpose(1, 2),
+            v.view(shape).transpose(1, 2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # heads concatenated
+        if self.proj is not None:
+            y = self.resid_dropout(self.proj(y))
+        return y
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, nh, T, T) attention probabilities, computed explicitly (for inspection only)."""
+        q, k, _ = self._qkv(x)
+        T = x.size(1)
+        wei = (q @ k.transpose(-2, -1)) * self.head_size**-0.5
+        mask = causal_mask(T).to(x.device)
+        return F.softmax(wei.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+class SingleHead(Embedded):
+    """Rung 2: one causal self-attention head of ``head_size`` (default ``n_embd``)."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int, block_size: int) -> None:
+        super().__init__(config, vocab_size, block_size)
+        self.attention = CausalSelfAttention(
+            config.n_embd, 1, self.head_width(), proj=False, dropout=config.dropout
+        )
+
+    def head_width(self) -> int:
+        return self.config.head_size or self.config.n_embd
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x)
+
+    def attention_weights(self, idx: torch.Tensor) -> torch.Tensor | None:
+        return self.attention.weights(self.embed(idx))[0][None].detach()
+
+
+class MultiHead(Embedded):
+    """Rung 3: ``n_head`` heads of ``n_embd / n_head``, concatenated (projected if ``proj``)."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int, block_size: int) -> None:
+        super().__init__(config, vocab_size, block_size)
+        self.attention = CausalSelfAttention(
+            config.n_embd,
+            config.n_head,
+            config.n_embd // config.n_head,
+            proj=bool(config.proj),
+            dropout=config.dropout,
+        )
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x)
+
+    def attention_weights(self, idx: torch.Tensor) -> torch.Tensor | None:
+        return self.attention.weights(self.embed(idx))[0][None].detach()
+
+
+def feed_forward(kind: str, n_embd: int, dropout: float) -> nn.Module | None:
+    """``linear``: the lecture's Linear + ReLU (rung 4); ``mlp``: 4× wide with projection."""
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(n_embd, n_embd), nn.ReLU())
+    return nn.Sequential(
+        nn.Linear(n_embd, 4 * n_embd),
+        nn.ReLU(),
+        nn.Linear(4 * n_embd, n_embd),
+        nn.Dropout(dropout),
+    )
+
+
+class Block(nn.Module):
+    """Attention then feed-forward, each optionally pre-normed and wrapped in a residual."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        C = config.n_embd
+        self.residual = config.residual
+        self.attention = CausalSelfAttention(
+            C,
+            config.n_head,
+            C // config.n_head,
+            proj=config.proj is not False,
+            dropout=config.dropout,
+        )
+        self.ffwd = feed_forward(config.ffwd, C, config.dropout)
+        self.ln1 = nn.LayerNorm(C) if config.layernorm else None
+        self.ln2 = nn.LayerNorm(C) if config.layernorm and self.ffwd is not None else None
+
+    def _sublayer(self, x: torch.Tensor, sub: nn.Module, norm: nn.Module | None) -> torch.Tensor:
+        out = sub(norm(x) if norm is not None else x)
+        return x + out if self.residual else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._sublayer(x, self.attention, self.ln1)
+        if self.ffwd is not None:
+            x = self._sublayer(x, self.ffwd, self.ln2)
+        return x
+
+
+class Transformer(Embedded):
+    """Rungs 1-7 as configs: ``n_layer`` blocks (0: embeddings only) with switches for the
+    feed-forward, residuals, layer norm, dropout and init."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int, block_size: int) -> None:
+        super().__init__(config, vocab_size, block_size)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd) if config.layernorm else None
+        if config.init == "normal":
+            self.apply(_init_normal)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x) if self.ln_f is not None else x
+
+    def attention_weights(self, idx: torch.Tensor) -> torch.Tensor | None:
+        if not self.blocks:
+            return None
+        x, maps = self.embed(idx), []
+        for block in self.blocks:
+            norm = block.ln1 if block.ln1 is not None else nn.Identity()
+            maps.append(block.attention.weights(norm(x))[0])
+            x = block(x)
+        return torch.stack(maps).detach()  # (n_layer, nh, T, T)
+
+
+def _init_normal(module: nn.Module) -> None:
+    """The lecture's rung 7 init: N(0, 0.02) weights, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+MODELS: dict[str, type[LanguageModel]] = {
+    "bigram": Bigram,
+    "uniform_avg": UniformAverage,
+    "softmax_avg": SoftmaxAverage,
+    "single_head": SingleHead,
+    "multi_head": MultiHead,
+    "transformer": Transformer,
+}
+
+
+def build_model(config: ModelConfig, vocab_size: int, block_size: int) -> LanguageModel:
+    if config.kind is None:
+        raise ValueError("model.kind is not set")
+    return MODELS[config.kind](config, vocab_size, block_size)
+
+
+def count_params(config: ModelConfig, vocab_size: int, block_size: int) -> int:
+    """Parameters of a model, without allocating its weights."""
+    with torch.device("meta"):
+        return build_model(config, vocab_size, block_size).num_params()

@@ -1,0 +1,228 @@
+"""The experiment spec: strict, frozen pydantic models of one YAML file, and its loading.
+
+A spec has three config sections (``data``, ``train``, ``model``) that every run starts from,
+then ``variants`` (named overrides), ``grid``/``zip`` (dotted keys with lists of values),
+``exclude`` and ``seeds``. One run's fully resolved config is a :class:`RunConfig`. Expanding a
+spec into runs lives in :mod:`workbench.grid`; this module only knows the shapes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from workbench.errors import SpecError
+
+ModelKind = Literal[
+    "bigram", "uniform_avg", "softmax_avg", "single_head", "multi_head", "transformer"
+]
+MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+|mps)$"
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
+DEFAULT_SEEDS = (1337,)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class Section(BaseModel):
+    """Base of every config object: unknown keys fail, no type coercion, immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DataConfig(Section):
+    """Where the text comes from and how it is split."""
+
+    dataset: str | None = Field(None, description="A known data set: tinyshakespeare.")
+    path: str | None = Field(None, description="A local UTF-8 text file (relative to the spec).")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Last fraction held out for val.")
+
+
+class TrainConfig(Section):
+    """Optimisation and evaluation; every key may be varied by the grid."""
+
+    batch_size: PositiveInt = 32
+    block_size: PositiveInt = Field(8, description="Context length in characters.")
+    max_iters: PositiveInt = 5000
+    eval_interval: PositiveInt = 500
+    eval_iters: PositiveInt = Field(200, description="Batches per split in the fixed eval set.")
+    learning_rate: PositiveFloat = 1.0e-3
+    weight_decay: NonNegativeFloat = Field(0.01, description="AdamW weight decay (torch default).")
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_iters: NonNegativeInt = 0
+    min_lr: NonNegativeFloat = Field(0.0, description="Floor of the cosine schedule.")
+    grad_clip: NonNegativeFloat = Field(0.0, description="Max gradient norm; 0 turns it off.")
+    device: Annotated[str, Field(pattern=DEVICE_PATTERN)] = "auto"
+    threads: PositiveInt | None = Field(None, description="Torch CPU threads; None: per job.")
+    compile: bool = Field(False, description="torch.compile the model (CUDA only).")
+
+
+class ModelConfig(Section):
+    """One model of the ladder; keys a kind does not use are ignored by it."""
+
+    kind: ModelKind | None = None
+    n_embd: PositiveInt = 32
+    n_head: PositiveInt = 4
+    head_size: PositiveInt | None = Field(None, description="single_head only; default n_embd.")
+    n_layer: NonNegativeInt = Field(3, description="transformer blocks (0: embeddings only).")
+    ffwd: Literal["none", "linear", "mlp"] = Field(
+        "mlp", description="none, the lecture's Linear+ReLU, or the 4x MLP with projection."
+    )
+    residual: bool = True
+    layernorm: bool = Field(True, description="Pre-norm in blocks plus a final LayerNorm.")
+    proj: bool | None = Field(
+        None, description="Attention output projection; default off for multi_head, on for "
+        "transformer."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1)
+    init: Literal["default", "normal"] = Field("default", description="torch default or N(0, 0.02).")
+    learnable: bool = Field(True, description="softmax_avg: learn the affinities (else uniform).")
+
+
+class RunConfig(Section):
+    """The fully resolved config of one run: what it trains, and what its key hashes."""
+
+    data: DataConfig
+    train: TrainConfig
+    model: ModelConfig
+    seed: int
+
+
+class Variant(Section):
+    """Named overrides of the config sections."""
+
+    data: DataConfig | None = None
+    train: TrainConfig | None = None
+    model: ModelConfig | None = None
+
+
+class Spec(Section):
+    """One YAML file: one experiment, expanded into a grid of runs."""
+
+    experiment: Annotated[str, Field(min_length=1, description="MLflow experiment name.")]
+    data: DataConfig = DataConfig(dataset="tinyshakespeare")
+    train: TrainConfig = TrainConfig()
+    model: ModelConfig = ModelConfig()
+    variants: dict[str, Variant] | None = Field(
+        None, description="Named points on the ladder; each overrides the sections."
+    )
+    grid: dict[str, list[Any]] | None = Field(
+        None, description="Cartesian product over dotted keys, e.g. train.block_size: [8, 16]."
+    )
+    zip: list[dict[str, list[Any]]] | None = Field(
+        None, description="Groups of dotted keys whose lists vary together."
+    )
+    exclude: list[dict[str, Any]] | None = Field(
+        None, description="Partial assignments (variant, seed or dotted keys) to drop."
+    )
+    seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1)
+    reference: dict[str, float] | None = Field(
+        None, description="Published val loss per variant, shown beside ours in the report."
+    )
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "model": ModelConfig,
+}
+
+
+def section_keys(section: str) -> list[str]:
+    return list(SECTIONS[section].model_fields)
+
+
+def all_dotted_keys() -> list[str]:
+    return [f"{name}.{key}" for name in SECTIONS for key in section_keys(name)]
+
+
+def check_dotted_key(key: str) -> str | None:
+    """None when ``key`` names a config value (``train.block_size``), else the problem."""
+    section, _, field = key.partition(".")
+    if section in SECTIONS and field in SECTIONS[section].model_fields:
+        return None
+    return "unknown key" + _did_you_mean(key, all_dotted_keys())
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _allowed_keys(loc: tuple[str | int, ...]) -> list[str] | None:
+    """The keys allowed in the mapping that holds ``loc`` (for 'unknown key' messages)."""
+    if len(loc) == 1:
+        return list(Spec.model_fields)
+    parent = loc[-2]
+    if isinstance(parent, str) and parent in SECTIONS:
+        return section_keys(parent)
+    if len(loc) == 3 and loc[0] == "variants":
+        return list(Variant.model_fields)
+    return None
+
+
+def describe_error(error: dict[str, Any], allowed: list[str] | None = None) -> str:
+    """One pydantic error as a short, plain sentence (without the key or the value)."""
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind == "extra_forbidden":
+        key = str(error["loc"][-1])
+        hint = _did_you_mean(key, allowed) if allowed else ""
+        if hint or not allowed:
+            return f"unknown key{hint}"
+        return f"unknown key (allowed: {', '.join(allowed)})"
+    if kind == "missing":
+        return "missing"
+    if kind == "literal_error":
+        expected = str(ctx["expected"]).replace("'", "").replace(" or ", ", ")
+        return f"must be one of {expected}"
+    if kind == "string_pattern_mismatch":
+        return f"must be one of {DEVICE_CHOICES}"
+    comparisons = {
+        "greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+        "less_than_equal": "<=",
+    }
+    if kind in comparisons:
+        bound = next(iter(ctx.values()))
+        return f"must be {comparisons[kind]} {bound}"
+    types = {
+        "int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+        "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+        "model_type": "a mapping", "int_from_float": "an integer",
+    }
+    if kind in types:
+        return f"expected {types[kind]}"
+    if kind == "too_short":
+        return "must not be empty"
+    return str(error["msg"])
+
+
+def format_problem(origin: str, key: str, message: str, value: Any = ..., show: bool = True) -> str:
+    where = f"{origin}: {key}" if key else origin
+    got = f" (got {value!r})" if show and value is not ... else ""
+    return f"{where}: {message}{got}"
+
+
+def spec_problems(exc: ValidationError, origin: str) -> list[str]:
+    """A spec's pydantic errors as one line each: origin, dotted key, problem, bad value."""
+    problems = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        key = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc)
+        key = key.replace(".[", "[")
+        message = describe_error(error, _allowed_keys(loc))
+        show = error["type"] not in ("missing", "extra_forbidden")
+        problems.append(format_problem(origin, key, message, error.get("input", ...), show))
+    return problems
+
+
+def spec_json_schema() -> dict[str, Any]:
+    schema = Spec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "workbench experiment spec"
+    return schema
