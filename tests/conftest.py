@@ -1,0 +1,30 @@
+"""Shared fixtures. Tests never reach the network: the data set comes from WORKBENCH_DATA_DIR
+(CI sets it to ../shared/data; a checkout beside shared/ finds it there too)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_SHARED_DATA = REPO.parent / "shared" / "data"
+if "WORKBENCH_DATA_DIR" not in os.environ and (_SHARED_DATA / "tinyshakespeare.txt").exists():
+    os.environ["WORKBENCH_DATA_DIR"] = str(_SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    from workbench.datasets import fetch_known
+    from workbench.settings import load_settings
+
+    # fetch_known verifies the checksum of the cached copy and never downloads when it is there.
+    return fetch_known("tinyshakespeare", load_settings().data_dir, url="http://127.0.0.1:9/")
+
+
+@pytest.fixture(scope="session")
+def shakespeare(shakespeare_path: Path):  # type: ignore[no-untyped-def]
+    from workbench.data import Corpus
+
+    return Corpus.from_file(shakespeare_path)

@@ -1,0 +1,160 @@
+"""The trainer: exact resume, divergence, schedules, evaluation, artifacts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from workbench.data import Corpus
+from workbench.spec import RunConfig, TrainConfig
+from workbench.trainer import CHECKPOINT_NAME, Trainer, learning_rate_at, resolve_device
+
+
+def make_config(model: dict[str, Any], **train: Any) -> RunConfig:
+    base = {"max_iters": 60, "eval_interval": 20, "eval_iters": 4, "device": "cpu"}
+    return RunConfig.model_validate(
+        {
+            "data": {"dataset": "tinyshakespeare"},
+            "train": {**base, **train},
+            "model": model,
+            "seed": 1337,
+        }
+    )
+
+
+class Recorder:
+    def __init__(self, stop_after_step: int | None = None) -> None:
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        self.artifacts: dict[str, str | bytes] = {}
+        self.stop_after_step = stop_after_step
+
+    def on_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.stop_after_step is not None and step > self.stop_after_step:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-run
+        self.metrics.append((step, dict(metrics)))
+
+    def on_artifact(self, name: str, content: str | bytes) -> None:
+        self.artifacts[name] = content
+
+    def evals(self) -> dict[int, dict[str, float]]:
+        return {s: m for s, m in self.metrics if "val_loss" in m}
+
+
+TRANSFORMER = {"kind": "transformer", "n_layer": 2, "dropout": 0.1}
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(shakespeare: Corpus, tmp_path: Path):
+    config = make_config(TRANSFORMER)
+    straight = Recorder()
+    Trainer(config, shakespeare, straight, tmp_path / "a").fit()
+
+    interrupted = Recorder(stop_after_step=20)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, shakespeare, interrupted, tmp_path / "b").fit()
+    assert (tmp_path / "b" / CHECKPOINT_NAME).exists()
+    assert max(interrupted.evals()) == 20
+
+    resumed = Recorder()
+    result = Trainer(config, shakespeare, resumed, tmp_path / "b").fit()
+    assert min(resumed.evals()) == 40  # continued, did not start over
+    for step in (40, 60):
+        for key in ("train_loss", "val_loss"):
+            assert resumed.evals()[step][key] == pytest.approx(
+                straight.evals()[step][key], abs=1e-6
+            )
+    assert result.status == "finished"
+    assert result.step == 60
+
+
+def test_same_seed_same_losses_other_seed_differs(shakespeare: Corpus):
+    a, b = Recorder(), Recorder()
+    Trainer(make_config({"kind": "multi_head"}), shakespeare, a).fit()
+    Trainer(make_config({"kind": "multi_head"}), shakespeare, b).fit()
+    assert a.evals() == b.evals()
+    other = make_config({"kind": "multi_head"}).model_copy(update={"seed": 7})
+    c = Recorder()
+    Trainer(other, shakespeare, c).fit()
+    assert c.evals()[60]["val_loss"] != a.evals()[60]["val_loss"]
+
+
+def test_huge_learning_rate_diverges_with_its_step(shakespeare: Corpus):
+    config = make_config({"kind": "multi_head"}, learning_rate=1.0e6, max_iters=200)
+    result = Trainer(config, shakespeare).fit()
+    assert result.status == "diverged"
+    assert result.reason is not None and "step" in result.reason
+    assert 0 < result.step < 200
+
+
+def test_training_lowers_loss_and_reports_metrics(shakespeare: Corpus):
+    recorder = Recorder()
+    result = Trainer(make_config({"kind": "bigram"}, learning_rate=1e-2), shakespeare, recorder).fit()
+    evals = recorder.evals()
+    assert sorted(evals) == [0, 20, 40, 60]
+    assert evals[60]["val_loss"] < evals[0]["val_loss"] - 0.1
+    assert evals[0]["val_loss"] == pytest.approx(math.log(65), abs=0.6)
+    assert result.best_val_loss == min(m["val_loss"] for m in evals.values())
+    assert result.final_val_loss == evals[60]["val_loss"]
+    progress = [m for _, m in recorder.metrics if "train_loss_smooth" in m]
+    assert len(progress) == 6  # every 10 steps
+    assert all(m["tokens_per_sec"] > 0 and m["lr"] == 1e-2 for m in progress)
+
+
+def test_eval_is_batched_and_equals_per_batch_mean(shakespeare: Corpus):
+    trainer = Trainer(make_config({"kind": "single_head"}), shakespeare)
+    losses = trainer.evaluate()
+    x_all, y_all = trainer.eval_sets["val"]
+    with torch.no_grad():
+        per_batch = [
+            trainer.model(x_all[i : i + 32], y_all[i : i + 32])[1].item()  # type: ignore[union-attr]
+            for i in range(0, len(x_all), 32)
+        ]
+    assert losses["val_loss"] == pytest.approx(sum(per_batch) / len(per_batch), rel=1e-5)
+
+
+def test_artifacts_sample_and_attention(shakespeare: Corpus):
+    recorder = Recorder()
+    Trainer(make_config({"kind": "multi_head", "n_head": 4}), shakespeare, recorder).fit()
+    sample = recorder.artifacts["sample.txt"]
+    assert isinstance(sample, str) and len(sample) == 501 and sample.startswith("\n")
+    attention = json.loads(recorder.artifacts["attention.json"])
+    weights = torch.tensor(attention["weights"])
+    assert weights.shape == (1, 4, 8, 8)
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 4, 8))
+    assert len(attention["prompt"]) == 8
+
+    bigram = Recorder()
+    Trainer(make_config({"kind": "bigram"}), shakespeare, bigram).fit()
+    assert "attention.json" not in bigram.artifacts
+
+
+def test_warmup_and_cosine_schedule():
+    train = TrainConfig(
+        learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110, lr_schedule="cosine",
+        eval_interval=10,
+    )
+    assert learning_rate_at(0, train) == pytest.approx(0.1)
+    assert learning_rate_at(9, train) == pytest.approx(1.0)
+    assert learning_rate_at(60, train) == pytest.approx(0.55)
+    assert learning_rate_at(110, train) == pytest.approx(0.1)
+    constant = TrainConfig(learning_rate=0.5)
+    assert learning_rate_at(1234, constant) == 0.5
+
+
+def test_gradient_clipping_bounds_the_update(shakespeare: Corpus):
+    config = make_config({"kind": "bigram"}, grad_clip=1e-3, max_iters=20, eval_interval=20)
+    trainer = Trainer(config, shakespeare)
+    trainer.step()
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert norm.item() <= 1e-3 + 1e-6
+
+
+def test_auto_device_is_cpu_without_accelerators():
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("an accelerator is present")
+    assert resolve_device("auto").type == "cpu"
