@@ -7,6 +7,7 @@ Heavy modules (torch, mlflow, pandas) are imported inside the commands that need
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,14 +78,52 @@ def _expand(spec: Path, sets: list[str] | None, only: list[str] | None) -> Plan:
     return expand(spec, sets or [], only or [])
 
 
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).",
+    ),
+]
+
+
+def _tracking_uri(explicit: str | None) -> str:
+    from workbench.settings import load_settings
+    from workbench.tracking import tracking_uri
+
+    return tracking_uri(explicit, load_settings().tracking_uri)
+
+
 @app.command()
-def plan(spec: SpecArg, set_: SetOpt = None, only: OnlyOpt = None) -> None:
-    """Show the runs a spec expands to: names, what varies, parameters and tokens."""
+def plan(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    only: OnlyOpt = None,
+    tracking_uri: TrackingOpt = None,
+    offline: Annotated[
+        bool, typer.Option("--no-store", help="Don't read the tracking store for run states.")
+    ] = False,
+) -> None:
+    """Show the runs a spec expands to (names, what varies, parameters, tokens) and, from the
+    tracking store, which are done, failed, killed, running or still to do."""
     with user_errors():
         expanded = _expand(spec, set_, only)
         from workbench.plan_view import print_plan
 
-        print_plan(expanded)
+        status = None
+        if not offline:
+            from workbench.driver import plan_states
+
+            status = plan_states(expanded, _tracking_uri(tracking_uri))
+        print_plan(expanded, status)
+
+
+def _default_jobs() -> tuple[int, int]:
+    """(jobs, gpus): one per GPU (times jobs_per_gpu), else one per core."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return (gpus, gpus) if gpus else (os.cpu_count() or 1, 0)
 
 
 @app.command()
@@ -95,16 +134,64 @@ def run(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan and train nothing.")
     ] = False,
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", "-j", min=1, help="Runs at once (default: one per GPU, else per core)."),
+    ] = None,
+    jobs_per_gpu: Annotated[
+        int, typer.Option("--jobs-per-gpu", min=1, help="Runs sharing each GPU.")
+    ] = 1,
+    tracking_uri: TrackingOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Retrain runs that are done.")] = False,
+    rerun_failed: Annotated[
+        bool, typer.Option("--rerun-failed", help="Retry runs that failed or diverged.")
+    ] = False,
+    checkpoint_dir: Annotated[
+        Path, typer.Option("--checkpoint-dir", help="Where resume checkpoints live.")
+    ] = Path("runs/checkpoints"),
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Live progress (off when piped).")
+    ] = True,
 ) -> None:
-    """Train every run of a spec and record it in MLflow."""
+    """Train every run of a spec and record it in MLflow; runs already done are skipped,
+    interrupted ones resume from their checkpoint."""
     with user_errors():
         expanded = _expand(spec, set_, only)
+        from rich.console import Console
+
         from workbench.plan_view import print_plan
 
-        print_plan(expanded)
+        console = Console()
         if dry_run:
+            print_plan(expanded)
             return
-        raise WorkbenchError("training is not wired to the CLI yet (issue 4); use --dry-run")
+        from workbench.driver import Options, run_sweep
+        from workbench.executor import LocalExecutor
+        from workbench.progress import SweepProgress, summary_table
+        from workbench.settings import load_settings
+
+        default_jobs, gpus = _default_jobs()
+        n_jobs = jobs or default_jobs * (jobs_per_gpu if gpus else 1)
+        cores = os.cpu_count() or 1
+        threads = None if gpus else max(1, cores // n_jobs)
+        options = Options(
+            tracking_uri=_tracking_uri(tracking_uri),
+            checkpoint_dir=checkpoint_dir.resolve(),
+            data_dir=load_settings().data_dir,
+            force=force,
+            rerun_failed=rerun_failed,
+            threads_per_job=threads,
+        )
+        executor = LocalExecutor(n_jobs, threads, gpus, jobs_per_gpu)
+        display = SweepProgress(console, live=progress and console.is_terminal)
+        try:
+            summary = run_sweep(expanded, executor, options, display.event, display.start)
+        finally:
+            display.stop()
+        console.print(summary_table(summary))
+        if summary.interrupted:
+            console.print("interrupted: the next `workbench run` resumes from the checkpoints")
+        raise typer.Exit(code=summary.exit_code)
 
 
 @app.command()

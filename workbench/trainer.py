@@ -36,6 +36,9 @@ class Callback(Protocol):
 
     def on_artifact(self, name: str, content: str | bytes) -> None: ...
 
+    def on_eval_end(self, step: int) -> None:
+        """After an eval point and its checkpoint: a safe moment to flush what was reported."""
+
 
 class NullCallback:
     def on_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -203,6 +206,7 @@ class Trainer:
         train_time, last_eval = 0.0, None
         if not resumed:
             last_eval = self._eval_point()
+            _eval_end(self.callback, self.step_count)
         window_start, window_steps = time.perf_counter(), 0
         pending = torch.zeros((), device=self.device)
         try:
@@ -226,6 +230,7 @@ class Trainer:
                     last_eval = self._eval_point()
                     if at_eval and self.step_count < train.max_iters:
                         self.save_checkpoint()
+                    _eval_end(self.callback, self.step_count)
                     window_start = time.perf_counter()
         except Diverged as exc:
             return self._result("diverged", start, train_time, last_eval, str(exc))
@@ -356,6 +361,12 @@ class Trainer:
         path = self.checkpoint_path
         if path is not None and path.exists():
             path.unlink()
+
+
+def _eval_end(callback: Callback, step: int) -> None:
+    hook = getattr(callback, "on_eval_end", None)  # optional for simple callbacks
+    if hook is not None:
+        hook(step)
 
 
 @contextlib.contextmanager

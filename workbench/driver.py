@@ -1,0 +1,207 @@
+"""The sweep driver, shared by every executor: what to train, skip or resume against the store;
+MLflow runs created before their job starts; progress; the summary and the exit code."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from workbench.grid import Plan, Run
+from workbench.jobs import Job, JobResult
+from workbench.tracking import (
+    TAG,
+    RunRecord,
+    base_tags,
+    client,
+    ensure_experiment,
+    existing_runs,
+    flatten,
+    git_state,
+)
+
+
+class Executor(Protocol):
+    def run(
+        self,
+        items: list[Any],
+        prepare: Callable[[Any], Job],
+        on_event: Callable[[tuple[Any, ...]], None],
+        on_crash: Callable[[Job, str, str], JobResult],
+    ) -> list[JobResult]: ...
+
+
+@dataclass(frozen=True)
+class Options:
+    tracking_uri: str
+    checkpoint_dir: Path
+    data_dir: Path
+    force: bool = False
+    rerun_failed: bool = False
+    threads_per_job: int | None = None
+
+
+@dataclass
+class Decision:
+    run: Run
+    action: str  # new | resume | skip
+    state: str  # what the store says: to do | done | failed | diverged | killed | running | ghost
+    record: RunRecord | None = None
+
+
+@dataclass
+class Summary:
+    experiment_id: str
+    sweep_id: str
+    decisions: list[Decision]
+    results: dict[str, JobResult] = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        bad = {"failed", "diverged", "killed"}
+        return 1 if any(r.status in bad for r in self.results.values()) else 0
+
+
+def plan_states(plan: Plan, tracking_uri: str) -> dict[str, str]:
+    """Run key → done | failed | diverged | killed | running | ghost, for ``workbench plan``.
+
+    Reads the store without creating anything: a store or experiment that does not exist yet
+    means every run is still to do.
+    """
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).exists():
+        return {}
+    mlflow_client = client(tracking_uri)
+    experiment = mlflow_client.get_experiment_by_name(plan.experiment)
+    if experiment is None:
+        return {}
+    records = existing_runs(tracking_uri, experiment.experiment_id)
+    return {key: record.state for key, record in records.items()}
+
+
+def decide(plan: Plan, records: dict[str, RunRecord], options: Options) -> list[Decision]:
+    decisions = []
+    for run in plan.runs:
+        record = records.get(run.key)
+        state = record.state if record is not None else "to do"
+        if (options.force and state != "running") or state in ("to do",):
+            action = "new"
+        elif state in ("killed", "ghost"):
+            action = "resume"
+        elif state in ("failed", "diverged"):
+            action = "new" if options.rerun_failed else "skip"
+        else:  # done, or running in another live process: never run twice beside it
+            action = "skip"
+        decisions.append(Decision(run, action, state, record))
+    return decisions
+
+
+def run_sweep(
+    plan: Plan,
+    executor: Executor,
+    options: Options,
+    on_event: Callable[[tuple[Any, ...]], None] | None = None,
+    on_start: Callable[[list[Decision]], None] | None = None,
+) -> Summary:
+    """Train what the store does not have yet; returns what happened to every run."""
+    from workbench.datasets import resolve_text_path
+
+    uri = options.tracking_uri
+    experiment_id = ensure_experiment(uri, plan.experiment)  # store and experiment first
+    decisions = decide(plan, existing_runs(uri, experiment_id), options)
+    summary = Summary(experiment_id, uuid.uuid4().hex[:12], decisions)
+    todo = [d for d in decisions if d.action != "skip"]
+    if on_start is not None:
+        on_start(decisions)
+    if not todo:
+        return summary
+    for data in {(d.run.config.data.dataset, d.run.config.data.path) for d in todo}:
+        resolve_text_path(*data, options.data_dir)  # download once, here, not in every worker
+
+    mlflow_client = client(uri)
+    commit, dirty = git_state(plan.spec_path.resolve().parent)
+    sweep_tags = {**base_tags(), TAG + "sweep": summary.sweep_id,
+                  TAG + "driver_pid": str(os.getpid()), TAG + "spec": str(plan.spec_path)}
+    if commit is not None:
+        sweep_tags.update({TAG + "git_commit": commit, TAG + "git_dirty": str(dirty).lower(),
+                           "mlflow.source.git.commit": commit})
+    params = _parameter_counts([d.run for d in todo])
+
+    def prepare(decision: Decision) -> Job:
+        run = decision.run
+        run_dir = options.checkpoint_dir / plan.experiment / run.key
+        if decision.action == "resume" and decision.record is not None:
+            run_id = decision.record.run_id
+            attempt = decision.record.attempt + 1
+            mlflow_client.update_run(run_id, status="RUNNING")
+            mlflow_client.set_tag(run_id, TAG + "attempt", str(attempt))
+            for key, value in sweep_tags.items():
+                mlflow_client.set_tag(run_id, key, value)
+            mlflow_client.set_tag(run_id, TAG + "heartbeat", f"{time.time():.0f}")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh start, not someone's leftovers
+            run_id = _create_run(mlflow_client, experiment_id, run, sweep_tags, params[run.key])
+        return Job(
+            name=run.name,
+            key=run.key,
+            config=run.config.model_dump(mode="json"),
+            run_id=run_id,
+            tracking_uri=uri,
+            checkpoint_dir=str(run_dir),
+            data_dir=str(options.data_dir),
+            threads=options.threads_per_job,
+        )
+
+    def on_crash(job: Job, reason: str, status: str) -> JobResult:
+        mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
+        mlflow_client.set_terminated(job.run_id, status="KILLED" if status == "killed" else "FAILED")
+        return JobResult(job.key, job.run_id, status, reason=reason)
+
+    def record(event: tuple[Any, ...]) -> None:
+        if event[0] == "done":
+            summary.results[event[1]] = event[2]
+        if on_event is not None:
+            on_event(event)
+
+    try:
+        executor.run(todo, prepare, record, on_crash)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    return summary
+
+
+def _create_run(
+    mlflow_client: Any, experiment_id: str, run: Run, sweep_tags: dict[str, str], n_params: int
+) -> str:
+    from mlflow.entities import Param
+
+    config = run.config
+    tags = {
+        **sweep_tags,
+        TAG + "run_key": run.key,
+        TAG + "variant": run.variant,
+        TAG + "seed": str(run.seed),
+        TAG + "kind": str(config.model.kind),
+        TAG + "attempt": "1",
+        TAG + "heartbeat": f"{time.time():.0f}",
+        **{TAG + "grid." + k: str(v) for k, v in run.varying.items()},
+    }
+    created = mlflow_client.create_run(experiment_id, run_name=run.name, tags=tags)
+    run_id: str = created.info.run_id
+    values = flatten(config.model_dump(mode="json"))
+    values.update({"num_params": n_params, "data_sha256": run.data_sha256})
+    mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
+    return run_id
+
+
+def _parameter_counts(runs: list[Run]) -> dict[str, int]:
+    from workbench.plan_view import parameter_counts
+
+    return parameter_counts(runs)

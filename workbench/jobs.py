@@ -1,0 +1,171 @@
+"""One grid point, trained and recorded: the importable job function that every executor runs
+(a local worker process or a Ray task), so both return the same result the same way.
+
+The driver has already created (or reopened) the MLflow run and logged its params; the job
+trains, streams metrics in batches, logs the artifacts and ends the run with its status.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workbench.tracking import TAG, MetricBuffer, client
+
+ProgressFn = Callable[[str, int, dict[str, float]], None]
+"""Called with (run key, step, metrics) as training goes."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs, picklable and free of torch objects."""
+
+    name: str
+    key: str
+    config: dict[str, Any]  # RunConfig.model_dump(mode="json")
+    run_id: str
+    tracking_uri: str
+    checkpoint_dir: str
+    data_dir: str
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    key: str
+    run_id: str
+    status: str  # finished | diverged | failed | killed
+    step: int = 0
+    best_val_loss: float | None = None
+    final_val_loss: float | None = None
+    wall_time_s: float | None = None
+    device: str | None = None
+    reason: str | None = None
+
+
+class _MlflowCallback:
+    """Trainer callback: metrics to a batching buffer (and a progress function), artifacts
+    kept until the end."""
+
+    def __init__(self, buffer: MetricBuffer, key: str, progress: ProgressFn | None) -> None:
+        self.buffer = buffer
+        self.key = key
+        self.progress = progress
+        self.artifacts: dict[str, str | bytes] = {}
+        self.last_step = 0
+
+    def on_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.buffer.add(metrics, step)
+        self.last_step = step
+        if self.progress is not None:
+            self.progress(self.key, step, metrics)
+        if self.buffer.heartbeat_due():
+            self.buffer.heartbeat()
+
+    def on_artifact(self, name: str, content: str | bytes) -> None:
+        self.artifacts[name] = content
+
+    def on_eval_end(self, step: int) -> None:
+        self.buffer.flush()
+
+
+def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
+    """Train one run and record it; exceptions become a FAILED run, Ctrl-C a KILLED one."""
+    import torch
+
+    from workbench.data import Corpus
+    from workbench.datasets import resolve_text_path
+    from workbench.spec import RunConfig
+    from workbench.trainer import Trainer
+
+    mlflow_client = client(job.tracking_uri)
+    mlflow_client.set_tag(job.run_id, TAG + "pid", str(os.getpid()))
+    mlflow_client.set_tag(job.run_id, TAG + "host", socket.gethostname())
+    buffer = MetricBuffer(job.tracking_uri, job.run_id)
+    callback = _MlflowCallback(buffer, job.key, progress)
+    run_dir = Path(job.checkpoint_dir)
+    try:
+        if job.threads is not None:
+            torch.set_num_threads(job.threads)
+        config = RunConfig.model_validate(job.config)
+        path = resolve_text_path(config.data.dataset, config.data.path, Path(job.data_dir))
+        corpus = Corpus.from_file(path, config.data.val_fraction)
+        trainer = Trainer(config, corpus, callback, run_dir)
+        device = str(trainer.device)
+        mlflow_client.set_tag(job.run_id, TAG + "device", device)
+        mlflow_client.set_tag(job.run_id, TAG + "torch_version", torch.__version__)
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        # Unflushed points come after the last checkpoint: the resume recomputes them.
+        mlflow_client.set_terminated(job.run_id, status="KILLED")
+        return JobResult(job.key, job.run_id, "killed", step=callback.last_step,
+                         reason="interrupted")
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}".strip()[:500]
+        buffer.flush(heartbeat=False)
+        mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
+        mlflow_client.set_tag(job.run_id, TAG + "stopped_step", str(callback.last_step))
+        mlflow_client.log_text(job.run_id, traceback.format_exc(), "error.txt")
+        mlflow_client.set_terminated(job.run_id, status="FAILED")
+        return JobResult(job.key, job.run_id, "failed", step=callback.last_step, reason=reason)
+
+    summary = {"best_val_loss": result.best_val_loss, "final_val_loss": result.final_val_loss,
+               "wall_time_s": result.wall_time_s}
+    buffer.add(summary, result.step)
+    buffer.flush(heartbeat=False)
+    if result.status == "diverged":
+        for name, value in (("diverged", "true"), ("reason", result.reason or "diverged"),
+                            ("stopped_step", str(result.step))):
+            mlflow_client.set_tag(job.run_id, TAG + name, value)
+        mlflow_client.set_terminated(job.run_id, status="FAILED")
+        shutil.rmtree(run_dir, ignore_errors=True)  # resuming would diverge the same way
+        return JobResult(job.key, job.run_id, "diverged", step=result.step, device=device,
+                         reason=result.reason, best_val_loss=result.best_val_loss)
+
+    _log_artifacts(mlflow_client, job, corpus, trainer, callback.artifacts)
+    mlflow_client.set_terminated(job.run_id, status="FINISHED")
+    shutil.rmtree(run_dir, ignore_errors=True)  # resume checkpoints are not kept once done
+    return JobResult(job.key, job.run_id, "finished", step=result.step,
+                     best_val_loss=result.best_val_loss, final_val_loss=result.final_val_loss,
+                     wall_time_s=result.wall_time_s, device=device)
+
+
+def _log_artifacts(
+    mlflow_client: Any, job: Job, corpus: Any, trainer: Any, artifacts: dict[str, str | bytes]
+) -> None:
+    import torch
+
+    mlflow_client.log_text(job.run_id, yaml.safe_dump(job.config, sort_keys=False), "config.yaml")
+    mlflow_client.log_text(job.run_id, corpus.tokenizer.to_json(), "tokenizer.json")
+    for name, content in artifacts.items():
+        if isinstance(content, str):
+            mlflow_client.log_text(job.run_id, content, name)
+    weights = io.BytesIO()
+    torch.save({"config": job.config, "state_dict": trainer.model.state_dict()}, weights)
+    run_dir = Path(job.checkpoint_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_path = run_dir / "model.pt"
+    model_path.write_bytes(weights.getvalue())
+    mlflow_client.log_artifact(job.run_id, str(model_path))
+
+
+def describe_exit(exitcode: int | None) -> str:
+    import signal
+
+    if exitcode is None:
+        return "worker process vanished"
+    if exitcode < 0:
+        try:
+            return f"worker process killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"worker process killed by signal {-exitcode}"
+    return f"worker process exited with code {exitcode}"

@@ -1,0 +1,201 @@
+"""MLflow: the store, the runs of a sweep, and a metric logger that batches.
+
+mlflow is imported inside functions so that importing this module costs nothing.
+Facts this design rests on (measured, see MLFLOW-NOTES.md): a fresh SQLite store must be created
+before any worker touches it; experiments are created by the driver, never by workers; one
+``log_batch`` per flush instead of a call per metric; MLflow never marks a run KILLED itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workbench import __version__
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TAG = "workbench."  # prefix of our own tags
+STALE_AFTER_S = 600.0  # a RUNNING run whose heartbeat is older than this is a ghost
+HEARTBEAT_EVERY_S = 30.0
+
+
+def tracking_uri(explicit: str | None, from_env: str | None) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's own default."""
+    return explicit or from_env or DEFAULT_TRACKING_URI
+
+
+def client(uri: str) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Create (and migrate) the store and the experiment, once, before any worker starts."""
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(experiment.experiment_id)
+        return str(experiment.experiment_id)
+    return str(mlflow_client.create_experiment(name))
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the store knows of one grid point (the newest MLflow run with its key)."""
+
+    run_id: str
+    status: str  # FINISHED | FAILED | KILLED | RUNNING | SCHEDULED
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    start_time: int
+
+    @property
+    def diverged(self) -> bool:
+        return self.tags.get(TAG + "diverged") == "true"
+
+    @property
+    def attempt(self) -> int:
+        return int(self.tags.get(TAG + "attempt", "1"))
+
+    def is_ghost(self, now: float | None = None) -> bool:
+        """A RUNNING run whose process is gone (kill -9, power loss) or silent for too long."""
+        if self.status != "RUNNING":
+            return False
+        now = time.time() if now is None else now
+        heartbeat = float(self.tags.get(TAG + "heartbeat", self.start_time / 1000))
+        if now - heartbeat > STALE_AFTER_S:
+            return True
+        if self.tags.get(TAG + "host") == socket.gethostname():
+            pids = [self.tags.get(TAG + "pid"), self.tags.get(TAG + "driver_pid")]
+            return not any(pid and _pid_alive(int(pid)) for pid in pids)
+        return False
+
+    @property
+    def state(self) -> str:
+        """done | failed | diverged | killed | running | ghost (for plans and the driver)."""
+        if self.status == "FINISHED":
+            return "done"
+        if self.status == "FAILED":
+            return "diverged" if self.diverged else "failed"
+        if self.status == "RUNNING":
+            return "ghost" if self.is_ghost() else "running"
+        return "killed"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def existing_runs(uri: str, experiment_id: str) -> dict[str, RunRecord]:
+    """The newest MLflow run of each run key in the experiment."""
+    mlflow_client = client(uri)
+    records: dict[str, RunRecord] = {}
+    token = None
+    while True:
+        page = mlflow_client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{TAG}run_key` != ''",
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+        for run in page:
+            key = run.data.tags.get(TAG + "run_key")
+            if key and key not in records:
+                records[key] = RunRecord(
+                    run_id=run.info.run_id,
+                    status=run.info.status,
+                    tags=dict(run.data.tags),
+                    metrics=dict(run.data.metrics),
+                    start_time=run.info.start_time or 0,
+                )
+        token = page.token
+        if not token:
+            return records
+
+
+def git_state(folder: Path) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the git checkout holding ``folder``, or (None, None)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    return commit, bool(status)
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` → ``{"train.lr": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class MetricBuffer:
+    """Collects metric points and writes them in one ``log_batch`` per flush.
+
+    The trainer reports every few steps; the buffer is flushed at eval points (right after the
+    checkpoint is written), so what the store holds is exactly what a resume would not redo.
+    """
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client = client(uri)
+        self.run_id = run_id
+        self.points: list[Any] = []
+        self.last_heartbeat = 0.0
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if math.isfinite(value):
+                self.points.append(Metric(key, float(value), now, step))
+
+    def flush(self, heartbeat: bool = True) -> None:
+        from mlflow.entities import RunTag
+
+        tags = []
+        if heartbeat:
+            self.last_heartbeat = time.time()
+            tags.append(RunTag(TAG + "heartbeat", f"{self.last_heartbeat:.0f}"))
+        if self.points or tags:
+            self.client.log_batch(self.run_id, metrics=self.points, tags=tags)
+        self.points = []
+
+    def heartbeat_due(self) -> bool:
+        return time.time() - self.last_heartbeat > HEARTBEAT_EVERY_S
+
+    def heartbeat(self) -> None:
+        self.last_heartbeat = time.time()
+        self.client.set_tag(self.run_id, TAG + "heartbeat", f"{self.last_heartbeat:.0f}")
+
+
+def base_tags() -> dict[str, str]:
+    return {TAG + "version": __version__, TAG + "host": socket.gethostname()}
