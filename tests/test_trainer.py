@@ -92,7 +92,9 @@ def test_huge_learning_rate_diverges_with_its_step(shakespeare: Corpus):
 
 def test_training_lowers_loss_and_reports_metrics(shakespeare: Corpus):
     recorder = Recorder()
-    result = Trainer(make_config({"kind": "bigram"}, learning_rate=1e-2), shakespeare, recorder).fit()
+    result = Trainer(
+        make_config({"kind": "bigram"}, learning_rate=1e-2), shakespeare, recorder
+    ).fit()
     evals = recorder.evals()
     assert sorted(evals) == [0, 20, 40, 60]
     assert evals[60]["val_loss"] < evals[0]["val_loss"] - 0.1
@@ -134,7 +136,11 @@ def test_artifacts_sample_and_attention(shakespeare: Corpus):
 
 def test_warmup_and_cosine_schedule():
     train = TrainConfig(
-        learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110, lr_schedule="cosine",
+        learning_rate=1.0,
+        min_lr=0.1,
+        warmup_iters=10,
+        max_iters=110,
+        lr_schedule="cosine",
         eval_interval=10,
     )
     assert learning_rate_at(0, train) == pytest.approx(0.1)

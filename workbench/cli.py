@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,6 +119,10 @@ def plan(
         print_plan(expanded, status)
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _default_jobs() -> tuple[int, int]:
     """(jobs, gpus): one per GPU (times jobs_per_gpu), else one per core."""
     import torch
@@ -136,7 +141,9 @@ def run(
     ] = False,
     jobs: Annotated[
         int | None,
-        typer.Option("--jobs", "-j", min=1, help="Runs at once (default: one per GPU, else per core)."),
+        typer.Option(
+            "--jobs", "-j", min=1, help="Runs at once (default: one per GPU, else per core)."
+        ),
     ] = None,
     jobs_per_gpu: Annotated[
         int, typer.Option("--jobs-per-gpu", min=1, help="Runs sharing each GPU.")
@@ -184,6 +191,7 @@ def run(
         )
         executor = LocalExecutor(n_jobs, threads, gpus, jobs_per_gpu)
         display = SweepProgress(console, live=progress and console.is_terminal)
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM: the same as Ctrl-C
         try:
             summary = run_sweep(expanded, executor, options, display.event, display.start)
         finally:
@@ -192,6 +200,30 @@ def run(
         if summary.interrupted:
             console.print("interrupted: the next `workbench run` resumes from the checkpoints")
         raise typer.Exit(code=summary.exit_code)
+
+
+@app.command()
+def sample(
+    run: Annotated[str, typer.Argument(help="A run name (newest finished) or an MLflow run id.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")] = "\n",
+    tokens: Annotated[int, typer.Option("--tokens", min=1, help="Characters to generate.")] = 500,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.0, help="Sampling temperature.")
+    ] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Default: the run's seed.")] = None,
+    experiment: Annotated[
+        str | None, typer.Option("--experiment", help="Look for the run name only here.")
+    ] = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Generate text from a finished run's weights and tokenizer, loaded from MLflow."""
+    with user_errors():
+        from workbench.sampling import generate_text
+
+        text = generate_text(
+            _tracking_uri(tracking_uri), run, prompt, tokens, temperature, seed, experiment
+        )
+        typer.echo(text)
 
 
 @app.command()

@@ -36,6 +36,8 @@ KNOWN_DATASETS: dict[str, KnownDataset] = {
     ),
 }
 
+DEFAULT_DATASET = "tinyshakespeare"
+
 ProgressFn = Callable[[int, int | None], None]
 """Called with (bytes so far, total bytes or None) while downloading."""
 
@@ -101,8 +103,7 @@ def _download(
                     progress(done, total_bytes)
         if digest.hexdigest() != sha256:
             raise DataError(
-                f"downloaded {url} has sha256 {digest.hexdigest()}, expected {sha256}; "
-                "not using it"
+                f"downloaded {url} has sha256 {digest.hexdigest()}, expected {sha256}; not using it"
             )
         os.replace(partial, target)  # atomic: a crash never leaves a half file in the cache
     finally:
@@ -115,17 +116,7 @@ def data_checksum(dataset: str | None, path: str | None) -> str:
     if dataset is not None:
         return KNOWN_DATASETS[dataset].sha256
     assert path is not None
-    return _cached_sha256(str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
-
-
-_SHA_CACHE: dict[tuple[str, int], str] = {}
-
-
-def _cached_sha256(path: str, mtime_ns: int) -> str:
-    key = (path, mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = sha256_file(Path(path))
-    return _SHA_CACHE[key]
+    return sha256_file(Path(path))
 
 
 def resolve_text_path(

@@ -127,11 +127,22 @@ def run_sweep(
 
     mlflow_client = client(uri)
     commit, dirty = git_state(plan.spec_path.resolve().parent)
-    sweep_tags = {**base_tags(), TAG + "sweep": summary.sweep_id,
-                  TAG + "driver_pid": str(os.getpid()), TAG + "spec": str(plan.spec_path)}
+    if commit is None:  # a spec outside any checkout: record the code's own commit
+        commit, dirty = git_state(Path(__file__).resolve().parent)
+    sweep_tags = {
+        **base_tags(),
+        TAG + "sweep": summary.sweep_id,
+        TAG + "driver_pid": str(os.getpid()),
+        TAG + "spec": str(plan.spec_path),
+    }
     if commit is not None:
-        sweep_tags.update({TAG + "git_commit": commit, TAG + "git_dirty": str(dirty).lower(),
-                           "mlflow.source.git.commit": commit})
+        sweep_tags.update(
+            {
+                TAG + "git_commit": commit,
+                TAG + "git_dirty": str(dirty).lower(),
+                "mlflow.source.git.commit": commit,
+            }
+        )
     params = _parameter_counts([d.run for d in todo])
 
     def prepare(decision: Decision) -> Job:
@@ -161,7 +172,9 @@ def run_sweep(
 
     def on_crash(job: Job, reason: str, status: str) -> JobResult:
         mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
-        mlflow_client.set_terminated(job.run_id, status="KILLED" if status == "killed" else "FAILED")
+        mlflow_client.set_terminated(
+            job.run_id, status="KILLED" if status == "killed" else "FAILED"
+        )
         return JobResult(job.key, job.run_id, status, reason=reason)
 
     def record(event: tuple[Any, ...]) -> None:

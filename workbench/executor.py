@@ -9,6 +9,7 @@ costs seconds per process.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -157,10 +158,8 @@ class LocalExecutor:
     ) -> None:
         for worker in self.workers:
             if worker.process.is_alive():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.process.pid, signal.SIGINT)
-                except ProcessLookupError:
-                    pass
         deadline = time.time() + grace_s
         while any(w.job is not None and w.process.is_alive() for w in self.workers):
             if time.time() > deadline:
@@ -180,10 +179,8 @@ class LocalExecutor:
     def _stop(self) -> None:
         for worker in self.workers:
             if worker.process.is_alive():
-                try:
+                with contextlib.suppress(OSError, ValueError):
                     worker.tasks.put(None)
-                except (OSError, ValueError):
-                    pass
         deadline = time.time() + 5
         for worker in self.workers:
             worker.process.join(timeout=max(0.0, deadline - time.time()))

@@ -1,4 +1,4 @@
-"""Expand a spec into its runs: variants × grid × zip groups × seeds, minus excludes.
+"""Expand a spec into its runs: variants x grid x zip groups x seeds, minus excludes.
 
 Precedence, lowest first: the spec's sections, the variant, grid/zip values, then ``--set``.
 Every value remembers where it came from, so a bad one is reported at the line the user wrote.
@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from workbench.datasets import KNOWN_DATASETS, data_checksum
+from workbench.datasets import DEFAULT_DATASET, KNOWN_DATASETS, data_checksum
 from workbench.errors import SpecError
 from workbench.spec import (
     DEFAULT_SEEDS,
@@ -102,9 +102,7 @@ def parse_overrides(items: list[str]) -> list[Override]:
     return overrides
 
 
-def expand(
-    spec_path: Path, sets: list[str] | None = None, only: list[str] | None = None
-) -> Plan:
+def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | None = None) -> Plan:
     """Load, validate and expand a spec; raises SpecError listing every problem at once.
 
     Problems of shape (unknown keys, types, grid keys) are all reported together; rules that
@@ -123,9 +121,11 @@ def expand(
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
         # Bad values inside sections are found again, with every other problem, per run below;
-        # a bad shape (grid not a mapping, ...) stops here.
+        # a bad shape (grid not a mapping, ...) or a structural problem (unknown grid key, zip
+        # lists of different lengths, ...) stops here: the runs could not be merged.
+        stop = bool(problems) or any(not _inside_section(tuple(e["loc"])) for e in exc.errors())
         problems = spec_problems(exc, origin) + problems
-        if any(not _inside_section(tuple(e["loc"])) for e in exc.errors()):
+        if stop:
             raise SpecError(problems) from None
     if problems and spec is not None:
         raise SpecError(problems)
@@ -135,6 +135,7 @@ def expand(
     varying = [k for k in _varying_keys(axes) if k not in {o.key for o in overrides}]
     runs: list[Run] = []
     excluded = 0
+    checksums: dict[tuple[str | None, str | None], str] = {}  # each file hashed once per expand
     for variant, layers in _variants(raw):
         for point in points:
             for seed in raw.get("seeds", DEFAULT_SEEDS):
@@ -148,7 +149,7 @@ def expand(
                 if _excluded(raw.get("exclude") or [], variant, seed, config):
                     excluded += 1
                     continue
-                runs.append(_make_run(variant, seed, config, varying))
+                runs.append(_make_run(variant, seed, config, varying, checksums))
     if problems:
         raise SpecError(problems)
     runs, duplicates = _drop_duplicates(runs)
@@ -222,6 +223,9 @@ def _structure_problems(raw: dict[str, Any], origin: str, overrides: list[Overri
         problems.append(format_problem(origin, "variants", "empty (remove it or add a variant)"))
     groups: list[tuple[str, dict[str, Any]]] = [("grid.", _mapping(grid))]
     groups += [(f"zip[{i}].", _mapping(g)) for i, g in enumerate(zips or []) if zips is not None]
+    for i, g in enumerate(zips if isinstance(zips, list) else []):
+        if isinstance(g, dict) and not g:
+            problems.append(format_problem(origin, f"zip[{i}]", "empty (remove it or add a key)"))
     seen: dict[str, str] = {}
     for prefix, group in groups:
         for key, values in group.items():
@@ -253,9 +257,8 @@ def _structure_problems(raw: dict[str, Any], origin: str, overrides: list[Overri
             if key == "variant":
                 if value not in names:
                     allowed = ", ".join(sorted(names)) or "none defined"
-                    problems.append(
-                        format_problem(origin, where, f"no such variant (allowed: {allowed})", value)
-                    )
+                    message = f"no such variant (allowed: {allowed})"
+                    problems.append(format_problem(origin, where, message, value))
             elif key != "seed" and (problem := check_dotted_key(str(key))):
                 problems.append(format_problem(origin, where, problem))
     for override in overrides:
@@ -305,8 +308,6 @@ def _merge(
     config: dict[str, Any] = {}
     sources: dict[str, Source] = {}
     base_layer = {name: raw.get(name) or {} for name in SECTIONS}
-    if "data" not in raw:
-        base_layer["data"] = {"dataset": "tinyshakespeare"}
     layers: list[tuple[dict[str, Any], str, str]] = [(base_layer, origin, "")]
     if variant is not None:
         layers.append((variant[0], origin, variant[1] + "."))
@@ -325,6 +326,8 @@ def _merge(
         section, _, name = override.key.partition(".")
         config[section][name] = override.value
         sources[override.key] = Source("--set", override.key)
+    if "dataset" not in config["data"] and "path" not in config["data"]:
+        config["data"]["dataset"] = DEFAULT_DATASET
     return config, sources
 
 
@@ -341,10 +344,16 @@ def _validate_run(
         for error in exc.errors():
             key = ".".join(str(p) for p in error["loc"])
             source = where(key)
-            allowed = section_keys(key.split(".")[0]) if error["type"] == "extra_forbidden" else None
+            unknown = error["type"] == "extra_forbidden"
+            allowed = section_keys(key.split(".")[0]) if unknown else None
             problems.append(
-                format_problem(source.origin, source.key, describe_error(error, allowed),
-                               error.get("input", ...), error["type"] not in ("missing", "extra_forbidden"))
+                format_problem(
+                    source.origin,
+                    source.key,
+                    describe_error(error, allowed),
+                    error.get("input", ...),
+                    error["type"] != "missing" and not unknown,
+                )
             )
         return None, problems
 
@@ -356,7 +365,8 @@ def _validate_run(
         return None, problems
     if config.data.path is not None:  # resolved so that any working folder finds it later
         resolved = str((spec_path.parent / config.data.path).resolve())
-        config = config.model_copy(update={"data": config.data.model_copy(update={"path": resolved})})
+        data = config.data.model_copy(update={"path": resolved})
+        config = config.model_copy(update={"data": data})
     return config, []
 
 
@@ -366,8 +376,12 @@ def _semantic_problems(config: RunConfig, spec_path: Path) -> list[tuple[str, st
     model, train, data = config.model, config.train, config.data
     if model.kind is None:
         problems.append(
-            ("model.kind", f"missing; set it under model: or in each variant "
-             f"(allowed: {', '.join(MODEL_KINDS)})", None)
+            (
+                "model.kind",
+                f"missing; set it under model: or in each variant "
+                f"(allowed: {', '.join(MODEL_KINDS)})",
+                None,
+            )
         )
     if model.kind in ("multi_head", "transformer") and model.n_embd % model.n_head:
         problems.append(
@@ -375,13 +389,19 @@ def _semantic_problems(config: RunConfig, spec_path: Path) -> list[tuple[str, st
         )
     if train.eval_interval > train.max_iters:
         problems.append(
-            ("train.eval_interval", f"must be <= train.max_iters ({train.max_iters})",
-             train.eval_interval)
+            (
+                "train.eval_interval",
+                f"must be <= train.max_iters ({train.max_iters})",
+                train.eval_interval,
+            )
         )
     if train.min_lr > train.learning_rate:
         problems.append(
-            ("train.min_lr", f"must be <= train.learning_rate ({train.learning_rate})",
-             train.min_lr)
+            (
+                "train.min_lr",
+                f"must be <= train.learning_rate ({train.learning_rate})",
+                train.min_lr,
+            )
         )
     if data.dataset is None and data.path is None:
         problems.append(("data", "set data.dataset or data.path", None))
@@ -390,8 +410,11 @@ def _semantic_problems(config: RunConfig, spec_path: Path) -> list[tuple[str, st
     elif data.dataset is not None and data.dataset not in KNOWN_DATASETS:
         allowed = ", ".join(KNOWN_DATASETS)
         problems.append(
-            ("data.dataset", f"unknown data set (allowed: {allowed}, or data.path: FILE)",
-             data.dataset)
+            (
+                "data.dataset",
+                f"unknown data set (allowed: {allowed}, or data.path: FILE)",
+                data.dataset,
+            )
         )
     elif data.path is not None and not (spec_path.parent / data.path).is_file():
         problems.append(
@@ -409,7 +432,10 @@ def _excluded(excludes: list[dict[str, Any]], variant: str, seed: int, config: R
     for entry in excludes:
         matches = True
         for key, value in entry.items():
-            actual = variant if key == "variant" else seed if key == "seed" else _lookup(config, key)
+            if key in ("variant", "seed"):
+                actual: Any = variant if key == "variant" else seed
+            else:
+                actual = _lookup(config, key)
             if actual != value:
                 matches = False
                 break
@@ -419,6 +445,8 @@ def _excluded(excludes: list[dict[str, Any]], variant: str, seed: int, config: R
 
 
 def format_value(value: Any) -> str:
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
@@ -432,12 +460,21 @@ def short_names(keys: list[str]) -> dict[str, str]:
     return {k: (k.split(".")[-1] if last.count(k.split(".")[-1]) == 1 else k) for k in keys}
 
 
-def _make_run(variant: str, seed: int, config: RunConfig, varying: list[str]) -> Run:
+def _make_run(
+    variant: str,
+    seed: int,
+    config: RunConfig,
+    varying: list[str],
+    checksums: dict[tuple[str | None, str | None], str],
+) -> Run:
     names = short_names(varying)
     shown = {key: _lookup(config, key) for key in varying}
     parts = [variant] + [f"{names[k]}={format_value(v)}" for k, v in shown.items()]
     parts.append(f"seed={seed}")
-    checksum = data_checksum(config.data.dataset, config.data.path)
+    source = (config.data.dataset, config.data.path)
+    if source not in checksums:
+        checksums[source] = data_checksum(*source)
+    checksum = checksums[source]
     return Run(
         name="-".join(parts),
         variant=variant,

@@ -107,8 +107,9 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
     except KeyboardInterrupt:
         # Unflushed points come after the last checkpoint: the resume recomputes them.
         mlflow_client.set_terminated(job.run_id, status="KILLED")
-        return JobResult(job.key, job.run_id, "killed", step=callback.last_step,
-                         reason="interrupted")
+        return JobResult(
+            job.key, job.run_id, "killed", step=callback.last_step, reason="interrupted"
+        )
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}".strip()[:500]
         buffer.flush(heartbeat=False)
@@ -118,25 +119,45 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
         mlflow_client.set_terminated(job.run_id, status="FAILED")
         return JobResult(job.key, job.run_id, "failed", step=callback.last_step, reason=reason)
 
-    summary = {"best_val_loss": result.best_val_loss, "final_val_loss": result.final_val_loss,
-               "wall_time_s": result.wall_time_s}
+    summary = {
+        "best_val_loss": result.best_val_loss,
+        "final_val_loss": result.final_val_loss,
+        "wall_time_s": result.wall_time_s,
+    }
     buffer.add(summary, result.step)
     buffer.flush(heartbeat=False)
     if result.status == "diverged":
-        for name, value in (("diverged", "true"), ("reason", result.reason or "diverged"),
-                            ("stopped_step", str(result.step))):
+        for name, value in (
+            ("diverged", "true"),
+            ("reason", result.reason or "diverged"),
+            ("stopped_step", str(result.step)),
+        ):
             mlflow_client.set_tag(job.run_id, TAG + name, value)
         mlflow_client.set_terminated(job.run_id, status="FAILED")
         shutil.rmtree(run_dir, ignore_errors=True)  # resuming would diverge the same way
-        return JobResult(job.key, job.run_id, "diverged", step=result.step, device=device,
-                         reason=result.reason, best_val_loss=result.best_val_loss)
+        return JobResult(
+            job.key,
+            job.run_id,
+            "diverged",
+            step=result.step,
+            device=device,
+            reason=result.reason,
+            best_val_loss=result.best_val_loss,
+        )
 
     _log_artifacts(mlflow_client, job, corpus, trainer, callback.artifacts)
     mlflow_client.set_terminated(job.run_id, status="FINISHED")
     shutil.rmtree(run_dir, ignore_errors=True)  # resume checkpoints are not kept once done
-    return JobResult(job.key, job.run_id, "finished", step=result.step,
-                     best_val_loss=result.best_val_loss, final_val_loss=result.final_val_loss,
-                     wall_time_s=result.wall_time_s, device=device)
+    return JobResult(
+        job.key,
+        job.run_id,
+        "finished",
+        step=result.step,
+        best_val_loss=result.best_val_loss,
+        final_val_loss=result.final_val_loss,
+        wall_time_s=result.wall_time_s,
+        device=device,
+    )
 
 
 def _log_artifacts(

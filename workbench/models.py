@@ -90,8 +90,10 @@ class Embedded(LanguageModel):
         return self.config.n_embd
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(idx.size(1), device=idx.device)
-        return self.token_embedding(idx) + self.position_embedding(positions)  # (B, T, C)
+        # Positions 0..T-1 are a slice of the table: the same as an embedding lookup of
+        # arange(T), with fewer ops per step (tiny models are dispatch-bound).
+        positions = self.position_embedding.weight[: idx.size(1)]  # (T, C)
+        return self.token_embedding(idx) + positions  # (B, T, C)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -107,6 +109,8 @@ def causal_mask(block_size: int) -> torch.Tensor:
 class UniformAverage(Embedded):
     """Each position takes the mean of positions ≤ t (the seeds' version 2: tril / rowsum)."""
 
+    weights: torch.Tensor  # (block_size, block_size) buffer
+
     def __init__(self, config: ModelConfig, vocab_size: int, block_size: int) -> None:
         super().__init__(config, vocab_size, block_size)
         tril = torch.tril(torch.ones(block_size, block_size))
@@ -114,13 +118,18 @@ class UniformAverage(Embedded):
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         T = x.size(1)
-        weights: torch.Tensor = self.weights
-        return weights[:T, :T] @ x  # (T, T) @ (B, T, C) -> (B, T, C)
+        return self.weights[:T, :T] @ x  # (T, T) @ (B, T, C) -> (B, T, C)
+
+    def attention_weights(self, idx: torch.Tensor) -> torch.Tensor | None:
+        T = idx.size(-1)
+        return self.weights[:T, :T][None, None].clone()
 
 
 class SoftmaxAverage(Embedded):
     """The seeds' version 3: affinities, masked to the past, softmaxed. The affinities are a
     parameter that starts at zero (uniform averaging); position-dependent, not data-dependent."""
+
+    mask: torch.Tensor  # (block_size, block_size) bool buffer
 
     def __init__(self, config: ModelConfig, vocab_size: int, block_size: int) -> None:
         super().__init__(config, vocab_size, block_size)
@@ -129,8 +138,7 @@ class SoftmaxAverage(Embedded):
         self.register_buffer("mask", causal_mask(block_size), persistent=False)
 
     def mixing_weights(self, T: int) -> torch.Tensor:
-        mask: torch.Tensor = self.mask
-        wei = self.affinity[:T, :T].masked_fill(~mask[:T, :T], float("-inf"))
+        wei = self.affinity[:T, :T].masked_fill(~self.mask[:T, :T], float("-inf"))
         return F.softmax(wei, dim=-1)  # (T, T)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,6 +293,7 @@ class Transformer(Embedded):
             return None
         x, maps = self.embed(idx), []
         for block in self.blocks:
+            assert isinstance(block, Block)
             norm = block.ln1 if block.ln1 is not None else nn.Identity()
             maps.append(block.attention.weights(norm(x))[0])
             x = block(x)

@@ -9,12 +9,9 @@ spec into runs lives in :mod:`workbench.grid`; this module only knows the shapes
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from workbench.errors import SpecError
 
 ModelKind = Literal[
     "bigram", "uniform_avg", "softmax_avg", "single_head", "multi_head", "transformer"
@@ -58,6 +55,11 @@ class TrainConfig(Section):
     warmup_iters: NonNegativeInt = 0
     min_lr: NonNegativeFloat = Field(0.0, description="Floor of the cosine schedule.")
     grad_clip: NonNegativeFloat = Field(0.0, description="Max gradient norm; 0 turns it off.")
+    divergence_factor: NonNegativeFloat = Field(
+        3.0,
+        description="Stop as diverged when the loss exceeds this many times the initial "
+        "loss (non-finite always stops); 0 turns the ratio test off.",
+    )
     device: Annotated[str, Field(pattern=DEVICE_PATTERN)] = "auto"
     threads: PositiveInt | None = Field(None, description="Torch CPU threads; None: per job.")
     compile: bool = Field(False, description="torch.compile the model (CUDA only).")
@@ -77,11 +79,13 @@ class ModelConfig(Section):
     residual: bool = True
     layernorm: bool = Field(True, description="Pre-norm in blocks plus a final LayerNorm.")
     proj: bool | None = Field(
-        None, description="Attention output projection; default off for multi_head, on for "
-        "transformer."
+        None,
+        description="Attention output projection; default off for multi_head, on for transformer.",
     )
     dropout: float = Field(0.0, ge=0, lt=1)
-    init: Literal["default", "normal"] = Field("default", description="torch default or N(0, 0.02).")
+    init: Literal["default", "normal"] = Field(
+        "default", description="torch default or N(0, 0.02)."
+    )
     learnable: bool = Field(True, description="softmax_avg: learn the affinities (else uniform).")
 
 
@@ -167,7 +171,7 @@ def _allowed_keys(loc: tuple[str | int, ...]) -> list[str] | None:
     return None
 
 
-def describe_error(error: dict[str, Any], allowed: list[str] | None = None) -> str:
+def describe_error(error: Any, allowed: list[str] | None = None) -> str:
     """One pydantic error as a short, plain sentence (without the key or the value)."""
     kind, ctx = error["type"], error.get("ctx", {})
     if kind == "extra_forbidden":
@@ -184,20 +188,27 @@ def describe_error(error: dict[str, Any], allowed: list[str] | None = None) -> s
     if kind == "string_pattern_mismatch":
         return f"must be one of {DEVICE_CHOICES}"
     comparisons = {
-        "greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+        "greater_than": ">",
+        "greater_than_equal": ">=",
+        "less_than": "<",
         "less_than_equal": "<=",
     }
     if kind in comparisons:
         bound = next(iter(ctx.values()))
         return f"must be {comparisons[kind]} {bound}"
     types = {
-        "int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
-        "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
-        "model_type": "a mapping", "int_from_float": "an integer",
+        "int_type": "an integer",
+        "float_type": "a number",
+        "bool_type": "true or false",
+        "string_type": "a string",
+        "list_type": "a list",
+        "dict_type": "a mapping",
+        "model_type": "a mapping",
+        "int_from_float": "an integer",
     }
     if kind in types:
         return f"expected {types[kind]}"
-    if kind == "too_short":
+    if kind in ("too_short", "string_too_short"):
         return "must not be empty"
     return str(error["msg"])
 

@@ -41,6 +41,9 @@ class Callback(Protocol):
 
 
 class NullCallback:
+    def on_eval_end(self, step: int) -> None:
+        pass
+
     def on_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
@@ -130,7 +133,7 @@ class Trainer:
         if train.compile and self.device.type == "cuda":
             self.forward_model = torch.compile(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        fused = self.device.type == "cuda"
+        fused = self.device.type in ("cuda", "cpu")
         self.optimizer = torch.optim.AdamW(
             params,
             lr=train.learning_rate,
@@ -141,8 +144,12 @@ class Trainer:
         self.sampler = BatchSampler(corpus.train, train.block_size, train.batch_size, config.seed)
         self.eval_sets = {
             split: eval_set(
-                corpus.split(split), train.block_size, train.batch_size, train.eval_iters,
-                config.seed, split,
+                corpus.split(split),
+                train.block_size,
+                train.batch_size,
+                train.eval_iters,
+                config.seed,
+                split,
             )
             for split in ("train", "val")
         }
@@ -160,15 +167,18 @@ class Trainer:
 
     def step(self) -> torch.Tensor:
         """One optimizer step on one batch; returns the (detached) loss on the device."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate_at(self.step_count, self.train_config)
+        lr = learning_rate_at(self.step_count, self.train_config)
+        if lr != self.optimizer.param_groups[0]["lr"]:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         x, y = self.sampler.sample()
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.device.type != "cpu":
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         with self.autocast():
             _, loss = self.forward_model(x, y)
         assert loss is not None
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         if self.train_config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.grad_clip)
         self.optimizer.step()
@@ -218,8 +228,7 @@ class Trainer:
                     raise Diverged(f"loss became {loss.item()} at step {self.step_count}")
                 if self.step_count % self.log_interval == 0 or self.step_count == train.max_iters:
                     mean_loss = (pending / window_steps).item()
-                    if not math.isfinite(mean_loss):
-                        raise Diverged(f"loss became {mean_loss} by step {self.step_count}")
+                    self._check_divergence(mean_loss)
                     elapsed = time.perf_counter() - window_start
                     train_time += elapsed
                     self._log_progress(mean_loss, window_steps * tokens_per_step / elapsed)
@@ -237,6 +246,18 @@ class Trainer:
         self._final_artifacts()
         return self._result("finished", start, train_time, last_eval, None)
 
+    def _check_divergence(self, loss: float, what: str = "loss") -> None:
+        """Non-finite, or ``divergence_factor`` times the loss at step 0 (chance level)."""
+        if not math.isfinite(loss):
+            raise Diverged(f"{what} became {loss} by step {self.step_count}")
+        factor = self.train_config.divergence_factor
+        initial = self.history[0]["val_loss"] if self.history else math.inf
+        if factor > 0 and loss > factor * initial:
+            raise Diverged(
+                f"{what} {loss:.4g} exceeded {factor:g}x the initial {initial:.4g} "
+                f"by step {self.step_count}"
+            )
+
     def _log_progress(self, mean_loss: float, tokens_per_sec: float) -> None:
         beta = 0.9
         self.smoothed_loss = (
@@ -252,8 +273,8 @@ class Trainer:
 
     def _eval_point(self) -> dict[str, float]:
         losses = self.evaluate()
-        if not all(math.isfinite(v) for v in losses.values()):
-            raise Diverged(f"eval loss became {losses} at step {self.step_count}")
+        for name, value in losses.items():
+            self._check_divergence(value, name)
         self.best_val_loss = min(self.best_val_loss, losses["val_loss"])
         self.history.append({"step": float(self.step_count), **losses})
         self.callback.on_metrics(losses, self.step_count)
@@ -363,7 +384,7 @@ class Trainer:
             path.unlink()
 
 
-def _eval_end(callback: Callback, step: int) -> None:
+def _eval_end(callback: Callback | NullCallback, step: int) -> None:
     hook = getattr(callback, "on_eval_end", None)  # optional for simple callbacks
     if hook is not None:
         hook(step)

@@ -37,7 +37,7 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=True)
         if key in seen:
             line = key_node.start_mark.line + 1
             loader.duplicates.append(f"line {line}: {key}: duplicate key")
@@ -77,7 +77,7 @@ def load_yaml_file(path: Path) -> Any:
 
 
 def parse_value(text: str) -> Any:
-    """A ``--set`` value, typed the way YAML would type it (``3e-4`` → float, ``[8, 16]`` → list)."""
+    """A ``--set`` value, typed as YAML would type it (``3e-4`` → float, ``[8, 16]`` → list)."""
     try:
         return parse_yaml(text, "--set")
     except SpecError:

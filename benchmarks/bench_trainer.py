@@ -1,0 +1,145 @@
+"""workbench's trainer against a lecture-style baseline, side by side in one process.
+
+Same config, same steps, same eval sample size (``eval_iters`` batches per split: random batches
+in the baseline, a fixed set in workbench) for LECTURE.md rungs 0, 2, 3, 4 and 6, one torch
+thread each (one run per core is how workbench runs grids on a CPU). The two are interleaved and
+repeated; medians are reported.
+
+    python benchmarks/bench_trainer.py --repeats 3            # writes benchmarks/trainer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lecture_baseline import RUNGS, train_lecture_rung
+
+from workbench.data import Corpus
+from workbench.datasets import fetch_known
+from workbench.settings import load_settings
+from workbench.spec import RunConfig
+from workbench.trainer import Trainer
+
+# The lecture rungs as workbench configs (the same as experiments/lecture.yaml).
+MODELS: dict[int, dict[str, Any]] = {
+    0: {"kind": "bigram"},
+    2: {"kind": "single_head"},
+    3: {"kind": "multi_head", "n_head": 4},
+    4: {
+        "kind": "transformer",
+        "n_layer": 1,
+        "ffwd": "linear",
+        "residual": False,
+        "layernorm": False,
+        "proj": False,
+    },
+    6: {
+        "kind": "transformer",
+        "n_layer": 3,
+        "ffwd": "mlp",
+        "residual": True,
+        "layernorm": True,
+        "proj": True,
+    },
+}
+
+
+def workbench_config(rung: int, max_iters: int | None, seed: int) -> RunConfig:
+    lecture = RUNGS[rung]
+    iters = max_iters or lecture["max_iters"]
+    return RunConfig.model_validate(
+        {
+            "data": {"dataset": "tinyshakespeare"},
+            "train": {
+                "batch_size": lecture["batch_size"],
+                "block_size": lecture["block_size"],
+                "max_iters": iters,
+                "eval_interval": min(lecture["eval_interval"], iters),
+                "eval_iters": lecture["eval_iters"],
+                "learning_rate": lecture["learning_rate"],
+                "device": "cpu",
+            },
+            "model": {"n_embd": lecture.get("n_embd") or 32, **MODELS[rung]},
+            "seed": seed,
+        }
+    )
+
+
+def run_workbench(rung: int, corpus: Corpus, max_iters: int | None, seed: int) -> dict[str, Any]:
+    config = workbench_config(rung, max_iters, seed)
+    start = time.perf_counter()
+    result = Trainer(config, corpus).fit()
+    wall = time.perf_counter() - start  # the whole run: setup, train, evals, sample
+    tokens = config.train.max_iters * config.train.batch_size * config.train.block_size
+    return {
+        "wall_time_s": wall,
+        "tokens_per_sec": tokens / wall,
+        "final_val_loss": result.final_val_loss,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rungs", type=int, nargs="+", default=[0, 2, 3, 4, 6])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-iters", type=int, default=None, help="default: the lecture's")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("trainer.json"))
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    path = fetch_known("tinyshakespeare", load_settings().data_dir)
+    text = path.read_text(encoding="utf-8")
+    corpus = Corpus.from_text(text)
+    rows = []
+    for rung in args.rungs:
+        samples: dict[str, list[dict[str, Any]]] = {"baseline": [], "workbench": []}
+        for repeat in range(args.repeats):
+            seed = 1337 + repeat
+            base = train_lecture_rung(rung, text, max_iters=args.max_iters, seed=seed)
+            samples["baseline"].append(base)
+            samples["workbench"].append(run_workbench(rung, corpus, args.max_iters, seed))
+        row: dict[str, Any] = {"rung": rung}
+        for name, runs in samples.items():
+            for key in ("wall_time_s", "tokens_per_sec", "final_val_loss"):
+                row[f"{name}_{key}"] = statistics.median(r[key] for r in runs)
+        row["speedup"] = statistics.median(
+            b["wall_time_s"] / w["wall_time_s"]
+            for b, w in zip(samples["baseline"], samples["workbench"], strict=True)
+        )
+        row["val_loss_diff"] = row["workbench_final_val_loss"] - row["baseline_final_val_loss"]
+        rows.append(row)
+        print(
+            f"rung {rung}: baseline {row['baseline_wall_time_s']:.1f}s "
+            f"{row['baseline_tokens_per_sec']:,.0f} tok/s val {row['baseline_final_val_loss']:.4f}"
+            f" | workbench {row['workbench_wall_time_s']:.1f}s "
+            f"{row['workbench_tokens_per_sec']:,.0f} tok/s val "
+            f"{row['workbench_final_val_loss']:.4f} | speedup {row['speedup']:.2f}x",
+            flush=True,
+        )
+    report = {
+        "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} cores)",
+        "threads_per_run": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "max_iters": args.max_iters or "lecture",
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""The ``workbench`` command, in process with CliRunner, and its import cost in a subprocess."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from workbench import __version__
+from workbench.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _no_real_tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``plan`` may read the tracking store: point it at an empty folder, never at the user's."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+GOOD = """\
+experiment: demo
+train: {max_iters: 100, eval_interval: 10}
+variants:
+  bigram: {model: {kind: bigram}}
+  multi_head: {model: {kind: multi_head}}
+grid:
+  train.block_size: [8, 16]
+seeds: [1, 2]
+"""
+
+BAD = """\
+experiment: demo
+model: {kind: transformr}
+train: {batch_size: "32", max_iters: 0}
+grid:
+  train.blok_size: [8, 16]
+"""
+
+
+def write_spec(directory: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def flat(text: str) -> str:
+    """Help text without rich's boxes and line wrapping."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def command_names() -> list[str]:
+    return [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
+
+
+# --- help ---------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_command() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0, result.output
+    assert {"plan", "run", "schema"} <= set(command_names())
+    out = flat(result.stdout)
+    for name in command_names():
+        assert re.search(rf"\b{name}\b", out), name
+
+
+def test_no_arguments_shows_help() -> None:
+    result = runner.invoke(app, [])
+    assert "Usage" in result.output
+    assert "plan" in result.output
+
+
+@pytest.mark.parametrize("name", command_names())
+def test_every_command_has_help_text(name: str) -> None:
+    (command,) = [
+        c
+        for c in app.registered_commands
+        if (c.name or c.callback.__name__.replace("_", "-")) == name
+    ]
+    text = command.help or inspect.getdoc(command.callback)
+    assert text and len(text.split()) >= 3
+    result = runner.invoke(app, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    first_line = text.strip().splitlines()[0]
+    assert flat(first_line) in flat(result.stdout)
+
+
+def test_every_option_and_argument_has_help_text() -> None:
+    group = typer.main.get_command(app)
+    commands = group.commands  # type: ignore[attr-defined]
+    assert set(commands) == set(command_names())
+    for name, command in commands.items():
+        for param in command.params:
+            if param.name == "help":
+                continue
+            assert getattr(param, "help", None), f"{name} {param.name}"
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"workbench {__version__}"
+
+
+# --- plan ---------------------------------------------------------------------------------------
+
+
+def test_plan_prints_the_table_and_totals(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, GOOD)
+    result = runner.invoke(app, ["plan", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    out = result.stdout
+    assert "demo: 8 runs" in out
+    for header in ("run", "kind", "block_size", "seed", "params", "tokens"):
+        assert header in out
+    for variant in ("bigram", "multi_head"):
+        for block in (8, 16):
+            for seed in (1, 2):
+                assert f"{variant}-block_size={block}-seed={seed}" in out
+    assert "4,225" in out  # the bigram: a 65 x 65 table
+    assert "25.6k" in out and "51.2k" in out  # 100 iters x 32 batch x 8 or 16 characters
+    last = out.strip().splitlines()[-1]
+    assert last == "8 runs, 307k tokens to train"
+
+
+def test_plan_totals_mention_excluded_and_identical_runs(tmp_path: Path) -> None:
+    path = write_spec(
+        tmp_path,
+        """\
+        experiment: demo
+        train: {max_iters: 100, eval_interval: 10}
+        variants:
+          a: {model: {kind: bigram}}
+          b: {model: {kind: bigram}}
+          c: {model: {kind: bigram, n_embd: 16}}
+        exclude: [{variant: c}]
+        """,
+    )
+    result = runner.invoke(app, ["plan", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "demo: 1 runs" in result.stdout
+    assert "1 runs, 25.6k tokens to train, 1 excluded, 1 identical runs dropped" in result.stdout
+    assert "identical: b-seed=1337 = a-seed=1337" in result.stdout
+
+
+def test_plan_with_set_and_only(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, GOOD)
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            str(path),
+            "--set",
+            "train.max_iters=200",
+            "--set",
+            "seeds=[5]",
+            "--only",
+            "multi_head-*",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "demo: 2 runs" in result.stdout
+    assert "multi_head-block_size=8-seed=5" in result.stdout
+    assert "multi_head-block_size=16-seed=5" in result.stdout
+    assert "bigram-" not in result.stdout
+    assert "2 runs, 154k tokens to train" in result.stdout  # 200 x 32 x (8 + 16)
+
+
+def test_plan_on_a_bad_spec_prints_one_line_per_problem_and_exits_2(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, BAD)
+    result = runner.invoke(app, ["plan", str(path)])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    kinds = "bigram, uniform_avg, softmax_avg, single_head, multi_head, transformer"
+    assert result.stderr.splitlines() == [
+        f"{path}: train.batch_size: expected an integer (got '32')",
+        f"{path}: train.max_iters: must be > 0 (got 0)",
+        f"{path}: model.kind: must be one of {kinds} (got 'transformr')",
+        f"{path}: grid.train.blok_size: unknown key (did you mean train.block_size?)",
+    ]
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize(
+    ("text", "args", "expected"),
+    [
+        (None, [], "{path}: no such file"),
+        (
+            "experiment: !!python/object/apply:os.system ['true']\n",
+            [],
+            "{path}: line 1: invalid YAML: could not determine a constructor for the tag "
+            "'tag:yaml.org,2002:python/object/apply:os.system'",
+        ),
+        ("experiment: t\nvariants:\n  a: {}\n  a: {}\n", [], "{path}: line 4: a: duplicate key"),
+        (
+            GOOD,
+            ["--set", "train.max_iters"],
+            "--set 'train.max_iters': expected KEY=VALUE, e.g. train.max_iters=200",
+        ),
+        (
+            GOOD,
+            ["--set", "train.max_iter=3"],
+            "--set: train.max_iter: unknown key (did you mean train.max_iters?)",
+        ),
+        (GOOD, ["--only", "transformer-*"], "--only transformer-*: no run name matches"),
+    ],
+)
+def test_plan_user_errors(tmp_path: Path, text: str | None, args: list[str], expected: str) -> None:
+    path = tmp_path / "spec.yaml"
+    if text is not None:
+        write_spec(tmp_path, text)
+    result = runner.invoke(app, ["plan", str(path), *args])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [expected.format(path=path)]
+    assert result.stdout == ""
+    assert "Traceback" not in result.output
+
+
+# --- run ----------------------------------------------------------------------------------------
+
+
+def test_run_dry_run_prints_the_plan_and_exits_0(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, GOOD)
+    result = runner.invoke(app, ["run", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "demo: 8 runs" in result.stdout
+    assert "bigram-block_size=8-seed=1" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "8 runs, 307k tokens to train"
+    assert result.stderr == ""
+
+
+def test_run_dry_run_with_only(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, GOOD)
+    result = runner.invoke(app, ["run", str(path), "--dry-run", "--only", "bigram-*-seed=2"])
+    assert result.exit_code == 0, result.output
+    assert "demo: 2 runs" in result.stdout
+
+
+def test_run_on_a_bad_spec_exits_2(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, BAD)
+    result = runner.invoke(app, ["run", str(path), "--dry-run"])
+    assert result.exit_code == 2
+    assert len(result.stderr.splitlines()) == 4
+    assert "Traceback" not in result.output
+
+
+# --- schema -------------------------------------------------------------------------------------
+
+
+def test_schema_prints_json_schema() -> None:
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0, result.output
+    schema = json.loads(result.stdout)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["type"] == "object"
+    for key in (
+        "experiment",
+        "variants",
+        "grid",
+        "zip",
+        "exclude",
+        "seeds",
+        "train",
+        "model",
+        "data",
+    ):
+        assert key in schema["properties"], key
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft202012Validator.check_schema(schema)
+
+
+# --- import cost --------------------------------------------------------------------------------
+
+HEAVY = ("torch", "mlflow", "pandas", "seaborn")
+
+
+def heavy_modules_after(code: str) -> list[str]:
+    """The heavy top-level modules imported once ``code`` ran in a fresh interpreter."""
+    script = (
+        "import sys, json\n"
+        f"{code}\n"
+        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r})))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_help_imports_neither_torch_nor_mlflow() -> None:
+    code = (
+        "from typer.testing import CliRunner\n"
+        "from workbench.cli import app\n"
+        "result = CliRunner().invoke(app, ['--help'])\n"
+        "assert result.exit_code == 0 and 'plan' in result.stdout, result.output\n"
+    )
+    assert heavy_modules_after(code) == []
+
+
+def test_help_of_the_console_script_imports_neither_torch_nor_mlflow() -> None:
+    code = (
+        "from workbench.cli import main\n"
+        "sys.argv = ['workbench', '--help']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code in (0, None), exc.code\n"
+    )
+    assert heavy_modules_after(code) == []
+
+
+def test_schema_imports_no_heavy_module() -> None:
+    code = (
+        "from typer.testing import CliRunner\n"
+        "from workbench.cli import app\n"
+        "assert CliRunner().invoke(app, ['schema']).exit_code == 0\n"
+    )
+    assert heavy_modules_after(code) == []
+
+
+@pytest.mark.parametrize(
+    "module", ["workbench", "workbench.grid", "workbench.spec", "workbench.cli"]
+)
+def test_light_modules_do_not_import_torch(module: str) -> None:
+    assert heavy_modules_after(f"import {module}") == []
+
+
+def test_the_check_itself_sees_torch() -> None:
+    # Guards the tests above: the same probe does see torch when it is imported.
+    pytest.importorskip("torch")
+    assert "torch" in heavy_modules_after("import torch")
+
+
+def test_committed_schema_file_is_up_to_date() -> None:
+    """experiments/*.yaml point editors at workbench.schema.json; it must match the code."""
+    import json
+    from pathlib import Path
+
+    from workbench.spec import spec_json_schema
+
+    committed = Path(__file__).resolve().parents[1] / "workbench.schema.json"
+    assert json.loads(committed.read_text()) == spec_json_schema(), (
+        "regenerate it: workbench schema > workbench.schema.json"
+    )
