@@ -164,11 +164,9 @@ def run(
     interrupted ones resume from their checkpoint."""
     with user_errors():
         expanded = _expand(spec, set_, only)
-        from rich.console import Console
+        from workbench.plan_view import make_console, print_plan
 
-        from workbench.plan_view import print_plan
-
-        console = Console()
+        console = make_console()
         if dry_run:
             print_plan(expanded)
             return
@@ -224,6 +222,34 @@ def sample(
             _tracking_uri(tracking_uri), run, prompt, tokens, temperature, seed, experiment
         )
         typer.echo(text)
+
+
+@app.command()
+def report(
+    experiment: Annotated[
+        list[str] | None,
+        typer.Option("--experiment", "-e", help="Experiment to report on; repeatable "
+                     "(default: every experiment with workbench runs)."),
+    ] = None,
+    spec: Annotated[
+        Path | None, typer.Option("--spec", help="Report on this spec's experiment.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output file (one experiment) or folder (default: reports/)."),
+    ] = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Write one self-contained HTML page per experiment (tables, plots, samples, attention
+    maps) and the tidy CSV beside it, read from MLflow."""
+    with user_errors():
+        names = list(experiment or [])
+        if spec is not None:
+            names.append(_expand(spec, None, None).experiment)
+        from workbench.report import write_reports
+
+        for path in write_reports(_tracking_uri(tracking_uri), names or None, out):
+            typer.echo(str(path))
 
 
 @app.command()

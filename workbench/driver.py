@@ -206,6 +206,8 @@ def _create_run(
         TAG + "heartbeat": f"{time.time():.0f}",
         **{TAG + "grid." + k: str(v) for k, v in run.varying.items()},
     }
+    if run.reference_val_loss is not None:  # the published figure, for the report
+        tags[TAG + "reference_val_loss"] = str(run.reference_val_loss)
     created = mlflow_client.create_run(experiment_id, run_name=run.name, tags=tags)
     run_id: str = created.info.run_id
     values = flatten(config.model_dump(mode="json"))

@@ -12,7 +12,7 @@ import fnmatch
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ class Run:
     config: RunConfig
     varying: dict[str, Any]
     data_sha256: str
+    reference_val_loss: float | None = None  # a published figure for this variant, if any
 
     @property
     def tokens(self) -> int:
@@ -152,6 +153,9 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
                 runs.append(_make_run(variant, seed, config, varying, checksums))
     if problems:
         raise SpecError(problems)
+    assert spec is not None
+    references = spec.reference or {}
+    runs = [replace(run, reference_val_loss=references.get(run.variant)) for run in runs]
     runs, duplicates = _drop_duplicates(runs)
     if only:
         runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, g) for g in only)]
@@ -159,7 +163,6 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
             raise SpecError([f"--only {' '.join(only)}: no run name matches"])
     if not runs:
         raise SpecError([f"{origin}: exclude: every run is excluded"])
-    assert spec is not None
     return Plan(spec_path, spec, runs, varying, duplicates, excluded)
 
 
@@ -261,6 +264,12 @@ def _structure_problems(raw: dict[str, Any], origin: str, overrides: list[Overri
                     problems.append(format_problem(origin, where, message, value))
             elif key != "seed" and (problem := check_dotted_key(str(key))):
                 problems.append(format_problem(origin, where, problem))
+    for name in _mapping(raw.get("reference")):
+        if name not in names:
+            allowed = ", ".join(sorted(names)) or "none defined"
+            problems.append(
+                format_problem(origin, f"reference.{name}", f"no such variant (allowed: {allowed})")
+            )
     for override in overrides:
         problem = check_dotted_key(override.key)
         if problem:

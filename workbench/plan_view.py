@@ -11,6 +11,13 @@ from workbench.datasets import vocab_size
 from workbench.grid import Plan, Run, format_value, short_names
 
 
+def make_console() -> Console:
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: don't fold run names at 80 columns
+        console.width = max(console.width, 200)
+    return console
+
+
 def parameter_counts(runs: list[Run]) -> dict[str, int]:
     """Parameter count per run key (models built on the meta device, no weights allocated)."""
     from workbench.models import count_params
@@ -62,10 +69,7 @@ def plan_table(
 def print_plan(
     plan: Plan, status: Mapping[str, str] | None = None, console: Console | None = None
 ) -> None:
-    if console is None:
-        console = Console()
-        if not console.is_terminal:  # logs and pipes: don't fold run names at 80 columns
-            console.width = max(console.width, 160)
+    console = console or make_console()
     params = parameter_counts(plan.runs)
     console.print(plan_table(plan, params, status))
     total_tokens = sum(run.tokens for run in plan.runs)

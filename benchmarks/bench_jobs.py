@@ -1,0 +1,89 @@
+"""``workbench run --jobs 2`` against ``--jobs 1`` on the same grid, each in a fresh store,
+alternated and repeated; whole-command wall time, medians.
+
+    python benchmarks/bench_jobs.py --repeats 3        # writes benchmarks/jobs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+SPEC = {
+    "experiment": "bench-jobs",
+    "train": {"max_iters": 3000, "eval_interval": 500, "device": "cpu"},
+    "model": {"n_embd": 32},
+    "variants": {
+        "single_head": {"model": {"kind": "single_head"}},
+        "multi_head": {"model": {"kind": "multi_head"}},
+    },
+    "grid": {"train.block_size": [8, 16]},
+    "seeds": [1, 2],
+}
+
+
+def run(jobs: int, spec: Path) -> float:
+    folder = Path(tempfile.mkdtemp())
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workbench",
+            "run",
+            str(spec),
+            "--jobs",
+            str(jobs),
+            "--no-progress",
+            "--tracking-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--checkpoint-dir",
+            str(folder / "checkpoints"),
+        ],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+        env=os.environ,
+    )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    spec = Path(tempfile.mkdtemp()) / "spec.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    one, two = [], []
+    for _ in range(args.repeats):
+        one.append(run(1, spec))
+        two.append(run(2, spec))
+    speedup = statistics.median(a / b for a, b in zip(one, two, strict=True))
+    result = {
+        "runs": 8,
+        "cores": os.cpu_count(),
+        "jobs1_s": statistics.median(one),
+        "jobs2_s": statistics.median(two),
+        "speedup": speedup,
+        "repeats": args.repeats,
+    }
+    print(
+        f"--jobs 1: {result['jobs1_s']:.1f}s, --jobs 2: {result['jobs2_s']:.1f}s, "
+        f"speedup {speedup:.2f}x"
+    )
+    out = Path(__file__).with_name("jobs.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

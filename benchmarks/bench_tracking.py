@@ -1,0 +1,110 @@
+"""What tracking costs: the same run trained with tracking off (the bare trainer) and through
+the job function that logs to MLflow (SQLite store), interleaved in one process, medians.
+
+The tracked side includes everything the job does: tags, metric batches at eval points,
+the end-of-run metrics and artifacts (config, tokenizer, sample, attention maps, weights).
+
+    python benchmarks/bench_tracking.py --repeats 5      # writes benchmarks/tracking.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workbench.data import Corpus
+from workbench.datasets import resolve_text_path
+from workbench.jobs import Job, execute_job
+from workbench.settings import load_settings
+from workbench.spec import RunConfig
+from workbench.tracking import client, ensure_experiment
+from workbench.trainer import Trainer
+
+
+def config(kind: str, max_iters: int) -> RunConfig:
+    return RunConfig.model_validate(
+        {
+            "data": {"dataset": "tinyshakespeare"},
+            "train": {"max_iters": max_iters, "eval_interval": 500, "device": "cpu"},
+            "model": {"kind": kind},
+            "seed": 1337,
+        }
+    )
+
+
+def untracked(run_config: RunConfig, data_dir: Path) -> float:
+    start = time.perf_counter()
+    path = resolve_text_path(run_config.data.dataset, run_config.data.path, data_dir)
+    corpus = Corpus.from_file(path, run_config.data.val_fraction)
+    Trainer(run_config, corpus).fit()
+    return time.perf_counter() - start
+
+
+def tracked(run_config: RunConfig, data_dir: Path, uri: str, experiment_id: str, i: int) -> float:
+    run_id = client(uri).create_run(experiment_id, run_name=f"bench-{i}").info.run_id
+    job = Job(
+        name=f"bench-{i}",
+        key=f"bench{i}",
+        config=run_config.model_dump(mode="json"),
+        run_id=run_id,
+        tracking_uri=uri,
+        checkpoint_dir=tempfile.mkdtemp(),
+        data_dir=str(data_dir),
+    )
+    start = time.perf_counter()
+    result = execute_job(job)
+    elapsed = time.perf_counter() - start
+    assert result.status == "finished", result
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kinds", nargs="+", default=["bigram", "multi_head"])
+    parser.add_argument("--max-iters", type=int, default=5000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    data_dir = load_settings().data_dir
+    folder = Path(tempfile.mkdtemp())
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    experiment_id = ensure_experiment(uri, "bench-tracking")
+    rows = []
+    for kind in args.kinds:
+        run_config = config(kind, args.max_iters)
+        off, on = [], []
+        tracked(run_config, data_dir, uri, experiment_id, -1)  # warm-up (imports, caches)
+        for i in range(args.repeats):
+            off.append(untracked(run_config, data_dir))
+            on.append(tracked(run_config, data_dir, uri, experiment_id, i))
+        overhead = statistics.median(b / a - 1 for a, b in zip(off, on, strict=True))
+        row = {
+            "kind": kind,
+            "max_iters": args.max_iters,
+            "untracked_s": statistics.median(off),
+            "tracked_s": statistics.median(on),
+            "overhead": overhead,
+            "repeats": args.repeats,
+        }
+        rows.append(row)
+        print(
+            f"{kind}: tracking off {row['untracked_s']:.2f}s, on {row['tracked_s']:.2f}s, "
+            f"overhead {100 * overhead:+.1f}%",
+            flush=True,
+        )
+    out = Path(__file__).with_name("tracking.json")
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
