@@ -265,7 +265,7 @@ def _structure_problems(raw: dict[str, Any], origin: str, overrides: list[Overri
             elif key != "seed" and (problem := check_dotted_key(str(key))):
                 problems.append(format_problem(origin, where, problem))
     for name in _mapping(raw.get("reference")):
-        if name not in names:
+        if names and name not in names:
             allowed = ", ".join(sorted(names)) or "none defined"
             problems.append(
                 format_problem(origin, f"reference.{name}", f"no such variant (allowed: {allowed})")
