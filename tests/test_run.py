@@ -53,6 +53,8 @@ class Store:
             "--checkpoint-dir",
             str(self.checkpoints),
             "--no-progress",
+            "--checkpoint-every",
+            "0",
         ]
 
     def runs(self, experiment: str = "t") -> list[Any]:
@@ -154,8 +156,10 @@ def test_four_workers_lose_and_duplicate_no_metric_point(store: Store, tmp_path:
         for key, steps in (
             ("val_loss", range(0, 101, 20)),
             ("train_loss", range(0, 101, 20)),
-            ("train_loss_smooth", range(10, 101, 10)),
-            ("lr", range(10, 101, 10)),
+            ("train_loss_smooth", range(50, 101, 50)),  # progress: one point per 50 steps
+            ("lr", range(50, 101, 50)),
+            ("tokens_per_sec", range(50, 101, 50)),
+            ("best_val_loss", [100]),
         ):
             history = store.history(run.info.run_id, key)
             assert [s for s, _ in history] == list(steps), (run.info.run_name, key)

@@ -156,9 +156,35 @@ def run(
     checkpoint_dir: Annotated[
         Path, typer.Option("--checkpoint-dir", help="Where resume checkpoints live.")
     ] = Path("runs/checkpoints"),
+    checkpoint_every: Annotated[
+        float,
+        typer.Option(
+            "--checkpoint-every",
+            min=0.0,
+            metavar="SECONDS",
+            help="Checkpoint at eval points at most this often (0: every eval).",
+        ),
+    ] = 10.0,
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Live progress (off when piped).")
     ] = True,
+    executor: Annotated[
+        str, typer.Option("--executor", help="local (worker processes) or ray (a Ray cluster).")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Ray cluster: auto, or ray://HOST:10001 (default: local)."),
+    ] = None,
+    cpus_per_run: Annotated[
+        float, typer.Option("--cpus-per-run", min=0.0, help="Ray: CPUs each run asks for.")
+    ] = 1.0,
+    gpus_per_run: Annotated[
+        float,
+        typer.Option("--gpus-per-run", min=0.0, help="Ray: GPUs each run asks for (0.25 packs 4)."),
+    ] = 0.0,
+    max_retries: Annotated[
+        int, typer.Option("--max-retries", min=0, help="Ray: retries of a crashed worker.")
+    ] = 2,
 ) -> None:
     """Train every run of a spec and record it in MLflow; runs already done are skipped,
     interrupted ones resume from their checkpoint."""
@@ -170,15 +196,24 @@ def run(
         if dry_run:
             print_plan(expanded)
             return
-        from workbench.driver import Options, run_sweep
+        from workbench.driver import Executor, Options, run_sweep
         from workbench.executor import LocalExecutor
         from workbench.progress import SweepProgress, summary_table
         from workbench.settings import load_settings
 
-        default_jobs, gpus = _default_jobs()
-        n_jobs = jobs or default_jobs * (jobs_per_gpu if gpus else 1)
-        cores = os.cpu_count() or 1
-        threads = None if gpus else max(1, cores // n_jobs)
+        if executor not in ("local", "ray"):
+            raise WorkbenchError(f"--executor: must be local or ray (got {executor!r})")
+        chosen: Executor
+        if executor == "ray":
+            from workbench.ray_executor import RayExecutor
+
+            threads: int | None = max(1, int(cpus_per_run))
+            chosen = RayExecutor(address, cpus_per_run, gpus_per_run, max_retries)
+        else:
+            default_jobs, gpus = _default_jobs()
+            n_jobs = jobs or default_jobs * (jobs_per_gpu if gpus else 1)
+            threads = None if gpus else max(1, (os.cpu_count() or 1) // n_jobs)
+            chosen = LocalExecutor(n_jobs, threads, gpus, jobs_per_gpu)
         options = Options(
             tracking_uri=_tracking_uri(tracking_uri),
             checkpoint_dir=checkpoint_dir.resolve(),
@@ -186,12 +221,12 @@ def run(
             force=force,
             rerun_failed=rerun_failed,
             threads_per_job=threads,
+            checkpoint_every_s=checkpoint_every,
         )
-        executor = LocalExecutor(n_jobs, threads, gpus, jobs_per_gpu)
         display = SweepProgress(console, live=progress and console.is_terminal)
         signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM: the same as Ctrl-C
         try:
-            summary = run_sweep(expanded, executor, options, display.event, display.start)
+            summary = run_sweep(expanded, chosen, options, display.event, display.start)
         finally:
             display.stop()
         console.print(summary_table(summary))
@@ -228,8 +263,12 @@ def sample(
 def report(
     experiment: Annotated[
         list[str] | None,
-        typer.Option("--experiment", "-e", help="Experiment to report on; repeatable "
-                     "(default: every experiment with workbench runs)."),
+        typer.Option(
+            "--experiment",
+            "-e",
+            help="Experiment to report on; repeatable "
+            "(default: every experiment with workbench runs).",
+        ),
     ] = None,
     spec: Annotated[
         Path | None, typer.Option("--spec", help="Report on this spec's experiment.")

@@ -44,6 +44,7 @@ class Options:
     force: bool = False
     rerun_failed: bool = False
     threads_per_job: int | None = None
+    checkpoint_every_s: float = 10.0
 
 
 @dataclass
@@ -168,6 +169,7 @@ def run_sweep(
             checkpoint_dir=str(run_dir),
             data_dir=str(options.data_dir),
             threads=options.threads_per_job,
+            checkpoint_every_s=options.checkpoint_every_s,
         )
 
     def on_crash(job: Job, reason: str, status: str) -> JobResult:

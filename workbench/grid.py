@@ -327,6 +327,10 @@ def _merge(
             for key, value in values.items():
                 target[key] = value
                 sources[f"{section}.{key}"] = Source(layer_origin, f"{prefix}{section}.{key}")
+            if section == "data":  # a layer that names a source replaces the one below it
+                for key, other in (("path", "dataset"), ("dataset", "path")):
+                    if key in values and other not in values:
+                        target.pop(other, None)
     for key, value, source in point:
         section, _, name = key.partition(".")
         config[section][name] = value

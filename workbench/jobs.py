@@ -21,6 +21,10 @@ import yaml
 
 from workbench.tracking import TAG, MetricBuffer, client
 
+PROGRESS_KEYS = ("train_loss_smooth", "lr", "tokens_per_sec")
+EVAL_KEYS = ("train_loss", "val_loss")
+SUMMARY_KEYS = ("best_val_loss", "final_val_loss", "wall_time_s")
+
 ProgressFn = Callable[[str, int, dict[str, float]], None]
 """Called with (run key, step, metrics) as training goes."""
 
@@ -37,6 +41,7 @@ class Job:
     checkpoint_dir: str
     data_dir: str
     threads: int | None = None
+    checkpoint_every_s: float = 10.0  # checkpoint (and store metrics) at most this often
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class _MlflowCallback:
     def on_artifact(self, name: str, content: str | bytes) -> None:
         self.artifacts[name] = content
 
-    def on_eval_end(self, step: int) -> None:
+    def on_checkpoint(self, step: int) -> None:
         self.buffer.flush()
 
 
@@ -88,9 +93,8 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
     from workbench.trainer import Trainer
 
     mlflow_client = client(job.tracking_uri)
-    mlflow_client.set_tag(job.run_id, TAG + "pid", str(os.getpid()))
-    mlflow_client.set_tag(job.run_id, TAG + "host", socket.gethostname())
-    buffer = MetricBuffer(job.tracking_uri, job.run_id)
+    buffer = MetricBuffer(job.tracking_uri, job.run_id, every_step_keys=EVAL_KEYS + SUMMARY_KEYS)
+    buffer.tags({TAG + "pid": str(os.getpid()), TAG + "host": socket.gethostname()})
     callback = _MlflowCallback(buffer, job.key, progress)
     run_dir = Path(job.checkpoint_dir)
     try:
@@ -99,10 +103,13 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
         config = RunConfig.model_validate(job.config)
         path = resolve_text_path(config.data.dataset, config.data.path, Path(job.data_dir))
         corpus = Corpus.from_file(path, config.data.val_fraction)
-        trainer = Trainer(config, corpus, callback, run_dir)
+        trainer = Trainer(
+            config, corpus, callback, run_dir, checkpoint_every_s=job.checkpoint_every_s
+        )
+        if trainer.checkpoint_path is not None and trainer.checkpoint_path.exists():
+            buffer.skip_stored(list(PROGRESS_KEYS + EVAL_KEYS))
         device = str(trainer.device)
-        mlflow_client.set_tag(job.run_id, TAG + "device", device)
-        mlflow_client.set_tag(job.run_id, TAG + "torch_version", torch.__version__)
+        buffer.tags({TAG + "device": device, TAG + "torch_version": torch.__version__})
         result = trainer.fit()
     except KeyboardInterrupt:
         # Unflushed points come after the last checkpoint: the resume recomputes them.
@@ -113,8 +120,7 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}".strip()[:500]
         buffer.flush(heartbeat=False)
-        mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
-        mlflow_client.set_tag(job.run_id, TAG + "stopped_step", str(callback.last_step))
+        buffer.tags({TAG + "reason": reason, TAG + "stopped_step": str(callback.last_step)})
         mlflow_client.log_text(job.run_id, traceback.format_exc(), "error.txt")
         mlflow_client.set_terminated(job.run_id, status="FAILED")
         return JobResult(job.key, job.run_id, "failed", step=callback.last_step, reason=reason)
@@ -125,7 +131,7 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
         "wall_time_s": result.wall_time_s,
     }
     buffer.add(summary, result.step)
-    buffer.flush(heartbeat=False)
+    buffer.flush(heartbeat=False, final=True)
     if result.status == "diverged":
         for name, value in (
             ("diverged", "true"),

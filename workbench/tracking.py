@@ -26,6 +26,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "workbench."  # prefix of our own tags
 STALE_AFTER_S = 600.0  # a RUNNING run whose heartbeat is older than this is a ghost
 HEARTBEAT_EVERY_S = 30.0
+STORE_EVERY_STEPS = 50  # progress metrics (smoothed train loss, lr, tokens/s) in the store
 
 
 def tracking_uri(explicit: str | None, from_env: str | None) -> str:
@@ -171,23 +172,56 @@ class MetricBuffer:
     checkpoint is written), so what the store holds is exactly what a resume would not redo.
     """
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        every_step_keys: tuple[str, ...] = (),
+        store_every: int = STORE_EVERY_STEPS,
+    ) -> None:
         self.client = client(uri)
         self.run_id = run_id
+        self.every_step_keys = every_step_keys  # stored whenever reported (eval losses)
+        self.store_every = store_every  # other keys: one point per this many steps
         self.points: list[Any] = []
         self.last_heartbeat = 0.0
+        self.stored_until: dict[str, int] = {}  # key -> last step already in the store
+        self.latest: dict[str, Any] = {}  # key -> newest point not stored (between samples)
+
+    def skip_stored(self, keys: list[str]) -> None:
+        """A resumed run redoes steps since its checkpoint; don't store those points twice."""
+        for key in keys:
+            history = self.client.get_metric_history(self.run_id, key)
+            if history:
+                self.stored_until[key] = max(m.step for m in history)
 
     def add(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         for key, value in metrics.items():
-            if math.isfinite(value):
-                self.points.append(Metric(key, float(value), now, step))
+            if not math.isfinite(value) or step <= self.stored_until.get(key, -1):
+                continue
+            point = Metric(key, float(value), now, step)
+            if key not in self.every_step_keys and step % self.store_every:
+                self.latest[key] = point  # kept for the end of the run only
+            else:
+                self.points.append(point)
+                self.latest.pop(key, None)
 
-    def flush(self, heartbeat: bool = True) -> None:
+    def tags(self, tags: dict[str, str]) -> None:
+        """Several tags in one round trip."""
         from mlflow.entities import RunTag
 
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def flush(self, heartbeat: bool = True, final: bool = False) -> None:
+        """Store what was collected; ``final`` also stores each key's last point."""
+        from mlflow.entities import RunTag
+
+        if final:
+            self.points.extend(self.latest.values())
+            self.latest = {}
         tags = []
         if heartbeat:
             self.last_heartbeat = time.time()

@@ -36,12 +36,12 @@ class Callback(Protocol):
 
     def on_artifact(self, name: str, content: str | bytes) -> None: ...
 
-    def on_eval_end(self, step: int) -> None:
-        """After an eval point and its checkpoint: a safe moment to flush what was reported."""
+    def on_checkpoint(self, step: int) -> None:
+        """Just before a checkpoint is written: the moment to store what was reported."""
 
 
 class NullCallback:
-    def on_eval_end(self, step: int) -> None:
+    def on_checkpoint(self, step: int) -> None:
         pass
 
     def on_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -110,6 +110,7 @@ class Trainer:
         callback: Callback | None = None,
         run_dir: Path | None = None,
         log_interval: int = 10,
+        checkpoint_every_s: float = 0.0,
     ) -> None:
         self.config = config
         self.train_config = config.train
@@ -117,6 +118,7 @@ class Trainer:
         self.callback = callback or NullCallback()
         self.run_dir = run_dir
         self.log_interval = log_interval
+        self.checkpoint_every_s = checkpoint_every_s  # at eval points at most this often
         train = config.train
         self.device = resolve_device(train.device)
         if train.threads is not None and self.device.type == "cpu":
@@ -216,7 +218,7 @@ class Trainer:
         train_time, last_eval = 0.0, None
         if not resumed:
             last_eval = self._eval_point()
-            _eval_end(self.callback, self.step_count)
+        last_checkpoint = time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
         pending = torch.zeros((), device=self.device)
         try:
@@ -237,9 +239,13 @@ class Trainer:
                 at_eval = self.step_count % train.eval_interval == 0
                 if at_eval or self.step_count == train.max_iters:
                     last_eval = self._eval_point()
-                    if at_eval and self.step_count < train.max_iters:
+                    due = time.perf_counter() - last_checkpoint >= self.checkpoint_every_s
+                    if at_eval and self.step_count < train.max_iters and due:
+                        # Flush, then checkpoint: a crash between the two makes the resume
+                        # redo points already stored (the tracker drops them), never lose any.
+                        _before_checkpoint(self.callback, self.step_count)
                         self.save_checkpoint()
-                    _eval_end(self.callback, self.step_count)
+                        last_checkpoint = time.perf_counter()
                     window_start = time.perf_counter()
         except Diverged as exc:
             return self._result("diverged", start, train_time, last_eval, str(exc))
@@ -384,8 +390,8 @@ class Trainer:
             path.unlink()
 
 
-def _eval_end(callback: Callback | NullCallback, step: int) -> None:
-    hook = getattr(callback, "on_eval_end", None)  # optional for simple callbacks
+def _before_checkpoint(callback: Callback | NullCallback, step: int) -> None:
+    hook = getattr(callback, "on_checkpoint", None)  # optional for simple callbacks
     if hook is not None:
         hook(step)
 

@@ -1,0 +1,211 @@
+"""The Ray executor against a real `mlflow server` (SQLite backend, proxied artifacts) and a real
+local Ray cluster: the same spec as locally, nothing changed but the flags."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from workbench.tracking import TAG
+
+pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'server.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--workers",
+            "2",
+        ],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start") from None
+            time.sleep(0.5)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def write_spec(folder: Path, experiment: str, variants: dict[str, Any], iters: int) -> Path:
+    spec = {
+        "experiment": experiment,
+        "data": {"dataset": "tinyshakespeare"},
+        "train": {
+            "max_iters": iters,
+            "eval_interval": iters // 4,
+            "eval_iters": 2,
+            "device": "cpu",
+        },
+        "model": {"n_embd": 16, "n_head": 2},
+        "variants": variants,
+        "seeds": [1, 2],
+    }
+    path = folder / f"{experiment}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def workbench_run(spec: Path, uri: str, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workbench",
+            "run",
+            str(spec),
+            "--executor",
+            "ray",
+            "--tracking-uri",
+            uri,
+            "--checkpoint-dir",
+            str(spec.parent / "checkpoints"),
+            "--no-progress",
+            "--checkpoint-every",
+            "0",
+            *extra,
+        ],
+        cwd=spec.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+
+
+def runs_of(uri: str, experiment: str) -> list[Any]:
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id])
+
+
+def test_grid_on_ray_logs_to_the_server_and_reruns_skip(server: str, tmp_path: Path) -> None:
+    spec = write_spec(
+        tmp_path,
+        "ray-ok",
+        {"bigram": {"model": {"kind": "bigram"}}, "multi_head": {"model": {"kind": "multi_head"}}},
+        iters=40,
+    )
+    output, _ = workbench_run(spec, server).communicate(timeout=300)
+    assert "finished" in output, output
+    runs = runs_of(server, "ray-ok")
+    assert len(runs) == 4
+    client = MlflowClient(server)
+    for run in runs:
+        assert run.info.status == "FINISHED", run.info.run_name
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+        assert sorted(steps) == [0, 10, 20, 30, 40]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"model.pt", "sample.txt", "config.yaml"} <= artifacts  # through the server
+
+    again = workbench_run(spec, server)
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, output
+    assert output.count("skipped (done)") == 4
+    assert len(runs_of(server, "ray-ok")) == 4
+
+    from workbench.report import write_reports
+
+    (html, *_) = write_reports(server, ["ray-ok"], tmp_path / "reports")
+    assert html.exists() and "multi_head" in html.read_text()
+
+
+def test_crashed_worker_is_retried_and_a_raising_run_fails(server: str, tmp_path: Path) -> None:
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("to be or not to be, that is the question\n" * 3)  # val split: 13 chars
+    spec = write_spec(
+        tmp_path,
+        "ray-faults",
+        {
+            "victim": {"model": {"kind": "multi_head"}},
+            "raises": {
+                "model": {"kind": "multi_head"},
+                "data": {"path": str(tiny)},
+                "train": {"block_size": 16},
+            },
+        },
+        iters=2000,
+    )
+    proc = workbench_run(spec, server)
+    client = MlflowClient(server)
+
+    def victim_pid() -> int | None:
+        for run in runs_of(server, "ray-faults"):
+            tags = run.data.tags
+            if (
+                tags.get(TAG + "variant") == "victim"
+                and run.info.status == "RUNNING"
+                and TAG + "pid" in tags
+                and TAG + "heartbeat" in tags
+            ):
+                history = client.get_metric_history(run.info.run_id, "val_loss")
+                if any(m.step > 0 for m in history):  # past its first checkpoint
+                    return int(tags[TAG + "pid"])
+        return None
+
+    deadline = time.time() + 240
+    while (pid := victim_pid()) is None:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 1, output  # the raising runs failed
+    by_variant: dict[str, list[Any]] = {}
+    for run in runs_of(server, "ray-faults"):
+        by_variant.setdefault(run.data.tags[TAG + "variant"], []).append(run)
+    assert all(r.info.status == "FAILED" for r in by_variant["raises"])
+    assert all(
+        "too few for block_size" in r.data.tags[TAG + "reason"] for r in by_variant["raises"]
+    )
+    victims = by_variant["victim"]
+    assert len(victims) == 2 and all(r.info.status == "FINISHED" for r in victims)
+    attempts = sorted(r.data.tags[TAG + "attempt"] for r in victims)
+    assert attempts == ["1", "2"]  # the killed one was retried once, in the same run
+    retried = next(r for r in victims if r.data.tags[TAG + "attempt"] == "2")
+    steps = [m.step for m in client.get_metric_history(retried.info.run_id, "val_loss")]
+    assert sorted(steps) == sorted(set(steps)) == list(range(0, 2001, 500))

@@ -1,0 +1,150 @@
+"""Ray execution: every grid point is one Ray task (Ray core, not Tune) running the same job
+function as a local worker, with its own CPU/GPU request (fractional GPUs pack small runs).
+
+Worker crashes (``WorkerCrashedError``: a segfault, an OOM kill, a lost node) are retried here, a
+bounded number of times, each attempt tagged and resumed from the run's checkpoint; exceptions
+from training never reach Ray (the job marks its run FAILED itself), so they are not retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.jobs import Job, JobResult, execute_job
+from workbench.tracking import TAG, client
+
+PROGRESS_EVERY_S = 1.0
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise WorkbenchError(
+            "--executor ray needs Ray: pip install -e '.[ray]'  (or: pip install ray)"
+        ) from None
+    return ray
+
+
+def _run_job(job: Job, progress_queue: Any) -> JobResult:
+    """The Ray task: the job function, with progress sent at most once a second."""
+    last = 0.0
+
+    def progress(key: str, step: int, metrics: dict[str, float]) -> None:
+        nonlocal last
+        if progress_queue is None or time.time() - last < PROGRESS_EVERY_S:
+            return
+        last = time.time()
+        with contextlib.suppress(Exception):  # a full or gone queue never stops training
+            progress_queue.put_nowait(("progress", key, step, metrics))
+
+    if progress_queue is not None:
+        progress_queue.put_nowait(("started", job.key, os.getpid()))
+    return execute_job(job, progress)
+
+
+@dataclass
+class RayExecutor:
+    """Runs jobs as Ray tasks on the cluster at ``address`` (None: a local one)."""
+
+    address: str | None = None
+    cpus_per_run: float = 1.0
+    gpus_per_run: float = 0.0
+    max_retries: int = 2
+    num_cpus: int | None = None  # for a local cluster started here
+
+    def run(
+        self,
+        items: list[Any],
+        prepare: Callable[[Any], Job],
+        on_event: Callable[[tuple[Any, ...]], None],
+        on_crash: Callable[[Job, str, str], JobResult],
+    ) -> list[JobResult]:
+        ray = _ray()
+        from ray.exceptions import RayTaskError, TaskCancelledError, WorkerCrashedError
+        from ray.util.queue import Queue
+
+        if not ray.is_initialized():
+            ray.init(
+                address=self.address,
+                num_cpus=self.num_cpus if self.address is None else None,
+                log_to_driver=False,
+                include_dashboard=False,
+            )
+        remote = ray.remote(_run_job).options(
+            num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run, max_retries=0
+        )
+        queue = Queue(maxsize=10_000)
+        pending: dict[Any, tuple[Job, int]] = {}  # ref -> (job, attempt)
+        results: list[JobResult] = []
+
+        def submit(job: Job, attempt: int) -> None:
+            pending[remote.remote(job, queue)] = (job, attempt)
+
+        def finish(job: Job, result: JobResult) -> None:
+            results.append(result)
+            on_event(("done", job.key, result))
+
+        def drain_progress() -> None:
+            while not queue.empty():
+                try:
+                    on_event(queue.get_nowait())
+                except Exception:
+                    return
+
+        for item in items:  # Ray queues what the cluster cannot start yet
+            submit(prepare(item), 1)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+                drain_progress()
+                for ref in ready:
+                    job, attempt = pending.pop(ref)
+                    try:
+                        finish(job, ray.get(ref))
+                    except WorkerCrashedError as exc:
+                        if attempt <= self.max_retries:
+                            self._tag_attempt(job, attempt + 1)
+                            submit(job, attempt + 1)
+                        else:
+                            reason = f"worker crashed {attempt} times: {type(exc).__name__}"
+                            finish(job, on_crash(job, reason, "failed"))
+                    except (RayTaskError, TaskCancelledError) as exc:
+                        cause = getattr(exc, "cause", None) or exc
+                        reason = f"{type(cause).__name__}: {cause}"[:500]
+                        finish(job, on_crash(job, reason, "failed"))
+        except KeyboardInterrupt:
+            self._interrupt(ray, pending, finish, on_crash)
+            raise
+        return results
+
+    @staticmethod
+    def _tag_attempt(job: Job, attempt: int) -> None:
+        mlflow_client = client(job.tracking_uri)
+        mlflow_client.set_tag(job.run_id, TAG + "attempt", str(attempt))
+        mlflow_client.update_run(job.run_id, status="RUNNING")
+
+    @staticmethod
+    def _interrupt(
+        ray: Any,
+        pending: dict[Any, tuple[Job, int]],
+        finish: Callable[[Job, JobResult], None],
+        on_crash: Callable[[Job, str, str], JobResult],
+        grace_s: float = 30.0,
+    ) -> None:
+        """Ctrl-C: running tasks get a KeyboardInterrupt (the job marks its run KILLED)."""
+        for ref in pending:
+            ray.cancel(ref, force=False)
+        deadline = time.time() + grace_s
+        for ref, (job, _) in list(pending.items()):
+            try:
+                result = ray.get(ref, timeout=max(0.1, deadline - time.time()))
+                finish(job, replace(result))
+            except Exception:
+                finish(job, on_crash(job, "interrupted", "killed"))
