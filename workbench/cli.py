@@ -89,8 +89,13 @@ TrackingOpt = Annotated[
 
 
 def _tracking_uri(explicit: str | None) -> str:
+    import logging
+
     from workbench.settings import load_settings
     from workbench.tracking import tracking_uri
+
+    # "Creating initial MLflow database tables..." is noise on a terminal.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
     return tracking_uri(explicit, load_settings().tracking_uri)
 
