@@ -127,6 +127,10 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
     plan = invoke("plan", str(spec), "--tracking-uri", store.uri)
     assert plan.output.count("done") == 2
 
+    forced = invoke("run", str(spec), "--force", "--only", "bigram*", *store.args())
+    assert forced.exit_code == 0, forced.output
+    assert [r.info.run_name for r in store.runs()].count("bigram-seed=1") == 2
+
     sample = invoke(
         "sample",
         "multi_head-seed=1",
@@ -276,15 +280,15 @@ def uninterrupted_history(tmp_path: Path, spec: Path) -> list[tuple[int, float]]
     return other.history(run.info.run_id, "val_loss")
 
 
-@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+@pytest.mark.parametrize("how", ["sigint", "sigterm", "sigkill"])
 def test_interrupted_grid_resumes_to_the_same_numbers(
     store: Store, tmp_path: Path, how: str
 ) -> None:
     spec = write_spec(tmp_path, train=LONG, variants={"mh": {"model": {"kind": "multi_head"}}})
     proc = start(spec, store)
     wait_for(lambda: any(store.checkpoints.rglob("checkpoint.pt")))
-    if how == "sigint":  # Ctrl-C: the run is marked KILLED, its checkpoint kept
-        os.kill(proc.pid, signal.SIGINT)
+    if how in ("sigint", "sigterm"):  # Ctrl-C or a polite kill: KILLED, checkpoint kept
+        os.kill(proc.pid, signal.SIGINT if how == "sigint" else signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
         assert proc.returncode == 130, output
         (run,) = store.runs()

@@ -124,6 +124,26 @@ def plan(
         print_plan(expanded, status)
 
 
+def _fetch_data(plan: Plan, data_dir: Path) -> None:
+    """Download the known data sets the runs need, once, with a progress bar."""
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    from workbench.datasets import KNOWN_DATASETS, fetch_known
+
+    for name in sorted({r.config.data.dataset for r in plan.runs if r.config.data.dataset}):
+        if (data_dir / KNOWN_DATASETS[name].filename).exists():
+            fetch_known(name, data_dir)  # checks the cached copy's checksum
+            continue
+        with Progress(*Progress.get_default_columns(), DownloadColumn(),
+                      TransferSpeedColumn(), transient=True) as bar:
+            task = bar.add_task(f"downloading {name}", total=None)
+
+            def advance(done: int, total: int | None) -> None:
+                bar.update(task, completed=done, total=total)  # noqa: B023
+
+            fetch_known(name, data_dir, progress=advance)
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -228,6 +248,7 @@ def run(
             threads_per_job=threads,
             checkpoint_every_s=checkpoint_every,
         )
+        _fetch_data(expanded, options.data_dir)
         display = SweepProgress(console, live=progress and console.is_terminal)
         signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM: the same as Ctrl-C
         try:
