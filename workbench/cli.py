@@ -134,8 +134,9 @@ def _fetch_data(plan: Plan, data_dir: Path) -> None:
         if (data_dir / KNOWN_DATASETS[name].filename).exists():
             fetch_known(name, data_dir)  # checks the cached copy's checksum
             continue
-        with Progress(*Progress.get_default_columns(), DownloadColumn(),
-                      TransferSpeedColumn(), transient=True) as bar:
+        with Progress(
+            *Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), transient=True
+        ) as bar:
             task = bar.add_task(f"downloading {name}", total=None)
 
             def advance(done: int, total: int | None) -> None:

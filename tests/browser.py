@@ -1,0 +1,180 @@
+"""Open a page in headless Chromium and ask it what it did, over the DevTools protocol.
+
+Not part of the package: tests import it as ``from browser import open_page``. Chromium speaks
+the protocol over a pipe (``--remote-debugging-pipe``: commands in on fd 3, replies and events
+out on fd 4, each a JSON message ended by a NUL byte), the transport Puppeteer and Playwright
+use, so no websocket library is needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import select
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--remote-debugging-pipe",
+]
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@dataclass
+class PageVisit:
+    requests: list[str] = field(default_factory=list)  # every URL the page asked for
+    images: int = 0
+    images_decoded: bool = False
+    title: str = ""
+    body_text: str = ""
+    screenshot: Path | None = None
+
+
+class DevTools:
+    def __init__(self, binary: str, profile: Path) -> None:
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+
+        def onto_3_and_4() -> None:  # in the child, before exec: the browser reads fd 3, writes 4
+            high_r = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD, 10)
+            high_w = fcntl.fcntl(from_browser_w, fcntl.F_DUPFD, 10)
+            os.dup2(high_r, 3)
+            os.dup2(high_w, 4)
+
+        self.process = subprocess.Popen(
+            [binary, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            preexec_fn=onto_3_and_4,
+            pass_fds=(3, 4),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(to_browser_r)
+        os.close(from_browser_w)
+        self._buffer = b""
+        self._next_id = 0
+        self.events: list[dict[str, Any]] = []
+
+    def send(
+        self, method: str, session: str | None = None, timeout: float = 30.0, **params: Any
+    ) -> Any:
+        self._next_id += 1
+        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params}
+        if session is not None:
+            message["sessionId"] = session
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._read(deadline)
+            if reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+            self.events.append(reply)
+
+    def wait_for(self, method: str, timeout: float = 30.0) -> dict[str, Any]:
+        for event in self.events:
+            if event.get("method") == method:
+                return event
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self._read(deadline)
+            self.events.append(event)
+            if event.get("method") == method:
+                return event
+
+    def _read(self, deadline: float) -> dict[str, Any]:
+        while b"\0" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._from_browser], [], [], left)[0]:
+                raise TimeoutError("no answer from chromium")
+            chunk = os.read(self._from_browser, 1 << 20)
+            if not chunk:
+                raise RuntimeError("chromium closed the DevTools pipe")
+            self._buffer += chunk
+        message, self._buffer = self._buffer.split(b"\0", 1)
+        result: dict[str, Any] = json.loads(message)
+        return result
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, RuntimeError, TimeoutError):
+            self.send("Browser.close", timeout=5)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        os.close(self._to_browser)
+        os.close(self._from_browser)
+
+
+def open_page(
+    page: Path, profile: Path, screenshot: Path | None = None, width: int = 1280
+) -> PageVisit:
+    """Load ``page`` from disk, record every network request it attempts, check its images, and
+    save a full-page screenshot."""
+    binary = chromium()
+    assert binary is not None, "chromium is not installed"
+    browser = DevTools(binary, profile)
+    try:
+        target = browser.send("Target.createTarget", url="about:blank")["targetId"]
+        session = browser.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        browser.send("Network.enable", session)
+        browser.send("Page.enable", session)
+        browser.send(
+            "Emulation.setDeviceMetricsOverride", session,
+            width=width, height=900, deviceScaleFactor=1, mobile=False,
+        )  # fmt: skip
+        browser.send("Page.navigate", session, url=page.resolve().as_uri())
+        browser.wait_for("Page.loadEventFired", timeout=60)
+
+        def evaluate(expression: str) -> Any:
+            result = browser.send("Runtime.evaluate", session, expression=expression,
+                                  returnByValue=True)  # fmt: skip
+            return result["result"].get("value")
+
+        visit = PageVisit(
+            images=int(evaluate("document.images.length")),
+            images_decoded=bool(
+                evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+            ),
+            title=str(evaluate("document.title")),
+            body_text=str(evaluate("document.body.innerText")),
+        )
+        if screenshot is not None:
+            height = int(evaluate("document.documentElement.scrollHeight"))
+            browser.send(
+                "Emulation.setDeviceMetricsOverride", session,
+                width=width, height=min(height, 16000), deviceScaleFactor=1, mobile=False,
+            )  # fmt: skip
+            shot = browser.send("Page.captureScreenshot", session, format="png", timeout=60)
+            screenshot.write_bytes(base64.b64decode(shot["data"]))
+            visit.screenshot = screenshot
+        visit.requests = [
+            e["params"]["request"]["url"]
+            for e in browser.events
+            if e.get("method") == "Network.requestWillBeSent"
+        ]
+        return visit
+    finally:
+        browser.close()

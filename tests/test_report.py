@@ -1,0 +1,517 @@
+"""`workbench report` against real stores: sweeps trained by the real CLI (once per module), a run
+left RUNNING by hand, an experiment where every run failed, and a headless browser."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from workbench.cli import app
+from workbench.tracking import TAG
+
+SCRIPT = "<script>alert(1)</script>"
+MATHTEXT = "multi $\\oops$"  # broken mathtext: matplotlib raises if it tries to parse it
+
+TINY = {
+    "data": {"dataset": "tinyshakespeare"},
+    "train": {"max_iters": 40, "eval_interval": 20, "eval_iters": 2, "device": "cpu"},
+    "model": {"n_embd": 16, "n_head": 2},
+}
+SPECS: dict[str, dict[str, Any]] = {
+    "grid": {  # 3 variants × 2 block sizes × 2 learning rates × 2 seeds = 24 runs
+        **TINY,
+        "experiment": "grid",
+        "variants": {
+            "bigram": {"model": {"kind": "bigram"}},
+            SCRIPT: {"model": {"kind": "single_head"}},
+            MATHTEXT: {"model": {"kind": "multi_head"}},
+        },
+        "grid": {"train.block_size": [4, 8], "train.learning_rate": [1.0e-3, 1.0e-2]},
+        "seeds": [1, 2],
+        "reference": {"bigram": 2.49},
+    },
+    "oneseed": {  # 2 variants × 2 block sizes × 1 seed
+        **TINY,
+        "experiment": "oneseed",
+        "variants": {
+            "bigram": {"model": {"kind": "bigram"}},
+            "single": {"model": {"kind": "single_head"}},
+        },
+        "grid": {"train.block_size": [4, 8]},
+        "seeds": [1],
+    },
+    "allfail": {  # one run diverges, one raises (block_size longer than the val split)
+        **TINY,
+        "experiment": "allfail",
+        "variants": {
+            "exploding": {"model": {"kind": "bigram"}, "train": {"learning_rate": 100.0}},
+            "too_long": {"model": {"kind": "bigram"}, "train": {"block_size": 200_000}},
+        },
+        "seeds": [1],
+    },
+}
+RUNNING_NAME = "bigram-left-running"
+
+
+class Store:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.uri = f"sqlite:///{folder / 'mlflow.db'}"
+        self.reports = folder / "reports"
+        self.output = ""
+
+    def client(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)
+
+    def runs(self, experiment: str) -> list[Any]:
+        client = self.client()
+        exp = client.get_experiment_by_name(experiment)
+        return list(client.search_runs([exp.experiment_id], max_results=1000))
+
+    def html(self, experiment: str) -> str:
+        return (self.reports / f"{experiment}.html").read_text(encoding="utf-8")
+
+
+def invoke(*args: str) -> Any:
+    return CliRunner().invoke(app, list(args))
+
+
+def leave_running(store: Store) -> str:
+    """A run as a live `workbench run` would leave it mid-training: tags, params, two points."""
+    from mlflow.entities import Metric, Param
+
+    client = store.client()
+    experiment = client.get_experiment_by_name("grid")
+    tags = {
+        TAG + "run_key": "0123456789abcdef",
+        TAG + "variant": "bigram",
+        TAG + "seed": "3",
+        TAG + "kind": "bigram",
+        TAG + "heartbeat": f"{time.time():.0f}",
+        TAG + "grid.train.block_size": "4",
+        TAG + "grid.train.learning_rate": "0.001",
+    }
+    run_id: str = client.create_run(
+        experiment.experiment_id, run_name=RUNNING_NAME, tags=tags
+    ).info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric("val_loss", 4.6, now, 0), Metric("train_loss", 4.6, now, 0)],
+        params=[Param("train.block_size", "4"), Param("model.kind", "bigram"), Param("seed", "3")],
+    )
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Three experiments in one SQLite store, trained by `workbench run`, then one
+    `workbench report` with no experiment named (so it reports on all three)."""
+    folder = tmp_path_factory.mktemp("report")
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.chdir(folder)  # MLflow puts artifacts under the working folder, reports go here
+    store = Store(folder)
+    for name, spec in SPECS.items():
+        path = folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        result = invoke(
+            "run", str(path), "--tracking-uri", store.uri,
+            "--checkpoint-dir", str(folder / "checkpoints"), "--no-progress",
+        )  # fmt: skip
+        assert result.exit_code == (1 if name == "allfail" else 0), result.output
+    leave_running(store)
+    result = invoke("report", "--tracking-uri", store.uri)
+    assert result.exit_code == 0, result.output
+    store.output = result.output
+    yield store
+    monkeypatch.undo()
+
+
+slow = pytest.mark.slow  # trains three small sweeps once for the module (about a minute)
+
+
+# --- files and paths -----------------------------------------------------------------------------
+
+
+@slow
+def test_reports_every_experiment_and_prints_every_path(store: Store) -> None:
+    printed = store.output.split()
+    expected = [
+        f"reports/{n}.{ext}" for n in ("grid", "oneseed", "allfail") for ext in ("html", "csv")
+    ]
+    assert sorted(printed) == sorted(expected)
+    for path in expected:
+        assert (store.folder / path).stat().st_size > 0, path
+
+
+@slow
+def test_out_file_folder_and_errors(store: Store, tmp_path: Path) -> None:
+    single = tmp_path / "one" / "page.html"
+    result = invoke("report", "--tracking-uri", store.uri, "-e", "oneseed", "--out", str(single))
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == [str(single), str(single.with_suffix(".csv"))]
+
+    folder = tmp_path / "many"
+    result = invoke("report", "--tracking-uri", store.uri, "-e", "oneseed", "-e", "allfail",
+                    "--out", str(folder))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "allfail.csv", "allfail.html", "oneseed.csv", "oneseed.html",
+    ]  # fmt: skip
+
+    result = invoke("report", "--tracking-uri", store.uri, "--out", str(tmp_path / "x.html"))
+    assert result.exit_code == 2
+    assert re.search(r"\d experiments", result.output) and not (tmp_path / "x.html").exists()
+
+    result = invoke("report", "--tracking-uri", store.uri, "-e", "nope", "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert "no experiment named 'nope'" in result.output and "grid" in result.output
+
+    missing = tmp_path / "missing.db"
+    result = invoke("report", "--tracking-uri", f"sqlite:///{missing}", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "no such tracking store" in result.output
+    assert not missing.exists()  # reading never creates a store
+
+
+@slow
+def test_spec_option_reports_on_that_experiment(store: Store, tmp_path: Path) -> None:
+    result = invoke("report", "--tracking-uri", store.uri, "--spec",
+                    str(store.folder / "oneseed.yaml"), "--out", str(tmp_path))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["oneseed.csv", "oneseed.html"]
+
+
+# --- the page ------------------------------------------------------------------------------------
+
+
+@slow
+def test_names_from_users_and_models_are_escaped(store: Store) -> None:
+    html = store.html("grid")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script" not in html.lower()
+    assert MATHTEXT in html  # drawn as plain text: the figures did not choke on it
+
+
+@slow
+def test_page_is_self_contained(store: Store) -> None:
+    for name in ("grid", "oneseed", "allfail"):
+        html = store.html(name)
+        lowered = html.lower()
+        for needle in (
+            'src="http',
+            "src='http",
+            "<link",
+            "@import",
+            "url(http",
+            "url(//",
+            "<script",
+        ):
+            assert needle not in lowered, (name, needle)
+        sources = re.findall(r'<img[^>]* src="([^"]*)"', html)
+        assert sources, name
+        for source in sources:
+            assert source.startswith("data:image/png;base64,")
+            png = base64.b64decode(source.split(",", 1)[1])
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@slow
+def test_header_counts_and_devices(store: Store) -> None:
+    text = _text(store.html("grid"))
+    assert "25 — 24 finished 0 failed 0 diverged 1 running" in text
+    assert "cpu (24 runs)" in text
+    assert "block_size: 4, 8; learning_rate: 0.001, 0.01" in text
+    failed = _text(store.html("allfail"))
+    assert "2 — 0 finished 1 failed 1 diverged" in failed
+
+
+@slow
+def test_leaderboard_matches_the_store(store: Store) -> None:
+    """The leaderboard's mean and 95% interval, recomputed here from the runs in MLflow."""
+    from scipy import stats
+
+    runs = [r for r in store.runs("grid") if r.info.status == "FINISHED"]
+    by_point: dict[tuple[str, str, str], list[float]] = {}
+    for run in runs:
+        tags = run.data.tags
+        key = (tags[TAG + "variant"], tags[TAG + "grid.train.block_size"],
+               tags[TAG + "grid.train.learning_rate"])  # fmt: skip
+        by_point.setdefault(key, []).append(run.data.metrics["best_val_loss"])
+    best = min((sum(v) / len(v), k, v) for k, v in by_point.items() if k[0] == "bigram")
+    mean, (_, block, lr), losses = best
+    half = stats.t.ppf(0.975, len(losses) - 1) * stats.tstd(losses) / len(losses) ** 0.5
+    rows = _table_rows(store.html("grid"), "Leaderboard")
+    bigram = next(r for r in rows if r[1] == "bigram")
+    assert bigram[2] == f"block_size={block}, learning_rate={lr}"
+    assert bigram[3] == "2"
+    assert bigram[4] == f"{mean:.4f}"
+    assert bigram[5] == f"± {half:.4f}"
+    assert bigram[6] == "2.49"  # the published figure, from the workbench.reference_val_loss tag
+    assert [float(r[4]) for r in rows] == sorted(float(r[4]) for r in rows)  # best first
+    assert {r[1] for r in rows} == {"bigram", SCRIPT, MATHTEXT}
+
+
+@slow
+def test_adjacent_rungs_are_compared_in_words(store: Store) -> None:
+    import html as html_module
+
+    block = store.html("grid").split('<ul class="comparisons">', 1)[1].split("</ul>", 1)[0]
+    sentences = [html_module.unescape(s) for s in re.findall(r"<li[^>]*>(.*?)</li>", block)]
+    assert [s.split(":")[0] for s in sentences] == [
+        f"{SCRIPT} vs bigram",
+        f"{MATHTEXT} vs {SCRIPT}",
+    ]
+    for sentence in sentences:
+        assert re.search(
+            r": difference [-+]\d\.\d{3} ± \d\.\d{3}, (not )?resolved with 2 seeds", sentence
+        )
+
+
+@slow
+def test_one_seed_shows_no_intervals_and_says_why(store: Store) -> None:
+    html = store.html("oneseed")
+    text = _text(html)
+    assert "one finished seed, so there are no confidence intervals" in text
+    assert "± 95% CI" not in text and "95% interval" not in text
+    assert "heatmaps of best val loss" not in html  # one axis: no heatmap
+    assert "best val loss along each grid axis" in html
+    assert "95% CI" in _text(store.html("grid"))
+
+
+@slow
+def test_every_run_failed(store: Store) -> None:
+    text = _text(store.html("allfail"))
+    assert "No run finished, so there is no leaderboard yet." in text
+    rows = _table_rows(store.html("allfail"), "Failed and diverged runs")
+    by_name = {r[0]: r for r in rows}
+    assert by_name["exploding-seed=1"][1] == "diverged"
+    assert "exceeded" in by_name["exploding-seed=1"][3]
+    assert by_name["too_long-seed=1"][1] == "failed"
+    assert "too few for block_size 200000" in by_name["too_long-seed=1"][3]
+    assert by_name["too_long-seed=1"][2] == "0"
+
+
+@slow
+def test_a_single_run(store: Store, tmp_path: Path) -> None:
+    """One finished run, no grid, one seed, no artifacts: a short page, not a crash."""
+    from mlflow.entities import Metric, Param
+
+    from workbench.report import write_reports
+
+    client = store.client()
+    experiment_id = client.create_experiment("single")
+    tags = {TAG + "run_key": "f" * 16, TAG + "variant": "lonely", TAG + "seed": "7"}
+    run_id = client.create_run(experiment_id, run_name="lonely-seed=7", tags=tags).info.run_id
+    metrics = [Metric(k, v, 1000 * step, step) for step in (0, 20) for k, v in
+               (("val_loss", 4.0 - step / 100), ("train_loss", 3.9 - step / 100))]  # fmt: skip
+    metrics.append(Metric("best_val_loss", 3.8, 20_000, 20))
+    client.log_batch(run_id, metrics=metrics, params=[Param("train.block_size", "8")])
+    client.set_terminated(run_id, "FINISHED")
+
+    paths = write_reports(store.uri, ["single"], tmp_path)
+    assert [p.name for p in paths] == ["single.html", "single.csv"]
+    html = paths[0].read_text(encoding="utf-8")
+    rows = _table_rows(html, "Leaderboard")
+    assert [r[:5] for r in rows] == [["1", "lonely", "(no grid)", "1", "3.8000"]]
+    assert "no confidence intervals" in html
+    assert html.count("<img") == 4  # variant, two curve views, gap: no heatmap, no attention
+    assert len(paths[1].read_text().splitlines()) == 1 + len(metrics)
+
+
+@slow
+def test_running_run_is_shown_as_running(store: Store) -> None:
+    rows = _table_rows(store.html("grid"), "Not finished")
+    assert rows == [[RUNNING_NAME, "running", "0"]]
+
+
+@slow
+def test_samples_and_attention_of_the_best_runs(store: Store) -> None:
+    html = store.html("grid")
+    samples = re.findall(r'<pre class="sample-text">(.*?)</pre>', html, re.S)
+    assert len(samples) == 3 and all(len(s.strip()) > 50 for s in samples)
+    attention = html.split('id="attention"', 1)[1]
+    assert attention.count("<img") == 2  # the single-head and the multi-head rung, not bigram
+    assert "attention weights of" in attention
+
+
+@slow
+def test_csv_is_tidy(store: Store) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(store.reports / "grid.csv", dtype=str, keep_default_na=False)
+    db = store.folder / "mlflow.db"
+    with sqlite3.connect(db) as connection:
+        points = connection.execute(
+            "SELECT m.key FROM metrics m JOIN runs r ON r.run_uuid = m.run_uuid "
+            "JOIN experiments e ON e.experiment_id = r.experiment_id WHERE e.name = 'grid'"
+        ).fetchall()
+    assert len(table) == len(points)  # one row per run × metric × step, none lost or doubled
+    assert not table.duplicated(["run_id", "metric", "step"]).any()
+    assert table["run_id"].nunique() == 25
+    assert set(table["metric"]) == {key for (key,) in points}
+    assert {"val_loss", "train_loss", "best_val_loss", "wall_time_s"} <= set(table["metric"])
+    run = next(r for r in store.runs("grid") if r.data.tags.get(TAG + "variant") == SCRIPT)
+    rows = table[table["run_id"] == run.info.run_id]
+    for key, value in run.data.params.items():
+        assert set(rows[f"params.{key}"]) == {value}, key
+    for key, value in run.data.tags.items():
+        if key != TAG + "heartbeat":  # written again while the run is live
+            assert set(rows[f"tags.{key}"]) == {value}, key
+    history = sorted(
+        (m.step, m.value) for m in store.client().get_metric_history(run.info.run_id, "val_loss")
+    )
+    val = rows[rows["metric"] == "val_loss"]
+    assert sorted(zip(val["step"].astype(int), val["value"].astype(float), strict=True)) == history
+
+
+# --- against a tracking server --------------------------------------------------------------------
+
+
+@slow
+def test_loads_the_same_through_a_tracking_server(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's bulk-history endpoint gives what one SQL query gives, also when its answers
+    are truncated and have to be asked for again in smaller pieces."""
+    from workbench.report import load
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store.uri,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=store.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "no mlflow server"
+                time.sleep(0.5)
+        expected = load.load_experiment(store.uri, "grid")
+        for limit in (load.BULK_MAX_POINTS, 7):
+            monkeypatch.setattr(load, "BULK_MAX_POINTS", limit)
+            served = load.load_experiment(url, "grid")
+            assert sorted(served.runs.index) == sorted(expected.runs.index)
+            assert served.runs["state"].to_dict() == expected.runs["state"].to_dict()
+            keys = ["run_id", "metric", "step"]
+            got = served.history.sort_values(keys).reset_index(drop=True)
+            assert got.equals(expected.history.sort_values(keys).reset_index(drop=True)), limit
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+# --- in a real browser ---------------------------------------------------------------------------
+
+
+@slow
+def test_report_in_a_headless_browser(store: Store, tmp_path: Path) -> None:
+    from browser import chromium, open_page
+
+    if chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    screenshot = tmp_path / "grid.png"
+    visit = open_page(store.reports / "grid.html", tmp_path / "profile", screenshot)
+    network = [u for u in visit.requests if not u.startswith(("file:", "data:"))]
+    assert network == []
+    assert visit.images >= 8
+    assert visit.images_decoded
+    assert visit.title == "grid: workbench report"
+    assert SCRIPT in visit.body_text  # shown as text, not run
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- no store needed -----------------------------------------------------------------------------
+
+
+def test_importing_the_report_package_is_light() -> None:
+    code = (
+        "import sys, workbench.report; "
+        "print(sorted(m for m in ('mlflow', 'pandas', 'matplotlib', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_confidence_interval_is_t_based() -> None:
+    from scipy import stats
+
+    from workbench.report.analysis import _t_quantile, half_width, interval
+
+    # mean 2, s = 1, n = 3: t(0.975, 2) = 4.3027 → 4.3027 / √3
+    assert half_width([1.0, 2.0, 3.0]) == pytest.approx(2.48414, abs=1e-4)
+    assert interval([1.0, 2.0, 3.0]) == pytest.approx((2 - 2.48414, 2 + 2.48414), abs=1e-4)
+    assert half_width([2.0]) != half_width([2.0])  # NaN: no interval from one seed
+    assert interval([2.0]) == (2.0, 2.0)
+    for df in (1.0, 1.37, 2.0, 4.5, 30.0, 1000.0):  # the fallback without scipy (Welch: any df)
+        assert _t_quantile(df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-9)
+
+
+def test_facets_never_leave_an_empty_panel() -> None:
+    import pandas as pd
+
+    from workbench.report.figures import _facets
+
+    axes = ["train.block_size", "train.learning_rate"]
+    full = pd.DataFrame({"grid.train.block_size": [8, 8, 16, 16],
+                         "grid.train.learning_rate": [0.001, 0.01, 0.001, 0.01]})  # fmt: skip
+    _, facets = _facets(full, axes)
+    assert facets["row"] == "block_size" and facets["col"] == "learning_rate"
+    assert facets["row_order"] == ["8", "16"]  # numeric order, not text order
+
+    holed = full.iloc[:3]  # one combination excluded: a rows × columns grid would leave a hole
+    frame, facets = _facets(holed, axes)
+    assert "row" not in facets
+    assert facets["col_order"] == [
+        "block_size=8, learning_rate=0.001", "block_size=8, learning_rate=0.01",
+        "block_size=16, learning_rate=0.001",
+    ]  # fmt: skip
+    assert set(frame[facets["col"]]) == set(facets["col_order"])
+
+    _, facets = _facets(full.iloc[[0]], [])
+    assert facets == {}
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _text(html: str) -> str:
+    import html as html_module
+
+    return " ".join(html_module.unescape(re.sub(r"<[^>]+>", " ", html)).split())
+
+
+def _table_rows(html: str, heading: str) -> list[list[str]]:
+    """The body rows of the first table after ``heading``, as unescaped cell texts."""
+    import html as html_module
+
+    after = html.split(f">{heading}<", 1)[1]
+    body = after.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    return [
+        [" ".join(html_module.unescape(re.sub(r"<[^>]+>", " ", c)).split()) for c in cells]
+        for cells in (re.findall(r"<td[^>]*>(.*?)</td>", row, re.S) for row in body.split("</tr>"))
+        if cells
+    ]

@@ -1,0 +1,19 @@
+"""`workbench report`: one self-contained HTML page per experiment, read from MLflow only.
+
+Importing this package is cheap: pandas, matplotlib, seaborn and mlflow load when a report is
+written. The modules, in the order data flows: ``load`` (MLflow → tidy frames), ``analysis``
+(grid points, leaderboard, intervals), ``figures`` (seaborn → PNG), ``build`` (page and CSV).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_reports(
+    tracking_uri: str, experiments: list[str] | None = None, out: Path | None = None
+) -> list[Path]:
+    """Write ``reports/<experiment>.html`` and ``.csv`` for each experiment; returns the paths."""
+    from workbench.report.build import write_reports as write
+
+    return write(tracking_uri, experiments, out)

@@ -1,0 +1,276 @@
+"""The numbers of the report, as pandas frames: grid points averaged over seeds, the leaderboard,
+intervals, comparisons of adjacent rungs. No plotting and no MLflow here.
+
+Intervals are t-based 95% confidence intervals of a mean over seeds: mean ± t(0.975, n-1)·s/√n.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from workbench.report.load import ExperimentData
+
+LOSS = "metrics.best_val_loss"
+
+
+def t_quantile(df: float) -> float:
+    """The 0.975 quantile of Student's t with ``df`` (possibly fractional) degrees of freedom:
+    scipy's if installed, else found by bisection on the t distribution's CDF."""
+    try:
+        from scipy import stats
+    except ImportError:
+        return _t_quantile(df)
+    return float(stats.t.ppf(0.975, df))
+
+
+def _t_quantile(df: float, p: float = 0.975) -> float:
+    low, high = 0.0, 1.0
+    while _t_cdf(high, df) < p:
+        high *= 2
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if _t_cdf(middle, df) < p else (low, middle)
+    return (low + high) / 2
+
+
+def _t_cdf(t: float, df: float) -> float:
+    """P(T ≤ t) for t ≥ 0: 1 − I_x(df/2, 1/2) / 2 with x = df / (df + t²)."""
+    return 1.0 - 0.5 * _incomplete_beta(df / (df + t * t), df / 2, 0.5)
+
+
+def _incomplete_beta(x: float, a: float, b: float) -> float:
+    """The regularised incomplete beta function I_x(a, b) (continued fraction, Lentz's method)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _incomplete_beta(1.0 - x, b, a)
+    log_front = a * math.log(x) + b * math.log1p(-x)
+    log_front -= math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 300):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * result / a
+
+
+def half_width(values: Sequence[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean of ``values`` (NaN below 2)."""
+    finite = [v for v in values if math.isfinite(v)]
+    n = len(finite)
+    if n < 2:
+        return math.nan
+    mean = sum(finite) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1))
+    return t_quantile(n - 1) * std / math.sqrt(n)
+
+
+def interval(values: Sequence[float]) -> tuple[float, float]:
+    """(low, high) of the 95% interval of the mean; the mean twice when there is one value.
+
+    Shaped for seaborn's ``errorbar=`` argument, which accepts such a function.
+    """
+    finite = [float(v) for v in values if math.isfinite(v)]
+    if not finite:
+        return (math.nan, math.nan)
+    mean = sum(finite) / len(finite)
+    width = half_width(finite)
+    width = 0.0 if math.isnan(width) else width
+    return (mean - width, mean + width)
+
+
+def finished(data: ExperimentData) -> pd.DataFrame:
+    runs = data.runs
+    if LOSS not in runs:
+        return runs.iloc[0:0]
+    return runs[(runs["state"] == "finished") & runs[LOSS].notna()]
+
+
+def point_label(row: pd.Series, axes: Sequence[str]) -> str:
+    """``block_size=8, learning_rate=0.001``: a grid point in words (short key names)."""
+    if not axes:
+        return "(no grid)"
+    return ", ".join(f"{short_name(a, axes)}={format_value(row['grid.' + a])}" for a in axes)
+
+
+def short_name(axis: str, axes: Sequence[str]) -> str:
+    """The last part of a dotted key, unless another axis ends the same way."""
+    last = axis.rsplit(".", 1)[-1]
+    clash = sum(1 for a in axes if a.rsplit(".", 1)[-1] == last) > 1
+    return axis if clash else last
+
+
+def format_value(value: object) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e6:
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def grid_points(data: ExperimentData) -> pd.DataFrame:
+    """One row per variant × grid point over the finished runs: seeds, mean, interval, costs."""
+    import pandas as pd
+
+    runs = finished(data)
+    keys = ["variant", *("grid." + a for a in data.axes)]
+    columns = [*keys, "point", "seeds", "mean", "half_width", "std", "num_params"]
+    columns += ["wall_time_s", "tokens_per_sec", "reference_val_loss", "best_run_id"]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for values, group in runs.groupby(keys, sort=False, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        losses = group[LOSS].astype(float).tolist()
+        best = group[LOSS].astype(float).idxmin()
+        rows.append(
+            {
+                **dict(zip(keys, values, strict=True)),
+                "point": point_label(group.iloc[0], data.axes),
+                "seeds": len(losses),
+                "mean": sum(losses) / len(losses),
+                "half_width": half_width(losses),
+                "std": float(group[LOSS].std()) if len(losses) > 1 else math.nan,
+                "num_params": group["num_params"].median(),
+                "wall_time_s": group["wall_time_s"].mean(),
+                "tokens_per_sec": group["tokens_per_sec"].mean(),
+                "reference_val_loss": group["reference_val_loss"].dropna().median(),
+                "best_run_id": best,
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def leaderboard(data: ExperimentData, points: pd.DataFrame) -> pd.DataFrame:
+    """Each variant at its best grid point (lowest mean over seeds), best first."""
+    if points.empty:
+        return points
+    best = points.loc[points.groupby("variant", sort=False)["mean"].idxmin()]
+    rung = {v: i for i, v in enumerate(data.variants)}
+    best = best.assign(rung=best["variant"].map(rung))
+    return best.sort_values(["mean", "rung"], kind="stable").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two adjacent rungs of the ladder, each at its best grid point."""
+
+    lower: str  # the earlier rung
+    upper: str  # the later rung
+    difference: float  # upper − lower (negative: the later rung is better)
+    half_width: float  # of the difference (Welch), NaN with fewer than two seeds on a side
+    seeds: tuple[int, int]
+    overlap: bool  # the two intervals overlap
+
+    @property
+    def resolved(self) -> bool:
+        return math.isfinite(self.half_width) and abs(self.difference) > self.half_width
+
+    def sentence(self) -> str:
+        head = f"{self.upper} vs {self.lower}: difference {self.difference:+.3f}"
+        n1, n2 = self.seeds
+        seeds = f"{n1} and {n2} seeds" if n1 != n2 else f"{n1} seed" + ("s" if n1 != 1 else "")
+        if not math.isfinite(self.half_width):
+            return f"{head}, no interval with {seeds}"
+        head += f" ± {self.half_width:.3f}"
+        overlap = " (the intervals overlap)" if self.overlap else ""
+        if not self.resolved:
+            return f"{head}, not resolved with {seeds}{overlap}"
+        if self.overlap:
+            return f"{head}, resolved with {seeds} although the intervals overlap"
+        return f"{head}, resolved with {seeds}"
+
+
+def adjacent_comparisons(
+    data: ExperimentData, board: pd.DataFrame, points: pd.DataFrame
+) -> list[Comparison]:
+    """Each rung against the one before it on the ladder (both at their best grid point)."""
+    runs = finished(data)
+    if board.empty:
+        return []
+    by_variant = board.set_index("variant")
+    ladder = [v for v in data.variants if v in by_variant.index]
+    comparisons = []
+    for lower, upper in itertools.pairwise(ladder):
+        a = _losses(runs, by_variant.loc[lower], data.axes)
+        b = _losses(runs, by_variant.loc[upper], data.axes)
+        difference = sum(b) / len(b) - sum(a) / len(a)
+        ha, hb = half_width(a), half_width(b)
+        overlap = bool(math.isfinite(ha) and math.isfinite(hb) and abs(difference) <= ha + hb)
+        comparisons.append(
+            Comparison(lower, upper, difference, _welch_half_width(a, b), (len(a), len(b)), overlap)
+        )
+    return comparisons
+
+
+def _losses(runs: pd.DataFrame, best: pd.Series, axes: Sequence[str]) -> list[float]:
+    mask = runs["variant"] == best.name
+    for axis in axes:
+        mask &= runs["grid." + axis] == best["grid." + axis]
+    return runs.loc[mask, LOSS].astype(float).tolist()
+
+
+def _welch_half_width(a: Sequence[float], b: Sequence[float]) -> float:
+    """95% half-width of mean(b) − mean(a) with Welch's degrees of freedom."""
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    va, vb = _variance(a) / len(a), _variance(b) / len(b)
+    se2 = va + vb
+    if se2 == 0:
+        return 0.0
+    df = se2**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return t_quantile(df) * math.sqrt(se2)
+
+
+def _variance(values: Sequence[float]) -> float:
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+
+def seeds_per_point(points: pd.DataFrame) -> int:
+    """The most seeds any grid point has (1: no intervals anywhere)."""
+    return int(points["seeds"].max()) if not points.empty else 0
+
+
+def final_gap(data: ExperimentData) -> pd.DataFrame:
+    """Train − val loss at the last eval step of each finished run."""
+    import pandas as pd
+
+    history = data.history
+    done = finished(data).index
+    evals = history[
+        history["metric"].isin(["train_loss", "val_loss"]) & history["run_id"].isin(done)
+    ]
+    if evals.empty:
+        return pd.DataFrame(columns=["run_id", "step", "train_loss", "val_loss", "gap"])
+    wide = evals.pivot_table(index=["run_id", "step"], columns="metric", values="value")
+    wide = wide.dropna(subset=[c for c in ("train_loss", "val_loss") if c in wide]).reset_index()
+    if "train_loss" not in wide or "val_loss" not in wide or wide.empty:
+        return pd.DataFrame(columns=["run_id", "step", "train_loss", "val_loss", "gap"])
+    last = wide.sort_values("step").groupby("run_id").tail(1).set_index("run_id")
+    last["gap"] = last["train_loss"] - last["val_loss"]
+    runs = data.runs
+    last = last.join(runs[["variant", "seed", "state", "run_name", *_grid_columns(data)]])
+    return last.reset_index()
+
+
+def _grid_columns(data: ExperimentData) -> list[str]:
+    return ["grid." + a for a in data.axes]

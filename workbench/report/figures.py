@@ -1,0 +1,403 @@
+"""The report's figures: seaborn on matplotlib's Agg backend, each returned as a PNG data URI.
+
+Every label that came from a user or a model (variant names, grid values, prompt characters) is
+drawn as plain text: mathtext is switched off, so ``$x$`` in a name is two dollar signs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import numbers
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from workbench.report.analysis import LOSS, format_value, interval, short_name
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure as MplFigure
+
+    from workbench.report.load import ExperimentData
+
+DPI = 96
+PAGE_WIDTH_IN = 11.5  # the page's column is about 1120 px wide
+CURVE_SPLITS = {"val_loss": "val", "train_loss": "train"}
+
+
+@dataclass(frozen=True)
+class Figure:
+    title: str
+    src: str  # data:image/png;base64,...
+    alt: str
+    width: int  # pixels, as drawn
+    height: int
+
+
+@contextmanager
+def plotting() -> Iterator[None]:
+    """Agg, a quiet seaborn theme, and no mathtext or TeX in any text drawn inside."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    style = {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook", font_scale=0.9)}
+    with plt.rc_context({**style, "text.parse_math": False, "text.usetex": False}):
+        yield
+
+
+def render(figure: MplFigure, title: str, alt: str) -> Figure:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(figure)
+    png = buffer.getvalue()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return Figure(title, src, alt, width, height)
+
+
+def palette(variants: Sequence[str]) -> dict[str, Any]:
+    import seaborn as sns
+
+    colors = sns.color_palette("tab10" if len(variants) <= 10 else "husl", len(variants))
+    return dict(zip(variants, colors, strict=True))
+
+
+# --- the answer ----------------------------------------------------------------------------------
+
+
+def variant_plot(
+    data: ExperimentData, board: pd.DataFrame, runs: pd.DataFrame, intervals: bool
+) -> Figure:
+    """Best val loss per variant at its best grid point: seeds as dots, mean with its 95% interval,
+    the published figure as a diamond where there is one."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    order = [v for v in data.variants if v in set(board["variant"])]
+    at_best = _runs_at(runs, board, data.axes)
+    colors = palette(data.variants)
+    figure, ax = plt.subplots(figsize=(7.5, 0.55 * len(order) + 1.4))
+    sns.stripplot(
+        data=at_best, x=LOSS, y="variant", order=order, hue="variant", palette=colors,
+        alpha=0.45, size=5, jitter=0.12, legend=False, ax=ax,
+    )  # fmt: skip
+    sns.pointplot(
+        data=at_best, x=LOSS, y="variant", order=order, hue="variant", palette=colors,
+        errorbar=interval if intervals else None, linestyle="none", markers="o",
+        capsize=0.25, legend=False, ax=ax,
+    )  # fmt: skip
+    references = board.dropna(subset=["reference_val_loss"])
+    if not references.empty:
+        sns.scatterplot(
+            data=references, x="reference_val_loss", y="variant", marker="D", s=60,
+            color="black", label="published (lecture)", zorder=5, ax=ax,
+        )  # fmt: skip
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    ax.set_xlabel("best val loss" + (" (mean ± 95% CI over seeds)" if intervals else ""))
+    ax.set_ylabel("")
+    return render(figure, "Best val loss per variant", "best val loss per variant")
+
+
+def _runs_at(runs: pd.DataFrame, board: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
+    """The runs of each variant at its leaderboard grid point."""
+    keys = ["variant", *("grid." + a for a in axes)]
+    return runs.merge(board[keys], on=keys, how="inner")
+
+
+# --- curves --------------------------------------------------------------------------------------
+
+
+def curve_data(data: ExperimentData, runs: pd.DataFrame) -> pd.DataFrame:
+    """Val and train loss at eval steps, averaged over seeds, with the wall-clock time."""
+    history = data.history
+    curves = history[
+        history["metric"].isin(list(CURVE_SPLITS)) & history["run_id"].isin(runs.index)
+    ]
+    if curves.empty:
+        return curves
+    started = history[history["run_id"].isin(runs.index)].groupby("run_id")["timestamp"].min()
+    curves = curves.assign(
+        split=curves["metric"].map(CURVE_SPLITS),
+        elapsed_s=(curves["timestamp"] - curves["run_id"].map(started)) / 1000.0,
+    )
+    keys = ["variant", *("grid." + a for a in data.axes)]
+    curves = curves.join(runs[keys], on="run_id")
+    grouped = curves.groupby([*keys, "split", "step"], sort=False, dropna=False)
+    return grouped.agg(value=("value", "mean"), elapsed_s=("elapsed_s", "mean")).reset_index()
+
+
+def curves_plot(data: ExperimentData, curves: pd.DataFrame, x: str) -> Figure:
+    """Val (solid) and train (dashed) loss per variant, one facet per grid point."""
+    import seaborn as sns
+
+    curves, facets = _facets(curves, data.axes)
+    colors = palette(data.variants)
+    order = [v for v in data.variants if v in set(curves["variant"])]
+    longest = int(curves.groupby(["variant", "split", *facets_of(facets)]).size().max())
+    marker = {"marker": "o", "markersize": 4} if longest < 3 else {}  # a lone point shows
+    columns = facets.get("col_wrap") or len(facets.get("col_order", [None]))
+    aspect = 1.35
+    height = min(2.9, PAGE_WIDTH_IN / (columns * aspect))  # the page shows it near full size
+    grid = sns.relplot(
+        data=curves, kind="line", x=x, y="value", hue="variant", hue_order=order,
+        palette=colors, style="split", style_order=["val", "train"],
+        dashes={"val": "", "train": (4, 2)}, estimator=None, sort=True,
+        height=height, aspect=aspect,
+        facet_kws={"sharey": True, "sharex": True, "margin_titles": "row" in facets},
+        **facets, **marker,
+    )  # fmt: skip
+    sns.move_legend(
+        grid, "lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(order) + 4, title=None,
+        frameon=False,
+    )  # fmt: skip
+    grid.set_axis_labels("step" if x == "step" else "wall-clock time (s)", "loss")
+    if facets:
+        grid.set_titles(**_title_templates(facets), size=9)
+    title = "Loss against step" if x == "step" else "Loss against wall-clock time"
+    return render(grid.figure, title, title.lower())
+
+
+def _facets(frame: pd.DataFrame, axes: Sequence[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Facet arguments for seaborn: rows × columns when every combination of two axes is
+    present, else one wrapped facet per grid point that exists (never an empty facet)."""
+    labels = {a: short_name(a, axes) for a in axes}
+    frame = frame.copy()
+    for axis in axes:
+        frame[labels[axis]] = frame["grid." + axis].map(format_value)
+    values = {a: frame["grid." + a].dropna().unique() for a in axes}
+    if not axes:
+        return frame, {}
+    if len(axes) == 1:
+        name = labels[axes[0]]
+        order = [format_value(v) for v in sorted(values[axes[0]], key=sort_key)]
+        return frame, {"col": name, "col_order": order, "col_wrap": min(len(order), 3)}
+    present = frame[["grid." + a for a in axes]].drop_duplicates()
+    if len(axes) == 2 and len(present) == len(values[axes[0]]) * len(values[axes[1]]):
+        rows, cols = ([format_value(v) for v in sorted(values[a], key=sort_key)] for a in axes)
+        return frame, {
+            "row": labels[axes[0]], "row_order": rows, "col": labels[axes[1]], "col_order": cols,
+        }  # fmt: skip
+    frame["grid point"] = frame[[labels[a] for a in axes]].apply(
+        lambda row: ", ".join(f"{k}={v}" for k, v in row.items()), axis=1
+    )
+    ordered = frame.sort_values(["grid." + a for a in axes], key=lambda s: s.map(sort_key))
+    order = list(dict.fromkeys(ordered["grid point"]))
+    return frame, {"col": "grid point", "col_order": order, "col_wrap": min(len(order), 3)}
+
+
+def facets_of(facets: dict[str, Any]) -> list[str]:
+    return [facets[k] for k in ("row", "col") if k in facets]
+
+
+def _title_templates(facets: dict[str, Any]) -> dict[str, str]:
+    if "row" in facets:  # margin titles: columns on top, rows on the right
+        return {"row_template": "{row_var}={row_name}", "col_template": "{col_var}={col_name}"}
+    if facets.get("col") == "grid point":
+        return {"template": "{col_name}"}
+    return {"template": "{col_var}={col_name}"}
+
+
+def sort_key(value: object) -> tuple[int, float, str]:
+    """Numbers first, in numeric order (numpy's too), then everything else as text."""
+    if isinstance(value, numbers.Real) and not math.isnan(float(value)):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
+# --- sensitivity ---------------------------------------------------------------------------------
+
+
+def heatmaps(
+    data: ExperimentData, points: pd.DataFrame, board: pd.DataFrame, pair: tuple[str, str]
+) -> Figure | None:
+    """Per variant, mean best val loss over two grid axes (the others at the variant's best
+    values); variants with fewer than two values on either axis get no heatmap."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import seaborn as sns
+    from matplotlib.patches import Rectangle
+
+    rows, cols = pair
+    panels = []
+    for variant in data.variants:
+        sub = _at_best_of_others(points, board, variant, data.axes, keep=pair)
+        sub = sub.dropna(subset=["mean"])
+        if sub["grid." + rows].nunique() < 2 or sub["grid." + cols].nunique() < 2:
+            continue
+        table = sub.pivot_table(index="grid." + rows, columns="grid." + cols, values="mean")
+        table = table.reindex(
+            index=sorted(table.index, key=sort_key), columns=sorted(table.columns, key=sort_key)
+        )
+        panels.append((variant, table))
+    if not panels:
+        return None
+    ncols = min(len(panels), 3)
+    nrows = math.ceil(len(panels) / ncols)
+    figure, axs = plt.subplots(nrows, ncols, figsize=(4.1 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axs.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (variant, table) in zip(axs.flat, panels, strict=False):
+        sns.heatmap(
+            table, annot=True, fmt=".3f", cmap="viridis_r", cbar=False, linewidths=0.5, ax=ax,
+            xticklabels=[format_value(v) for v in table.columns],
+            yticklabels=[format_value(v) for v in table.index],
+        )  # fmt: skip
+        row, col = divmod(int(np.nanargmin(table.to_numpy())), table.shape[1])
+        ax.add_patch(Rectangle((col, row), 1, 1, fill=False, lw=2.5, ec="red"))
+        ax.set_title(variant)
+        ax.set_xlabel(short_name(cols, data.axes))
+        ax.set_ylabel(short_name(rows, data.axes))
+        ax.tick_params(axis="y", rotation=0)
+    figure.tight_layout()
+    return render(
+        figure,
+        f"Best val loss over {short_name(rows, data.axes)} × {short_name(cols, data.axes)}",
+        "heatmaps of best val loss per variant",
+    )
+
+
+def _at_best_of_others(
+    points: pd.DataFrame,
+    board: pd.DataFrame,
+    variant: str,
+    axes: Sequence[str],
+    keep: Sequence[str],
+) -> pd.DataFrame:
+    sub = points[points["variant"] == variant]
+    best = board[board["variant"] == variant]
+    if best.empty:
+        return sub.iloc[0:0]
+    for axis in axes:
+        if axis not in keep:
+            sub = sub[sub["grid." + axis] == best["grid." + axis].iloc[0]]
+    return sub
+
+
+def axis_lines(
+    data: ExperimentData, runs: pd.DataFrame, points: pd.DataFrame, intervals: bool
+) -> Figure | None:
+    """For each axis with two values or more: best val loss against it, one line per variant,
+    the other axes tuned (each point at the best values of the others)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    axes = [a for a in data.axes if points["grid." + a].nunique() > 1]
+    if not axes:
+        return None
+    colors = palette(data.variants)
+    figure, axs = plt.subplots(1, len(axes), figsize=(5.2 * len(axes), 3.8), squeeze=False)
+    for ax, axis in zip(axs.flat, axes, strict=True):
+        column = "grid." + axis
+        best_points = points.loc[points.groupby(["variant", column])["mean"].idxmin()]
+        keys = ["variant", *("grid." + a for a in data.axes)]
+        chosen = runs.merge(best_points[keys], on=keys, how="inner")
+        order = sorted(chosen[column].dropna().unique(), key=sort_key)
+        chosen = chosen.assign(
+            **{
+                axis: pd.Categorical(
+                    chosen[column].map(format_value), [format_value(v) for v in order]
+                )
+            }
+        )
+        hue_order = [v for v in data.variants if v in set(chosen["variant"])]
+        sns.pointplot(
+            data=chosen, x=axis, y=LOSS, hue="variant", hue_order=hue_order, palette=colors,
+            errorbar=interval if intervals else None, dodge=0.3 if intervals else False,
+            capsize=0.1, markers="o", ax=ax,
+        )  # fmt: skip
+        ax.set_xlabel(short_name(axis, data.axes))
+        ax.set_ylabel("best val loss")
+        if ax is not axs.flat[-1] and ax.get_legend() is not None:
+            ax.get_legend().remove()
+        elif ax.get_legend() is not None:
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    figure.tight_layout()
+    return render(figure, "Best val loss along each axis", "best val loss along each grid axis")
+
+
+# --- generalisation ------------------------------------------------------------------------------
+
+
+def gap_plot(data: ExperimentData, gaps: pd.DataFrame) -> Figure:
+    """Train − val loss at the last eval of every run, per variant."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    order = [v for v in data.variants if v in set(gaps["variant"])]
+    hue_axis = next((a for a in data.axes if gaps["grid." + a].nunique() > 1), None)
+    figure, ax = plt.subplots(figsize=(7.5, 0.55 * len(order) + 1.6))
+    ax.axvline(0.0, color="0.3", lw=1)
+    if hue_axis is None:
+        sns.stripplot(data=gaps, x="gap", y="variant", order=order, hue="variant",
+                      palette=palette(data.variants), legend=False, ax=ax, size=5)  # fmt: skip
+    else:
+        label = short_name(hue_axis, data.axes)
+        values = sorted(gaps["grid." + hue_axis].dropna().unique(), key=sort_key)
+        gaps = gaps.assign(**{label: gaps["grid." + hue_axis].map(format_value)})
+        sns.stripplot(data=gaps, x="gap", y="variant", order=order, hue=label,
+                      hue_order=[format_value(v) for v in values], palette="crest", dodge=True,
+                      ax=ax, size=5)  # fmt: skip
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), frameon=False, title=label)
+    ax.set_xlabel("train loss − val loss at the last eval (negative: train below val)")
+    ax.set_ylabel("")
+    return render(figure, "Generalisation gap", "generalisation gap per run")
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+
+def display_char(char: str) -> str:
+    if char == "\n":
+        return "↵"
+    if char == " ":
+        return "␣"
+    if not char.isprintable():
+        return repr(char)[1:-1]
+    return char
+
+
+def attention_plot(title: str, prompt: str, weights: list[Any]) -> Figure:
+    """One heatmap per layer and head: query (rows) attending to key (columns)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import seaborn as sns
+
+    array = np.asarray(weights, dtype=float)  # (layer, head, query, key)
+    layers, heads, queries, keys = array.shape
+    chars = [display_char(c) for c in prompt]
+    cols = min(heads, 2 if keys > 16 else 4)
+    side = max(2.4, 0.17 * max(queries, keys) + 1.2)
+    rows = layers * math.ceil(heads / cols)
+    figure, axs = plt.subplots(rows, cols, figsize=(side * cols, side * rows), squeeze=False)
+    for ax in axs.flat:
+        ax.set_visible(False)
+    for layer in range(layers):
+        for head in range(heads):
+            index = layer * math.ceil(heads / cols) * cols + head
+            ax = axs.flat[index]
+            ax.set_visible(True)
+            sns.heatmap(
+                array[layer, head], vmin=0.0, vmax=1.0, cmap="magma", square=True, cbar=False,
+                xticklabels=chars[:keys], yticklabels=chars[:queries], ax=ax,
+            )  # fmt: skip
+            ax.tick_params(axis="both", length=0, labelsize=8)
+            ax.tick_params(axis="y", rotation=0)
+            ax.tick_params(axis="x", rotation=0)
+            for label in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
+                label.set_fontfamily("DejaVu Sans Mono")
+            ax.set_title(f"layer {layer}, head {head}" if layers > 1 else f"head {head}")
+            ax.set_xlabel("key")
+            ax.set_ylabel("query")
+    figure.tight_layout()
+    shown = [ax for ax in axs.flat if ax.get_visible()]
+    figure.colorbar(shown[0].collections[0], ax=shown, shrink=0.6, label="attention weight")
+    return render(figure, title, f"attention weights of {title}")

@@ -1,0 +1,387 @@
+"""Read one experiment out of MLflow into tidy pandas frames, in bulk; no plotting here.
+
+Params, tags and last metric values of every run come from one paginated ``search_runs``.
+Metric histories come from the store in bulk: one SQL query on a SQLite store, the server's
+``get-history-bulk`` endpoint (up to 100 runs a request) on an ``http(s)`` store, else one
+``get_metric_history`` per run and key on a thread pool.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from workbench.errors import WorkbenchError
+from workbench.tracking import TAG, RunRecord
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+HISTORY_COLUMNS = ["run_id", "metric", "step", "value", "timestamp"]
+BULK_RUNS_PER_REQUEST = 100  # the server's limit
+BULK_MAX_POINTS = 25_000  # the server truncates a bulk answer to this many points
+STATES = ("finished", "failed", "diverged", "killed", "running", "stale")
+
+
+class ReportError(WorkbenchError):
+    """Nothing to report on: no such store, experiment or workbench run."""
+
+
+@dataclass
+class ExperimentData:
+    """One experiment, as the report sees it.
+
+    ``runs``: one row per grid point (the newest MLflow run of each run key), indexed by run id,
+    with MLflow's ``params.*``, ``tags.*`` and ``metrics.*`` columns plus typed convenience
+    columns (``variant``, ``seed``, ``state``, ``grid.<key>`` for each axis, ...).
+    ``history``: one row per run × metric × step (run_id, metric, step, value, timestamp).
+    """
+
+    name: str
+    experiment_id: str
+    tracking_uri: str
+    runs: pd.DataFrame
+    history: pd.DataFrame
+    axes: list[str]  # dotted grid keys that vary across the runs, e.g. train.block_size
+    variants: list[str]  # in ladder order: the order their first runs were created
+    superseded: int = 0  # older MLflow runs of a run key that was rerun (not reported)
+    load_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def experiments_with_runs(tracking_uri: str) -> list[str]:
+    """Names of the experiments in the store that hold at least one workbench run."""
+    mlflow_client = _client(tracking_uri)
+    names = []
+    for experiment in mlflow_client.search_experiments():
+        page = mlflow_client.search_runs(
+            [experiment.experiment_id], filter_string=_WORKBENCH_RUNS, max_results=1
+        )
+        if page:
+            names.append(str(experiment.name))
+    return names
+
+
+_WORKBENCH_RUNS = f"tags.`{TAG}run_key` != ''"
+
+
+def load_experiment(tracking_uri: str, name: str) -> ExperimentData:
+    """Every workbench run of experiment ``name`` with its full metric histories."""
+    import time
+
+    mlflow_client = _client(tracking_uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is None:
+        known = ", ".join(experiments_with_runs(tracking_uri)) or "none"
+        raise ReportError(
+            f"{tracking_uri}: no experiment named {name!r} (with workbench runs: {known})"
+        )
+    started = time.perf_counter()
+    every = _search_runs(mlflow_client, str(experiment.experiment_id))
+    if every.empty:
+        raise ReportError(f"{tracking_uri}: experiment {name!r} has no workbench runs")
+    searched = time.perf_counter()
+    variants = _ladder_order(every)
+    runs = every.drop_duplicates(subset=f"tags.{TAG}run_key", keep="first")  # newest first
+    superseded = len(every) - len(runs)
+    runs = _with_typed_columns(runs.set_index("run_id", drop=False))
+    axes = _grid_axes(runs)
+    history = _histories(tracking_uri, str(experiment.experiment_id), runs)
+    runs = _with_history_columns(runs, history)
+    loaded = time.perf_counter()
+    return ExperimentData(
+        name=name,
+        experiment_id=str(experiment.experiment_id),
+        tracking_uri=tracking_uri,
+        runs=runs,
+        history=history,
+        axes=axes,
+        variants=variants,
+        superseded=superseded,
+        load_seconds={"runs": searched - started, "histories": loaded - searched},
+    )
+
+
+def tidy(data: ExperimentData) -> pd.DataFrame:
+    """The CSV: one row per run × metric × step, every param and tag of the run as columns."""
+    runs = data.runs
+    meta = [c for c in runs.columns if c.startswith(("params.", "tags."))]
+    per_run = runs[["run_id", "state", "status", *meta]].copy()
+    per_run.insert(0, "run_name", runs["run_name"])
+    per_run.insert(0, "experiment", data.name)
+    history = data.history.sort_values(["run_id", "metric", "step"], kind="stable")
+    table = history.merge(per_run.reset_index(drop=True), on="run_id", how="left")
+    first = ["experiment", "run_id", "run_name", "state", "status", *HISTORY_COLUMNS[1:]]
+    return table[first + meta]
+
+
+def artifact_text(tracking_uri: str, run_id: str, path: str) -> str | None:
+    """One small text artifact of a run, or None if the run has none by that name."""
+    mlflow_client = _client(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="workbench-report-") as folder:
+        try:
+            local = mlflow_client.download_artifacts(run_id, path, folder)
+            return Path(local).read_text(encoding="utf-8", errors="replace")
+        except Exception:  # missing artifact, unreadable store: the report goes on without it
+            return None
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+
+def _client(tracking_uri: str) -> Any:
+    if tracking_uri.startswith("sqlite:"):
+        path = _sqlite_path(tracking_uri)
+        if path is not None and not path.exists():
+            raise ReportError(f"{tracking_uri}: no such tracking store")
+    from workbench.tracking import client
+
+    return client(tracking_uri)
+
+
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    database = make_url(tracking_uri).database
+    if not database or database == ":memory:":
+        return None
+    return Path(database)
+
+
+def _search_runs(mlflow_client: Any, experiment_id: str) -> pd.DataFrame:
+    """Every workbench run, newest first, in ``mlflow.search_runs``' pandas layout (without
+    touching MLflow's global tracking URI)."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    token = None
+    while True:
+        page = mlflow_client.search_runs(
+            [experiment_id],
+            filter_string=_WORKBENCH_RUNS,
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+        for run in page:
+            info, data = run.info, run.data
+            row: dict[str, Any] = {
+                "run_id": info.run_id,
+                "experiment_id": info.experiment_id,
+                "status": info.status,
+                "artifact_uri": info.artifact_uri,
+                "start_time": info.start_time,
+                "end_time": info.end_time,
+            }
+            row.update({"metrics." + k: v for k, v in data.metrics.items()})
+            row.update({"params." + k: v for k, v in data.params.items()})
+            row.update({"tags." + k: v for k, v in data.tags.items()})
+            rows.append(row)
+        token = page.token
+        if not token:
+            break
+    frame = pd.DataFrame(rows)
+    for column in ("start_time", "end_time"):
+        if column in frame:
+            frame[column] = pd.to_datetime(frame[column], unit="ms", utc=True)
+    return frame
+
+
+def _ladder_order(every: pd.DataFrame) -> list[str]:
+    """Variants in the order their first run was created: the spec's order, for a sweep."""
+    first = every.groupby(f"tags.{TAG}variant")["start_time"].min().sort_values(kind="stable")
+    return [str(v) for v in first.index]
+
+
+def _with_typed_columns(runs: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
+    runs = runs.copy()
+
+    def tag(name: str) -> pd.Series:
+        column = f"tags.{TAG}{name}"
+        return runs[column] if column in runs else pd.Series(None, index=runs.index, dtype=object)
+
+    runs["variant"] = tag("variant").astype(str)
+    runs["seed"] = pd.to_numeric(tag("seed"), errors="coerce")
+    runs["device"] = tag("device").fillna("unknown")
+    runs["reason"] = tag("reason")
+    runs["stopped_step"] = pd.to_numeric(tag("stopped_step"), errors="coerce")
+    runs["reference_val_loss"] = pd.to_numeric(tag("reference_val_loss"), errors="coerce")
+    runs["run_name"] = (
+        runs["tags.mlflow.runName"] if "tags.mlflow.runName" in runs else runs["run_id"]
+    )
+    for column in ("num_params", "train.batch_size", "train.block_size", "train.max_iters"):
+        param = f"params.{column}"
+        runs[column] = pd.to_numeric(runs[param], errors="coerce") if param in runs else math.nan
+    runs["state"] = [_state(row) for row in runs.to_dict("records")]
+    return runs
+
+
+def _state(row: dict[str, Any]) -> str:
+    tags = {k[5:]: v for k, v in row.items() if k.startswith("tags.") and isinstance(v, str)}
+    start = row.get("start_time")
+    record = RunRecord(
+        run_id=str(row["run_id"]),
+        status=str(row["status"]),
+        tags=tags,
+        metrics={},
+        start_time=int(start.timestamp() * 1000) if start is not None and start == start else 0,
+    )
+    state = record.state
+    return {"done": "finished", "ghost": "stale"}.get(state, state)
+
+
+def _grid_axes(runs: pd.DataFrame) -> list[str]:
+    """The dotted keys the grid varies (``workbench.grid.*`` tags), with typed ``grid.*`` columns.
+
+    Values are numbers where every value parses as one, so axes sort 8 < 16 < 32.
+    """
+    import pandas as pd
+
+    prefix = f"tags.{TAG}grid."
+    axes = []
+    for column in sorted(c for c in runs.columns if c.startswith(prefix)):
+        key = column[len(prefix) :]
+        values = runs[column]
+        numbers = pd.to_numeric(values, errors="coerce")
+        typed = numbers if numbers.notna().sum() == values.notna().sum() else values
+        runs["grid." + key] = typed
+        if typed.nunique(dropna=True) > 1:
+            axes.append(key)
+    return axes
+
+
+def _with_history_columns(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+    """Per-run figures that need the curves: last step, tokens trained, tokens/s, wall time."""
+    import numpy as np
+
+    runs = runs.copy()
+    by_run = history.groupby("run_id")
+    runs["last_step"] = by_run["step"].max().reindex(runs.index)
+    first_ts, last_ts = by_run["timestamp"].min(), by_run["timestamp"].max()
+    elapsed = ((last_ts - first_ts) / 1000.0).reindex(runs.index)
+    wall = runs["metrics.wall_time_s"] if "metrics.wall_time_s" in runs else elapsed * np.nan
+    runs["wall_time_s"] = wall.fillna(elapsed)
+    speed = history[history["metric"] == "tokens_per_sec"].groupby("run_id")["value"].median()
+    runs["tokens_per_sec"] = speed.reindex(runs.index)
+    runs["tokens"] = runs["last_step"] * runs["train.batch_size"] * runs["train.block_size"]
+    return runs
+
+
+# --- histories -----------------------------------------------------------------------------------
+
+
+def _histories(tracking_uri: str, experiment_id: str, runs: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
+    keys = {
+        run_id: [c[8:] for c in runs.columns if c.startswith("metrics.") and row[c] == row[c]]
+        for run_id, row in runs.iterrows()
+    }
+    path = _sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite:") else None
+    if path is not None:
+        history = _sqlite_histories(path, experiment_id)
+    elif tracking_uri.startswith(("http://", "https://")):
+        history = _server_histories(tracking_uri, keys)
+    else:
+        history = _client_histories(tracking_uri, keys)
+    history = history[history["run_id"].isin(runs.index)]
+    history = history.drop_duplicates(["run_id", "metric", "step"], keep="last")
+    history = history.astype({"step": "int64", "value": "float64", "timestamp": "int64"})
+    return pd.DataFrame(history[HISTORY_COLUMNS]).reset_index(drop=True)
+
+
+def _sqlite_histories(path: Path, experiment_id: str) -> pd.DataFrame:
+    """Every metric point of the experiment in one query, read-only."""
+    import numpy as np
+    import pandas as pd
+
+    query = (
+        "SELECT m.run_uuid AS run_id, m.key AS metric, m.step, m.value, m.timestamp, m.is_nan "
+        "FROM metrics AS m JOIN runs AS r ON r.run_uuid = m.run_uuid "
+        "WHERE r.experiment_id = ? ORDER BY m.run_uuid, m.key, m.step, m.timestamp"
+    )
+    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+    with sqlite3.connect(uri, uri=True, timeout=20) as connection:
+        frame = pd.read_sql_query(query, connection, params=(int(experiment_id),))
+    frame["value"] = np.where(frame["is_nan"].astype(bool), np.nan, frame["value"])
+    return frame.drop(columns="is_nan")
+
+
+def _server_histories(tracking_uri: str, keys: dict[str, list[str]]) -> pd.DataFrame:
+    """``get-history-bulk``: one request per metric key and 100 runs (fewer if truncated)."""
+    import pandas as pd
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(tracking_uri)  # type: ignore[no-untyped-call]
+    frames: list[pd.DataFrame] = []
+
+    def fetch(metric: str, run_ids: list[str]) -> None:
+        response = http_request(  # type: ignore[no-untyped-call]
+            creds,
+            "/ajax-api/2.0/mlflow/metrics/get-history-bulk",
+            "GET",
+            params={"run_id": run_ids, "metric_key": metric, "max_results": BULK_MAX_POINTS},
+        )
+        response.raise_for_status()
+        points = response.json().get("metrics", [])
+        if len(points) >= BULK_MAX_POINTS:  # truncated: ask for fewer runs at a time
+            if len(run_ids) == 1:
+                frames.append(_client_histories(tracking_uri, {run_ids[0]: [metric]}))
+                return
+            half = len(run_ids) // 2
+            fetch(metric, run_ids[:half])
+            fetch(metric, run_ids[half:])
+            return
+        if points:
+            frame = pd.DataFrame(points).rename(columns={"key": "metric"})
+            frames.append(frame.reindex(columns=HISTORY_COLUMNS))
+
+    for metric in sorted({k for run_keys in keys.values() for k in run_keys}):
+        run_ids = sorted(r for r, run_keys in keys.items() if metric in run_keys)
+        for chunk in _chunks(run_ids, BULK_RUNS_PER_REQUEST):
+            fetch(metric, chunk)
+    return _concat(frames)
+
+
+def _client_histories(tracking_uri: str, keys: dict[str, list[str]]) -> pd.DataFrame:
+    """The slow path, for other stores: one call per run and key, eight at a time."""
+    import pandas as pd
+
+    mlflow_client = _client(tracking_uri)
+
+    def one(pair: tuple[str, str]) -> pd.DataFrame:
+        run_id, metric = pair
+        points = mlflow_client.get_metric_history(run_id, metric)
+        return pd.DataFrame(
+            [(run_id, metric, p.step, p.value, p.timestamp) for p in points],
+            columns=HISTORY_COLUMNS,
+        )
+
+    pairs = [(run_id, metric) for run_id, run_keys in keys.items() for metric in run_keys]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return _concat(list(pool.map(one, pairs)))
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    import pandas as pd
+
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype="int64") for c in HISTORY_COLUMNS}).astype(
+            {"run_id": str, "metric": str, "value": "float64"}
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
