@@ -522,7 +522,6 @@ OTHER_VALUES: dict[str, Any] = {
     "train.grad_clip": 1.0,
     "train.divergence_factor": 5.0,
     "train.device": "cpu",
-    "train.threads": 2,
     "train.compile": True,
     "model.kind": "multi_head",
     "model.n_embd": 64,
@@ -540,7 +539,13 @@ OTHER_VALUES: dict[str, Any] = {
 
 
 def test_other_values_cover_every_config_key() -> None:
-    assert set(OTHER_VALUES) | {"data.dataset", "data.path"} == set(all_dotted_keys())
+    tested_apart = {"data.dataset", "data.path", "train.threads"}
+    assert set(OTHER_VALUES) | tested_apart == set(all_dotted_keys())
+
+
+def test_thread_count_is_not_part_of_the_run_key(tmp_path: Path) -> None:
+    before = only_key(write_spec(tmp_path / "before", spec_dict()))
+    assert only_key(write_spec(tmp_path / "set", spec_dict()), ["train.threads=2"]) == before
 
 
 @pytest.mark.parametrize(("dotted", "value"), sorted(OTHER_VALUES.items()))
@@ -566,7 +571,7 @@ def test_grid_values_give_distinct_run_keys(tmp_path: Path) -> None:
 def text_spec(directory: Path, text: str, data_path: str = "corpus.txt") -> Path:
     target = directory / data_path
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text, encoding="utf-8")
+    target.write_text(text * 10, encoding="utf-8")  # longer than a block per split
     return write_spec(directory, spec_dict(data={"path": data_path}))
 
 
@@ -585,7 +590,7 @@ def test_same_content_at_another_path_keeps_the_run_key(tmp_path: Path) -> None:
     relative = text_spec(tmp_path / "a", "to be or not to be\n", "data/in.txt")
     absolute_target = tmp_path / "elsewhere" / "other-name.txt"
     absolute_target.parent.mkdir()
-    absolute_target.write_text("to be or not to be\n", encoding="utf-8")
+    absolute_target.write_text("to be or not to be\n" * 10, encoding="utf-8")
     absolute = write_spec(tmp_path / "b", spec_dict(data={"path": str(absolute_target)}))
     assert only_key(relative) == only_key(absolute)
 
@@ -597,7 +602,7 @@ def test_different_data_content_gives_a_new_run_key(tmp_path: Path) -> None:
 
 
 def test_a_file_and_the_known_dataset_give_different_keys(tmp_path: Path) -> None:
-    assert only_key(text_spec(tmp_path / "file", "hello\n")) != only_key(
+    assert only_key(text_spec(tmp_path / "file", "hello there\n")) != only_key(
         write_spec(tmp_path / "known", spec_dict())
     )
 
@@ -607,7 +612,7 @@ def test_data_rewritten_in_place_gives_a_new_run_key(tmp_path: Path) -> None:
     before = only_key(spec)
     corpus = tmp_path / "corpus.txt"
     stat = corpus.stat()
-    corpus.write_text("TO BE OR NOT TO BE\n", encoding="utf-8")
+    corpus.write_text("TO BE OR NOT TO BE\n" * 10, encoding="utf-8")
     os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same tick: same mtime
     assert only_key(spec) != before
 
@@ -633,7 +638,6 @@ def test_run_key_recipe_is_unchanged(tmp_path: Path) -> None:
             "grad_clip": 0.0,
             "divergence_factor": 3.0,
             "device": "auto",
-            "threads": None,
             "compile": False,
         },
         "model": {
@@ -655,5 +659,39 @@ def test_run_key_recipe_is_unchanged(tmp_path: Path) -> None:
     sha = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
     blob = json.dumps({"config": config, "data_sha256": sha}, sort_keys=True)
     assert run.data_sha256 == sha
-    assert run.key == hashlib.sha256(blob.encode()).hexdigest()[:16] == "c85fb9f72c0215a4"
+    assert run.key == hashlib.sha256(blob.encode()).hexdigest()[:16] == "82f5dc70bd65ff38"
     assert run_key(run.config, sha) == run.key
+
+
+def test_exclude_drops_combinations_that_would_be_invalid(tmp_path: Path) -> None:
+    spec = spec_dict(
+        model={"n_embd": 32},
+        variants={"mh": {"model": {"kind": "multi_head"}}},
+        grid={"model.n_head": [4, 5]},
+        exclude=[{"model.n_head": 5}],
+    )
+    plan = expand(write_spec(tmp_path, spec))
+    assert [run.config.model.n_head for run in plan.runs] == [4]
+    assert plan.excluded == 1
+
+
+def test_exclude_compares_unset_keys_with_their_defaults(tmp_path: Path) -> None:
+    spec = spec_dict(
+        variants={"a": {"model": {"kind": "bigram"}}, "b": {"model": {"kind": "bigram"}}},
+        exclude=[{"variant": "b", "train.batch_size": 32}],  # 32 is the default batch size
+    )
+    plan = expand(write_spec(tmp_path, spec))
+    assert {run.variant for run in plan.runs} == {"a"}
+
+
+@pytest.mark.parametrize("where", ["set", "variant"])
+def test_a_data_path_replaces_the_dataset_below_it(tmp_path: Path, where: str) -> None:
+    (tmp_path / "mine.txt").write_text("hello world, hello there\n" * 50)
+    variant: dict[str, Any] = {"model": {"kind": "bigram"}}
+    if where == "variant":
+        variant["data"] = {"path": "mine.txt"}
+    spec = spec_dict(data={"dataset": "tinyshakespeare"}, variants={"v": variant})
+    sets = [f"data.path={tmp_path / 'mine.txt'}"] if where == "set" else []
+    (run,) = expand(write_spec(tmp_path, spec), sets).runs
+    assert run.config.data.dataset is None
+    assert run.config.data.path == str((tmp_path / "mine.txt").resolve())

@@ -156,18 +156,13 @@ def test_grid_on_ray_logs_to_the_server_and_reruns_skip(server: str, tmp_path: P
 
 
 def test_crashed_worker_is_retried_and_a_raising_run_fails(server: str, tmp_path: Path) -> None:
-    tiny = tmp_path / "tiny.txt"
-    tiny.write_text("to be or not to be, that is the question\n" * 3)  # val split: 13 chars
     spec = write_spec(
         tmp_path,
         "ray-faults",
         {
             "victim": {"model": {"kind": "multi_head"}},
-            "raises": {
-                "model": {"kind": "multi_head"},
-                "data": {"path": str(tiny)},
-                "train": {"block_size": 16},
-            },
+            # the val split (111,540 characters) is shorter than one block: raises
+            "raises": {"model": {"kind": "bigram"}, "train": {"block_size": 200_000}},
         },
         iters=2000,
     )

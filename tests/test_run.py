@@ -170,8 +170,6 @@ def test_four_workers_lose_and_duplicate_no_metric_point(store: Store, tmp_path:
 
 
 def test_divergence_and_failure_do_not_stop_the_grid(store: Store, tmp_path: Path) -> None:
-    tiny = tmp_path / "tiny.txt"
-    tiny.write_text("to be or not to be, that is the question\n" * 3)  # val split: 13 chars
     spec = write_spec(
         tmp_path,
         variants={
@@ -189,19 +187,19 @@ def test_divergence_and_failure_do_not_stop_the_grid(store: Store, tmp_path: Pat
     assert "step" in hot.data.tags[TAG + "reason"]
     assert "diverged" in result.output
 
+    # The val split (111,540 characters) is shorter than one block: a run that raises.
     broken = write_spec(
         tmp_path,
         "broken.yaml",
         experiment="t2",
-        data={"path": str(tiny)},
         train={
             "max_iters": 40,
             "eval_interval": 20,
             "eval_iters": 2,
-            "block_size": 16,
+            "block_size": 200_000,
             "device": "cpu",
         },
-        variants={"multi_head": {"model": {"kind": "multi_head"}}},
+        variants={"bigram": {"model": {"kind": "bigram"}}},
         seeds=[1],
     )
     failed = invoke("run", str(broken), *store.args())

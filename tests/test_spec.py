@@ -580,7 +580,7 @@ def test_data_path_is_relative_to_the_spec_not_the_working_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "specs").mkdir()
-    (tmp_path / "specs" / "tiny.txt").write_text("hello world\n", encoding="utf-8")
+    (tmp_path / "specs" / "tiny.txt").write_text("hello world\n" * 20, encoding="utf-8")
     write_spec(tmp_path / "specs", spec_dict(data={"path": "tiny.txt"}))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -849,3 +849,15 @@ def test_json_schema_accepts_a_good_spec_and_rejects_unknown_keys() -> None:
     assert list(validator.iter_errors(good)) == []
     assert list(validator.iter_errors(spec_dict(train={"learnin_rate": 1.0})))
     assert list(validator.iter_errors(spec_dict(model={"kind": "gpt"})))
+
+
+def test_data_path_that_is_not_utf8_or_too_short(tmp_path: Path) -> None:
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 100)
+    path = write_spec(tmp_path, spec_dict(data={"path": "binary.txt"}))
+    assert problems_of(path) == [f"{path}: data.path: not a UTF-8 text file (got 'binary.txt')"]
+    (tmp_path / "short.txt").write_text("x" * 50, encoding="utf-8")  # val split: 5 chars
+    path = write_spec(tmp_path, spec_dict(data={"path": "short.txt"}), name="short.yaml")
+    assert problems_of(path) == [
+        f"{path}: data.path: too short: a split has 5 characters, not more than "
+        "train.block_size (8) (got 'short.txt')"
+    ]

@@ -23,6 +23,7 @@ from workbench.tracking import (
     existing_runs,
     flatten,
     git_state,
+    store_errors,
 )
 
 
@@ -79,11 +80,11 @@ def plan_states(plan: Plan, tracking_uri: str) -> dict[str, str]:
     """
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).exists():
         return {}
-    mlflow_client = client(tracking_uri)
-    experiment = mlflow_client.get_experiment_by_name(plan.experiment)
-    if experiment is None:
-        return {}
-    records = existing_runs(tracking_uri, experiment.experiment_id)
+    with store_errors(tracking_uri):
+        experiment = client(tracking_uri).get_experiment_by_name(plan.experiment)
+        if experiment is None:
+            return {}
+        records = existing_runs(tracking_uri, experiment.experiment_id)
     return {key: record.state for key, record in records.items()}
 
 
@@ -116,7 +117,9 @@ def run_sweep(
 
     uri = options.tracking_uri
     experiment_id = ensure_experiment(uri, plan.experiment)  # store and experiment first
-    decisions = decide(plan, existing_runs(uri, experiment_id), options)
+    with store_errors(uri):
+        records = existing_runs(uri, experiment_id)
+    decisions = decide(plan, records, options)
     summary = Summary(experiment_id, uuid.uuid4().hex[:12], decisions)
     todo = [d for d in decisions if d.action != "skip"]
     if on_start is not None:
@@ -149,7 +152,9 @@ def run_sweep(
     def prepare(decision: Decision) -> Job:
         run = decision.run
         run_dir = options.checkpoint_dir / plan.experiment / run.key
-        if decision.action == "resume" and decision.record is not None:
+        attempt = 1
+        resumed = decision.action == "resume" and decision.record is not None
+        if resumed and decision.record is not None:
             run_id = decision.record.run_id
             attempt = decision.record.attempt + 1
             mlflow_client.update_run(run_id, status="RUNNING")
@@ -170,6 +175,8 @@ def run_sweep(
             data_dir=str(options.data_dir),
             threads=options.threads_per_job,
             checkpoint_every_s=options.checkpoint_every_s,
+            resumed=resumed,
+            attempt=attempt,
         )
 
     def on_crash(job: Job, reason: str, status: str) -> JobResult:

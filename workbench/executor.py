@@ -1,10 +1,14 @@
 """Local execution: a few long-lived worker processes, one run at a time each.
 
 Why not ``ProcessPoolExecutor``: one crashed worker breaks the whole pool and every queued job
-fails with it (EXECUTOR-NOTES.md). Here each worker is a spawned process with its own task
-queue; a worker that dies (segfault, ``os._exit``, kill -9) costs only the run it held, and a
-fresh worker takes its place. Workers are reused between runs, since importing torch and mlflow
-costs seconds per process.
+fails with it (EXECUTOR-NOTES.md). Here each worker is a spawned process with its own pipe; a
+worker that dies (segfault, ``os._exit``, kill -9) costs only the run it held and can garble only
+its own pipe, and a fresh worker takes its place. Workers are reused between runs, since
+importing torch and mlflow costs seconds per process.
+
+Signals: workers ignore SIGINT (a Ctrl-C reaches the whole process group); the driver forwards
+exactly one SIGTERM, which a worker turns into KeyboardInterrupt so its run is marked KILLED.
+A worker whose driver vanished (kill -9) notices and exits.
 """
 
 from __future__ import annotations
@@ -12,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
-import queue
 import signal
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from workbench.jobs import Job, JobResult, describe_exit, execute_job
@@ -25,39 +29,46 @@ from workbench.jobs import Job, JobResult, describe_exit, execute_job
 Event = tuple[Any, ...]
 """("started", key, pid) | ("progress", key, step, metrics) | ("done", key, JobResult)"""
 
+PARENT_CHECK_S = 1.0
 
-def _worker_main(env: dict[str, str], tasks: Any, events: Any) -> None:
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _worker_main(env: dict[str, str], conn: Connection) -> None:
     os.environ.update(env)  # before torch is imported: CUDA_VISIBLE_DEVICES, thread counts
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _interrupt)
+    parent = os.getppid()
     while True:
         try:
-            job = tasks.get()
-        except KeyboardInterrupt:
+            while not conn.poll(PARENT_CHECK_S):
+                if os.getppid() != parent:  # the driver died without a word
+                    return
+            job: Job | None = conn.recv()
+        except (KeyboardInterrupt, EOFError, OSError):
             return
         if job is None:
             return
-        events.put(("started", job.key, os.getpid()))
+        conn.send(("started", job.key, os.getpid()))
 
         def progress(key: str, step: int, metrics: dict[str, float]) -> None:
-            events.put(("progress", key, step, metrics))
+            conn.send(("progress", key, step, metrics))
 
         try:
             result = execute_job(job, progress)
         except KeyboardInterrupt:
             result = JobResult(job.key, job.run_id, "killed", reason="interrupted")
-        events.put(("done", job.key, result))
+        with contextlib.suppress(OSError):
+            conn.send(("done", job.key, result))
 
 
 @dataclass
 class _Worker:
     process: Any
-    tasks: Any
+    conn: Connection
     job: Job | None = None
-    started: float = 0.0
 
 
 @dataclass
@@ -85,105 +96,120 @@ class LocalExecutor:
         the interrupt is re-raised once they have.
         """
         ctx = mp.get_context("spawn")
-        events: Any = ctx.Queue()
         pending = deque(items)
         results: list[JobResult] = []
         slots = max(1, min(self.jobs, len(items)))
-        self.workers = [self._start(ctx, slot, events) for slot in range(slots)]
         try:
+            self.workers = [self._start(ctx, slot) for slot in range(slots)]
             while pending or any(w.job is not None for w in self.workers):
                 for worker in self.workers:
                     if worker.job is None and pending:
                         worker.job = prepare(pending.popleft())
-                        worker.started = time.time()
-                        worker.tasks.put(worker.job)
-                self._drain(events, results, on_event, timeout=0.2)
+                        worker.conn.send(worker.job)
+                self._drain(results, on_event, timeout=0.2)
                 for slot, worker in enumerate(self.workers):
                     if worker.job is not None and not worker.process.is_alive():
-                        self._drain(events, results, on_event, timeout=0.5)
+                        self._drain(results, on_event, timeout=0.2)
                         if worker.job is not None:  # died without a word
-                            reason = describe_exit(worker.process.exitcode)
-                            result = on_crash(worker.job, reason, "failed")
-                            results.append(result)
-                            on_event(("done", worker.job.key, result))
-                        self.workers[slot] = self._start(ctx, slot, events)
+                            self._crashed(
+                                worker,
+                                describe_exit(worker.process.exitcode),
+                                "failed",
+                                results,
+                                on_event,
+                                on_crash,
+                            )
+                        self.workers[slot] = self._start(ctx, slot)
         except KeyboardInterrupt:
-            self._interrupt(events, results, on_event, on_crash)
+            self._interrupt(results, on_event, on_crash)
             raise
         finally:
             self._stop()
         return results
 
-    def _start(self, ctx: Any, slot: int, events: Any) -> _Worker:
+    def _start(self, ctx: Any, slot: int) -> _Worker:
         env: dict[str, str] = {}
         if self.threads_per_job is not None:
             env["OMP_NUM_THREADS"] = str(self.threads_per_job)
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = str((slot // self.jobs_per_gpu) % self.gpus)
-        tasks = ctx.Queue()
-        process = ctx.Process(target=_worker_main, args=(env, tasks, events), daemon=True)
+        parent_conn, child_conn = ctx.Pipe()
+        process = ctx.Process(target=_worker_main, args=(env, child_conn), daemon=True)
         process.start()
-        return _Worker(process, tasks)
+        child_conn.close()
+        return _Worker(process, parent_conn)
 
     def _drain(
+        self, results: list[JobResult], on_event: Callable[[Event], None], timeout: float
+    ) -> None:
+        """Handle the events that arrive within ``timeout`` seconds."""
+        open_workers = {id(w.conn): w for w in self.workers}
+        deadline = time.monotonic() + timeout
+        while open_workers and (left := deadline - time.monotonic()) > 0:
+            ready = wait([w.conn for w in open_workers.values()], timeout=left)
+            if not ready:
+                return
+            for conn in ready:
+                worker = open_workers[id(conn)]
+                try:
+                    event = worker.conn.recv()
+                except (EOFError, OSError):  # the worker is gone; its slot is checked later
+                    del open_workers[id(conn)]
+                    continue
+                if event[0] == "done":
+                    results.append(event[2])
+                    worker.job = None
+                on_event(event)
+
+    def _crashed(
         self,
-        events: Any,
+        worker: _Worker,
+        reason: str,
+        status: str,
         results: list[JobResult],
         on_event: Callable[[Event], None],
-        timeout: float,
+        on_crash: Callable[[Job, str, str], JobResult],
     ) -> None:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                event = events.get(timeout=max(0.0, deadline - time.time()))
-            except queue.Empty:
-                return
-            if event[0] == "done":
-                result: JobResult = event[2]
-                results.append(result)
-                for worker in self.workers:
-                    if worker.job is not None and worker.job.key == result.key:
-                        worker.job = None
-            on_event(event)
-            if time.time() >= deadline:
-                return
+        assert worker.job is not None
+        result = on_crash(worker.job, reason, status)
+        results.append(result)
+        on_event(("done", worker.job.key, result))
+        worker.job = None
 
     def _interrupt(
         self,
-        events: Any,
         results: list[JobResult],
         on_event: Callable[[Event], None],
         on_crash: Callable[[Job, str, str], JobResult],
         grace_s: float = 30.0,
     ) -> None:
         for worker in self.workers:
-            if worker.process.is_alive():
+            if worker.job is not None and worker.process.is_alive():
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.process.pid, signal.SIGINT)
-        deadline = time.time() + grace_s
+                    os.kill(worker.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
         while any(w.job is not None and w.process.is_alive() for w in self.workers):
-            if time.time() > deadline:
+            if time.monotonic() > deadline:
                 break
             try:
-                self._drain(events, results, on_event, timeout=0.2)
+                self._drain(results, on_event, timeout=0.2)
             except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
                 break
-        self._drain(events, results, on_event, timeout=0.2)
+        with contextlib.suppress(KeyboardInterrupt):
+            self._drain(results, on_event, timeout=0.2)
         for worker in self.workers:
             if worker.job is not None:  # never answered: mark it from here
-                result = on_crash(worker.job, "interrupted", "killed")
-                results.append(result)
-                on_event(("done", worker.job.key, result))
-                worker.job = None
+                self._crashed(worker, "interrupted", "killed", results, on_event, on_crash)
 
     def _stop(self) -> None:
         for worker in self.workers:
             if worker.process.is_alive():
                 with contextlib.suppress(OSError, ValueError):
-                    worker.tasks.put(None)
-        deadline = time.time() + 5
+                    worker.conn.send(None)
+        deadline = time.monotonic() + 5
         for worker in self.workers:
-            worker.process.join(timeout=max(0.0, deadline - time.time()))
+            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
+            worker.conn.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import hashlib
 import itertools
 import json
@@ -35,6 +36,7 @@ from workbench.spec import (
 from workbench.yamlio import load_yaml_file, parse_value
 
 RUN_KEY_LENGTH = 16
+EXECUTION_ONLY = ("train.threads",)  # left out of run keys
 
 
 @dataclass(frozen=True)
@@ -142,14 +144,14 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
             for seed in raw.get("seeds", DEFAULT_SEEDS):
                 config_raw, sources = _merge(raw, origin, layers, point, overrides)
                 config_raw["seed"] = seed
+                if _excluded(raw.get("exclude") or [], variant, config_raw):
+                    excluded += 1  # before validation: exclude can drop invalid combinations
+                    continue
                 config, errors = _validate_run(config_raw, sources, spec_path)
                 if errors:
                     problems.extend(errors)
                     continue
                 assert config is not None
-                if _excluded(raw.get("exclude") or [], variant, seed, config):
-                    excluded += 1
-                    continue
                 runs.append(_make_run(variant, seed, config, varying, checksums))
     if problems:
         raise SpecError(problems)
@@ -328,20 +330,43 @@ def _merge(
                 target[key] = value
                 sources[f"{section}.{key}"] = Source(layer_origin, f"{prefix}{section}.{key}")
             if section == "data":  # a layer that names a source replaces the one below it
-                for key, other in (("path", "dataset"), ("dataset", "path")):
-                    if key in values and other not in values:
-                        target.pop(other, None)
+                for key in ("path", "dataset"):
+                    if key in values and _OTHER_SOURCE[key] not in values:
+                        target.pop(_OTHER_SOURCE[key], None)
     for key, value, source in point:
-        section, _, name = key.partition(".")
-        config[section][name] = value
+        _assign(config, key, value)
         sources[key] = source
     for override in overrides:
-        section, _, name = override.key.partition(".")
-        config[section][name] = override.value
+        _assign(config, override.key, override.value)
         sources[override.key] = Source("--set", override.key)
     if "dataset" not in config["data"] and "path" not in config["data"]:
         config["data"]["dataset"] = DEFAULT_DATASET
     return config, sources
+
+
+_OTHER_SOURCE = {"path": "dataset", "dataset": "path"}
+
+
+@functools.lru_cache(maxsize=64)
+def _text_length_cached(path: str, mtime_ns: int, size: int) -> int:
+    try:
+        return len(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, OSError):
+        return -1
+
+
+def _text_length(path: Path) -> int:
+    """Characters in a UTF-8 file, -1 if it is not one (read once per version of the file)."""
+    stat = path.stat()
+    return _text_length_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def _assign(config: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key; naming a data source (path or dataset) replaces the other one."""
+    section, _, name = key.partition(".")
+    config[section][name] = value
+    if section == "data" and name in _OTHER_SOURCE:
+        config[section].pop(_OTHER_SOURCE[name], None)
 
 
 def _validate_run(
@@ -433,6 +458,22 @@ def _semantic_problems(config: RunConfig, spec_path: Path) -> list[tuple[str, st
         problems.append(
             ("data.path", f"no such file (looked in {spec_path.parent.resolve()})", data.path)
         )
+    elif data.path is not None:
+        length = _text_length(spec_path.parent / data.path)
+        shortest = min(
+            int(length * (1 - data.val_fraction)), length - int(length * (1 - data.val_fraction))
+        )
+        if length < 0:
+            problems.append(("data.path", "not a UTF-8 text file", data.path))
+        elif shortest <= train.block_size:
+            problems.append(
+                (
+                    "data.path",
+                    f"too short: a split has {shortest} characters, not more than "
+                    f"train.block_size ({train.block_size})",
+                    data.path,
+                )
+            )
     return [(k, m, v if v is not None else ...) for k, m, v in problems]
 
 
@@ -441,20 +482,22 @@ def _lookup(config: RunConfig, key: str) -> Any:
     return getattr(getattr(config, section), name)
 
 
-def _excluded(excludes: list[dict[str, Any]], variant: str, seed: int, config: RunConfig) -> bool:
-    for entry in excludes:
-        matches = True
-        for key, value in entry.items():
-            if key in ("variant", "seed"):
-                actual: Any = variant if key == "variant" else seed
-            else:
-                actual = _lookup(config, key)
-            if actual != value:
-                matches = False
-                break
-        if matches:
-            return True
-    return False
+def _excluded(excludes: list[dict[str, Any]], variant: str, config_raw: dict[str, Any]) -> bool:
+    """Whether a run's merged (not yet validated) config matches an exclude entry; keys the
+    spec does not set compare against their defaults."""
+
+    def value_of(key: str) -> Any:
+        if key == "variant":
+            return variant
+        if key == "seed":
+            return config_raw["seed"]
+        section, _, name = key.partition(".")
+        values = config_raw.get(section) or {}
+        if name in values:
+            return values[name]
+        return SECTIONS[section].model_fields[name].default
+
+    return any(all(value_of(key) == value for key, value in entry.items()) for entry in excludes)
 
 
 def format_value(value: Any) -> str:
@@ -503,10 +546,13 @@ def run_key(config: RunConfig, data_sha256: str) -> str:
     """A stable hash of the resolved config and the data's checksum.
 
     The data's location is left out (its checksum identifies it), so moving a file or the repo
-    keeps every key.
+    keeps every key; so are execution settings such as torch's thread count.
     """
     payload = config.model_dump(mode="json")
     payload["data"]["path"] = None
+    for key in EXECUTION_ONLY:  # how a run is executed, not what it computes
+        section, _, name = key.partition(".")
+        del payload[section][name]
     blob = json.dumps({"config": payload, "data_sha256": data_sha256}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:RUN_KEY_LENGTH]
 

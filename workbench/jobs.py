@@ -7,12 +7,14 @@ trains, streams metrics in batches, logs the artifacts and ends the run with its
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import signal
 import socket
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,8 @@ class Job:
     data_dir: str
     threads: int | None = None
     checkpoint_every_s: float = 10.0  # checkpoint (and store metrics) at most this often
+    resumed: bool = False  # continuing an MLflow run that already holds points
+    attempt: int = 1
 
 
 @dataclass(frozen=True)
@@ -85,35 +89,18 @@ class _MlflowCallback:
 
 def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
     """Train one run and record it; exceptions become a FAILED run, Ctrl-C a KILLED one."""
-    import torch
-
-    from workbench.data import Corpus
-    from workbench.datasets import resolve_text_path
-    from workbench.spec import RunConfig
-    from workbench.trainer import Trainer
-
     mlflow_client = client(job.tracking_uri)
     buffer = MetricBuffer(job.tracking_uri, job.run_id, every_step_keys=EVAL_KEYS + SUMMARY_KEYS)
-    buffer.tags({TAG + "pid": str(os.getpid()), TAG + "host": socket.gethostname()})
     callback = _MlflowCallback(buffer, job.key, progress)
-    run_dir = Path(job.checkpoint_dir)
     try:
-        if job.threads is not None:
-            torch.set_num_threads(job.threads)
-        config = RunConfig.model_validate(job.config)
-        path = resolve_text_path(config.data.dataset, config.data.path, Path(job.data_dir))
-        corpus = Corpus.from_file(path, config.data.val_fraction)
-        trainer = Trainer(
-            config, corpus, callback, run_dir, checkpoint_every_s=job.checkpoint_every_s
-        )
-        if trainer.checkpoint_path is not None and trainer.checkpoint_path.exists():
+        buffer.tags({TAG + "pid": str(os.getpid()), TAG + "host": socket.gethostname()})
+        if job.resumed:  # points after the last checkpoint may be stored already
             buffer.skip_stored(list(PROGRESS_KEYS + EVAL_KEYS))
-        device = str(trainer.device)
-        buffer.tags({TAG + "device": device, TAG + "torch_version": torch.__version__})
-        result = trainer.fit()
+        return _train_and_record(job, mlflow_client, buffer, callback)
     except KeyboardInterrupt:
-        # Unflushed points come after the last checkpoint: the resume recomputes them.
-        mlflow_client.set_terminated(job.run_id, status="KILLED")
+        with _signals_ignored():  # a second signal must not leave the run RUNNING
+            # Unflushed points come after the last checkpoint: the resume recomputes them.
+            mlflow_client.set_terminated(job.run_id, status="KILLED")
         return JobResult(
             job.key, job.run_id, "killed", step=callback.last_step, reason="interrupted"
         )
@@ -125,6 +112,28 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
         mlflow_client.set_terminated(job.run_id, status="FAILED")
         return JobResult(job.key, job.run_id, "failed", step=callback.last_step, reason=reason)
 
+
+def _train_and_record(
+    job: Job, mlflow_client: Any, buffer: MetricBuffer, callback: _MlflowCallback
+) -> JobResult:
+    import torch
+
+    from workbench.data import Corpus
+    from workbench.datasets import resolve_text_path
+    from workbench.spec import RunConfig
+    from workbench.trainer import Trainer
+
+    if job.threads is not None:
+        torch.set_num_threads(job.threads)
+    config = RunConfig.model_validate(job.config)
+    path = resolve_text_path(config.data.dataset, config.data.path, Path(job.data_dir))
+    corpus = Corpus.from_file(path, config.data.val_fraction)
+    run_dir = Path(job.checkpoint_dir)
+    trainer = Trainer(config, corpus, callback, run_dir, checkpoint_every_s=job.checkpoint_every_s)
+    device = str(trainer.device)
+    buffer.tags({TAG + "device": device, TAG + "torch_version": torch.__version__})
+    result = trainer.fit()
+
     summary = {
         "best_val_loss": result.best_val_loss,
         "final_val_loss": result.final_val_loss,
@@ -133,12 +142,13 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
     buffer.add(summary, result.step)
     buffer.flush(heartbeat=False, final=True)
     if result.status == "diverged":
-        for name, value in (
-            ("diverged", "true"),
-            ("reason", result.reason or "diverged"),
-            ("stopped_step", str(result.step)),
-        ):
-            mlflow_client.set_tag(job.run_id, TAG + name, value)
+        buffer.tags(
+            {
+                TAG + "diverged": "true",
+                TAG + "reason": result.reason or "diverged",
+                TAG + "stopped_step": str(result.step),
+            }
+        )
         mlflow_client.set_terminated(job.run_id, status="FAILED")
         shutil.rmtree(run_dir, ignore_errors=True)  # resuming would diverge the same way
         return JobResult(
@@ -164,6 +174,22 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
         wall_time_s=result.wall_time_s,
         device=device,
     )
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """SIGINT/SIGTERM ignored for a moment (main thread only; elsewhere a no-op)."""
+    saved = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            saved[sig] = signal.signal(sig, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _log_artifacts(

@@ -23,10 +23,14 @@ def parameter_counts(runs: list[Run]) -> dict[str, int]:
     from workbench.models import count_params
 
     cache: dict[str, int] = {}
+    vocabs: dict[tuple[str | None, str | None], int] = {}
     counts: dict[str, int] = {}
     for run in runs:
         config = run.config
-        vocab = vocab_size(config.data.dataset, config.data.path)
+        source = (config.data.dataset, config.data.path)
+        if source not in vocabs:
+            vocabs[source] = vocab_size(*source)
+        vocab = vocabs[source]
         signature = f"{config.model.model_dump_json()}|{vocab}|{config.train.block_size}"
         if signature not in cache:
             cache[signature] = count_params(config.model, vocab, config.train.block_size)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -67,25 +68,29 @@ class RayExecutor:
         on_crash: Callable[[Job, str, str], JobResult],
     ) -> list[JobResult]:
         ray = _ray()
-        from ray.exceptions import RayTaskError, TaskCancelledError, WorkerCrashedError
+        from ray.exceptions import RayError, RayTaskError, TaskCancelledError
         from ray.util.queue import Queue
 
         if not ray.is_initialized():
-            ray.init(
-                address=self.address,
-                num_cpus=self.num_cpus if self.address is None else None,
-                log_to_driver=False,
-                include_dashboard=False,
-            )
+            try:
+                ray.init(
+                    address=self.address,
+                    num_cpus=self.num_cpus if self.address is None else None,
+                    log_to_driver=False,
+                    include_dashboard=False,
+                )
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise WorkbenchError(f"--address {self.address}: {exc}") from None
         remote = ray.remote(_run_job).options(
             num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run, max_retries=0
         )
         queue = Queue(maxsize=10_000)
-        pending: dict[Any, tuple[Job, int]] = {}  # ref -> (job, attempt)
+        waiting = deque(items)
+        pending: dict[Any, Job] = {}
         results: list[JobResult] = []
-
-        def submit(job: Job, attempt: int) -> None:
-            pending[remote.remote(job, queue)] = (job, attempt)
+        # Runs are created in MLflow when submitted: keep only what the cluster can start
+        # (plus a little) in flight, so queued runs never sit RUNNING with no process.
+        limit = self._slots(ray) + 2
 
         def finish(job: Job, result: JobResult) -> None:
             results.append(result)
@@ -98,42 +103,51 @@ class RayExecutor:
                 except Exception:
                     return
 
-        for item in items:  # Ray queues what the cluster cannot start yet
-            submit(prepare(item), 1)
         try:
-            while pending:
+            while waiting or pending:
+                while waiting and len(pending) < limit:
+                    job = prepare(waiting.popleft())
+                    pending[remote.remote(job, queue)] = job
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
                 drain_progress()
                 for ref in ready:
-                    job, attempt = pending.pop(ref)
+                    job = pending.pop(ref)
                     try:
                         finish(job, ray.get(ref))
-                    except WorkerCrashedError as exc:
-                        if attempt <= self.max_retries:
-                            self._tag_attempt(job, attempt + 1)
-                            submit(job, attempt + 1)
-                        else:
-                            reason = f"worker crashed {attempt} times: {type(exc).__name__}"
-                            finish(job, on_crash(job, reason, "failed"))
                     except (RayTaskError, TaskCancelledError) as exc:
                         cause = getattr(exc, "cause", None) or exc
                         reason = f"{type(cause).__name__}: {cause}"[:500]
                         finish(job, on_crash(job, reason, "failed"))
+                    except RayError as exc:  # the worker died: crash, OOM kill, lost node
+                        if job.attempt <= self.max_retries:
+                            retry = replace(job, attempt=job.attempt + 1, resumed=True)
+                            self._tag_attempt(retry)
+                            pending[remote.remote(retry, queue)] = retry
+                        else:
+                            reason = f"worker died {job.attempt} times: {type(exc).__name__}"
+                            finish(job, on_crash(job, reason, "failed"))
         except KeyboardInterrupt:
             self._interrupt(ray, pending, finish, on_crash)
             raise
         return results
 
+    def _slots(self, ray: Any) -> int:
+        resources = ray.cluster_resources()
+        slots = [resources.get("CPU", 1) / max(self.cpus_per_run, 1e-3)]
+        if self.gpus_per_run:
+            slots.append(resources.get("GPU", 0) / self.gpus_per_run)
+        return max(1, int(min(slots)))
+
     @staticmethod
-    def _tag_attempt(job: Job, attempt: int) -> None:
+    def _tag_attempt(job: Job) -> None:
         mlflow_client = client(job.tracking_uri)
-        mlflow_client.set_tag(job.run_id, TAG + "attempt", str(attempt))
+        mlflow_client.set_tag(job.run_id, TAG + "attempt", str(job.attempt))
         mlflow_client.update_run(job.run_id, status="RUNNING")
 
     @staticmethod
     def _interrupt(
         ray: Any,
-        pending: dict[Any, tuple[Job, int]],
+        pending: dict[Any, Job],
         finish: Callable[[Job, JobResult], None],
         on_crash: Callable[[Job, str, str], JobResult],
         grace_s: float = 30.0,
@@ -142,9 +156,9 @@ class RayExecutor:
         for ref in pending:
             ray.cancel(ref, force=False)
         deadline = time.time() + grace_s
-        for ref, (job, _) in list(pending.items()):
+        for ref, job in list(pending.items()):
             try:
                 result = ray.get(ref, timeout=max(0.1, deadline - time.time()))
-                finish(job, replace(result))
+                finish(job, result)
             except Exception:
                 finish(job, on_crash(job, "interrupted", "killed"))

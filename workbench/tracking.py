@@ -8,16 +8,19 @@ before any worker touches it; experiments are created by the driver, never by wo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench import __version__
+from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -40,15 +43,28 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+@contextlib.contextmanager
+def store_errors(uri: str) -> Iterator[None]:
+    """A store that cannot be reached or read is one line for the user, not a traceback."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WorkbenchError(f"tracking store {uri}: {first_line}") from None
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     """Create (and migrate) the store and the experiment, once, before any worker starts."""
-    mlflow_client = client(uri)
-    experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            mlflow_client.restore_experiment(experiment.experiment_id)
-        return str(experiment.experiment_id)
-    return str(mlflow_client.create_experiment(name))
+    with store_errors(uri):
+        mlflow_client = client(uri)
+        experiment = mlflow_client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                mlflow_client.restore_experiment(experiment.experiment_id)
+            return str(experiment.experiment_id)
+        return str(mlflow_client.create_experiment(name))
 
 
 @dataclass(frozen=True)
@@ -73,14 +89,12 @@ class RunRecord:
         """A RUNNING run whose process is gone (kill -9, power loss) or silent for too long."""
         if self.status != "RUNNING":
             return False
-        now = time.time() if now is None else now
-        heartbeat = float(self.tags.get(TAG + "heartbeat", self.start_time / 1000))
-        if now - heartbeat > STALE_AFTER_S:
-            return True
-        if self.tags.get(TAG + "host") == socket.gethostname():
+        if self.tags.get(TAG + "host") == socket.gethostname():  # this machine: ask the OS
             pids = [self.tags.get(TAG + "pid"), self.tags.get(TAG + "driver_pid")]
             return not any(pid and _pid_alive(int(pid)) for pid in pids)
-        return False
+        now = time.time() if now is None else now  # elsewhere: silent for too long
+        heartbeat = float(self.tags.get(TAG + "heartbeat", self.start_time / 1000))
+        return now - heartbeat > STALE_AFTER_S
 
     @property
     def state(self) -> str:
@@ -168,8 +182,9 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class MetricBuffer:
     """Collects metric points and writes them in one ``log_batch`` per flush.
 
-    The trainer reports every few steps; the buffer is flushed at eval points (right after the
-    checkpoint is written), so what the store holds is exactly what a resume would not redo.
+    The trainer reports every few steps; the buffer is flushed just before each checkpoint is
+    written, so nothing reported before a checkpoint is ever lost. A resumed run redoes the
+    steps after its checkpoint, and ``skip_stored`` drops the points the store already has.
     """
 
     def __init__(

@@ -10,7 +10,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -212,6 +212,8 @@ def adjacent_comparisons(
     for lower, upper in itertools.pairwise(ladder):
         a = _losses(runs, by_variant.loc[lower], data.axes)
         b = _losses(runs, by_variant.loc[upper], data.axes)
+        if not a or not b:
+            continue
         difference = sum(b) / len(b) - sum(a) / len(a)
         ha, hb = half_width(a), half_width(b)
         overlap = bool(math.isfinite(ha) and math.isfinite(hb) and abs(difference) <= ha + hb)
@@ -221,10 +223,17 @@ def adjacent_comparisons(
     return comparisons
 
 
+def same_value(column: pd.Series, value: Any) -> pd.Series:
+    """``column == value``, where a missing grid value (NaN) equals a missing one."""
+    if isinstance(value, float) and math.isnan(value):
+        return column.isna()
+    return column == value
+
+
 def _losses(runs: pd.DataFrame, best: pd.Series, axes: Sequence[str]) -> list[float]:
     mask = runs["variant"] == best.name
     for axis in axes:
-        mask &= runs["grid." + axis] == best["grid." + axis]
+        mask &= same_value(runs["grid." + axis], best["grid." + axis])
     return runs.loc[mask, LOSS].astype(float).tolist()
 
 

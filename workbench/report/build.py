@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 SAMPLE_SHOWN_CHARS = 500
-ATTENTION_KINDS = ("single_head", "multi_head")  # the rungs whose heads the report draws
+ATTENTION_KINDS = ("single_head", "multi_head", "transformer")  # whose heads the report draws
 MAX_ATTENTION_FIGURES = 6
 
 
@@ -301,7 +301,7 @@ def _unfinished(data: ExperimentData) -> Table | None:
     words = {
         "killed": "killed (interrupted; `workbench run` resumes it)",
         "running": "running",
-        "stale": "running, but silent for over 10 minutes (its process may be gone)",
+        "stale": "left RUNNING by a process that is gone (or silent for over 10 minutes)",
     }
     rows = [
         [str(r.run_name), words[str(r.state)], _step(math.nan, r.last_step)]

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from workbench.report.analysis import LOSS, format_value, interval, short_name
+from workbench.report.analysis import LOSS, format_value, interval, same_value, short_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -277,7 +277,7 @@ def _at_best_of_others(
         return sub.iloc[0:0]
     for axis in axes:
         if axis not in keep:
-            sub = sub[sub["grid." + axis] == best["grid." + axis].iloc[0]]
+            sub = sub[same_value(sub["grid." + axis], best["grid." + axis].iloc[0])]
     return sub
 
 
