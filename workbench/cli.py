@@ -238,8 +238,8 @@ def run(
         else:
             default_jobs, gpus = _default_jobs()
             n_jobs = jobs or default_jobs * (jobs_per_gpu if gpus else 1)
-            threads = None if gpus else max(1, (os.cpu_count() or 1) // n_jobs)
-            chosen = LocalExecutor(n_jobs, threads, gpus, jobs_per_gpu)
+            threads = None  # the executor shares the cores among the runs it starts
+            chosen = LocalExecutor(n_jobs, None, gpus, jobs_per_gpu)
         options = Options(
             tracking_uri=_tracking_uri(tracking_uri),
             checkpoint_dir=checkpoint_dir.resolve(),

@@ -76,7 +76,7 @@ class LocalExecutor:
     """Runs jobs in ``jobs`` worker processes at once."""
 
     jobs: int
-    threads_per_job: int | None = None
+    threads_per_job: int | None = None  # None on a CPU: the cores shared by the runs at once
     gpus: int = 0
     jobs_per_gpu: int = 1
     workers: list[_Worker] = field(default_factory=list)
@@ -99,6 +99,8 @@ class LocalExecutor:
         pending = deque(items)
         results: list[JobResult] = []
         slots = max(1, min(self.jobs, len(items)))
+        if self.threads_per_job is None and not self.gpus:  # 1 run on 2 cores: 2 threads
+            self.threads_per_job = max(1, (os.cpu_count() or 1) // slots)
         try:
             self.workers = [self._start(ctx, slot) for slot in range(slots)]
             while pending or any(w.job is not None for w in self.workers):
@@ -129,7 +131,7 @@ class LocalExecutor:
 
     def _start(self, ctx: Any, slot: int) -> _Worker:
         env: dict[str, str] = {}
-        if self.threads_per_job is not None:
+        if self.threads_per_job is not None:  # torch reads it when it is first imported
             env["OMP_NUM_THREADS"] = str(self.threads_per_job)
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = str((slot // self.jobs_per_gpu) % self.gpus)

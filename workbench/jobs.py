@@ -8,11 +8,11 @@ trains, streams metrics in batches, logs the artifacts and ends the run with its
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import signal
 import socket
+import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -93,7 +93,6 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
     buffer = MetricBuffer(job.tracking_uri, job.run_id, every_step_keys=EVAL_KEYS + SUMMARY_KEYS)
     callback = _MlflowCallback(buffer, job.key, progress)
     try:
-        buffer.tags({TAG + "pid": str(os.getpid()), TAG + "host": socket.gethostname()})
         if job.resumed:  # points after the last checkpoint may be stored already
             buffer.skip_stored(list(PROGRESS_KEYS + EVAL_KEYS))
         return _train_and_record(job, mlflow_client, buffer, callback)
@@ -131,7 +130,14 @@ def _train_and_record(
     run_dir = Path(job.checkpoint_dir)
     trainer = Trainer(config, corpus, callback, run_dir, checkpoint_every_s=job.checkpoint_every_s)
     device = str(trainer.device)
-    buffer.tags({TAG + "device": device, TAG + "torch_version": torch.__version__})
+    buffer.tags(
+        {
+            TAG + "pid": str(os.getpid()),
+            TAG + "host": socket.gethostname(),
+            TAG + "device": device,
+            TAG + "torch_version": torch.__version__,
+        }
+    )
     result = trainer.fit()
 
     summary = {
@@ -195,20 +201,21 @@ def _signals_ignored() -> Iterator[None]:
 def _log_artifacts(
     mlflow_client: Any, job: Job, corpus: Any, trainer: Any, artifacts: dict[str, str | bytes]
 ) -> None:
+    """Every artifact written to one folder, then logged in one call (a call costs ~25 ms)."""
     import torch
 
-    mlflow_client.log_text(job.run_id, yaml.safe_dump(job.config, sort_keys=False), "config.yaml")
-    mlflow_client.log_text(job.run_id, corpus.tokenizer.to_json(), "tokenizer.json")
-    for name, content in artifacts.items():
-        if isinstance(content, str):
-            mlflow_client.log_text(job.run_id, content, name)
-    weights = io.BytesIO()
-    torch.save({"config": job.config, "state_dict": trainer.model.state_dict()}, weights)
-    run_dir = Path(job.checkpoint_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_path = run_dir / "model.pt"
-    model_path.write_bytes(weights.getvalue())
-    mlflow_client.log_artifact(job.run_id, str(model_path))
+    with tempfile.TemporaryDirectory(prefix="workbench-artifacts-") as folder:
+        out = Path(folder)
+        (out / "config.yaml").write_text(yaml.safe_dump(job.config, sort_keys=False))
+        (out / "tokenizer.json").write_text(corpus.tokenizer.to_json(), encoding="utf-8")
+        for name, content in artifacts.items():
+            if isinstance(content, str):
+                (out / name).write_text(content, encoding="utf-8")
+            else:
+                (out / name).write_bytes(content)
+        state = {"config": job.config, "state_dict": trainer.model.state_dict()}
+        torch.save(state, out / "model.pt")
+        mlflow_client.log_artifacts(job.run_id, folder)
 
 
 def describe_exit(exitcode: int | None) -> str:

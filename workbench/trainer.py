@@ -36,8 +36,8 @@ class Callback(Protocol):
 
     def on_artifact(self, name: str, content: str | bytes) -> None: ...
 
-    def on_checkpoint(self, step: int) -> None:
-        """Just before a checkpoint is written: the moment to store what was reported."""
+    # Optional: ``on_checkpoint(step)``, called just before a checkpoint is written, the moment
+    # to store what was reported so far (see workbench.jobs).
 
 
 class NullCallback:
@@ -384,11 +384,6 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         return True
 
-    def remove_checkpoint(self) -> None:
-        path = self.checkpoint_path
-        if path is not None and path.exists():
-            path.unlink()
-
 
 def _before_checkpoint(callback: Callback | NullCallback, step: int) -> None:
     hook = getattr(callback, "on_checkpoint", None)  # optional for simple callbacks
@@ -406,12 +401,3 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def train_run(
-    config: RunConfig, corpus: Corpus, callback: Callback | None = None, run_dir: Path | None = None
-) -> tuple[TrainResult, LanguageModel]:
-    """Train (or resume) one run; returns its result and the trained model."""
-    trainer = Trainer(config, corpus, callback, run_dir)
-    result = trainer.fit()
-    return result, trainer.model
