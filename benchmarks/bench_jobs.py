@@ -10,13 +10,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timed_run import timed_run
 
 SPEC = {
     "experiment": "bench-jobs",
@@ -32,29 +34,7 @@ SPEC = {
 
 
 def run(jobs: int, spec: Path) -> float:
-    folder = Path(tempfile.mkdtemp())
-    start = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "workbench",
-            "run",
-            str(spec),
-            "--jobs",
-            str(jobs),
-            "--no-progress",
-            "--tracking-uri",
-            f"sqlite:///{folder / 'mlflow.db'}",
-            "--checkpoint-dir",
-            str(folder / "checkpoints"),
-        ],
-        cwd=folder,
-        check=True,
-        capture_output=True,
-        env=os.environ,
-    )
-    return time.perf_counter() - start
+    return timed_run(spec, "--jobs", str(jobs))
 
 
 def main() -> None:

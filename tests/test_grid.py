@@ -9,40 +9,14 @@ import itertools
 import json
 import os
 import shutil
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from specs import spec_dict, write_spec
 
 from workbench.grid import Plan, expand, format_value, run_key, short_names
 from workbench.spec import all_dotted_keys
-
-BASE: dict[str, Any] = {
-    "experiment": "t",
-    "train": {"max_iters": 100, "eval_interval": 10},
-    "model": {"kind": "bigram"},
-}
-
-
-def spec_dict(**sections: Any) -> dict[str, Any]:
-    """BASE with the given top-level keys merged in (sections merge key by key)."""
-    spec = copy.deepcopy(BASE)
-    for name, value in sections.items():
-        if isinstance(value, dict) and isinstance(spec.get(name), dict):
-            spec[name].update(value)
-        else:
-            spec[name] = value
-    return spec
-
-
-def write_spec(directory: Path, spec: dict[str, Any] | str, name: str = "spec.yaml") -> Path:
-    path = directory / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = textwrap.dedent(spec) if isinstance(spec, str) else yaml.safe_dump(spec, sort_keys=False)
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def names(plan: Plan) -> list[str]:
