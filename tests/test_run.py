@@ -161,8 +161,8 @@ def test_four_workers_lose_and_duplicate_no_metric_point(store: Store, tmp_path:
             ("val_loss", range(0, 101, 20)),
             ("train_loss", range(0, 101, 20)),
             ("train_loss_smooth", range(50, 101, 50)),  # progress: one point per 50 steps
-            ("lr", range(50, 101, 50)),
-            ("tokens_per_sec", range(50, 101, 50)),
+            ("lr", [100]),  # every 500 steps, and the last
+            ("tokens_per_sec", [100]),
             ("best_val_loss", [100]),
         ):
             history = store.history(run.info.run_id, key)

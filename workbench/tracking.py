@@ -29,7 +29,10 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "workbench."  # prefix of our own tags
 STALE_AFTER_S = 600.0  # a RUNNING run whose heartbeat is older than this is a ghost
 HEARTBEAT_EVERY_S = 30.0
-STORE_EVERY_STEPS = 50  # progress metrics (smoothed train loss, lr, tokens/s) in the store
+# Progress metrics in the store: one point per this many steps (each point costs ~0.1 ms to
+# store, and a short run's tracking budget is a few tens of ms); the last point always.
+STORE_EVERY_STEPS = {"train_loss_smooth": 50, "lr": 500, "tokens_per_sec": 500}
+STORE_EVERY_DEFAULT = 50
 
 
 def tracking_uri(explicit: str | None, from_env: str | None) -> str:
@@ -192,16 +195,17 @@ class MetricBuffer:
         uri: str,
         run_id: str,
         every_step_keys: tuple[str, ...] = (),
-        store_every: int = STORE_EVERY_STEPS,
+        store_every: dict[str, int] | None = None,
     ) -> None:
         self.client = client(uri)
         self.run_id = run_id
         self.every_step_keys = every_step_keys  # stored whenever reported (eval losses)
-        self.store_every = store_every  # other keys: one point per this many steps
+        self.store_every = STORE_EVERY_STEPS if store_every is None else store_every
         self.points: list[Any] = []
         self.last_heartbeat = 0.0
         self.stored_until: dict[str, int] = {}  # key -> last step already in the store
         self.latest: dict[str, Any] = {}  # key -> newest point not stored (between samples)
+        self.pending_tags: dict[str, str] = {}  # stored with the next flush
 
     def skip_stored(self, keys: list[str]) -> None:
         """A resumed run redoes steps since its checkpoint; don't store those points twice."""
@@ -218,17 +222,21 @@ class MetricBuffer:
             if not math.isfinite(value) or step <= self.stored_until.get(key, -1):
                 continue
             point = Metric(key, float(value), now, step)
-            if key not in self.every_step_keys and step % self.store_every:
+            every = self.store_every.get(key, STORE_EVERY_DEFAULT)
+            if key not in self.every_step_keys and step % every:
                 self.latest[key] = point  # kept for the end of the run only
             else:
                 self.points.append(point)
                 self.latest.pop(key, None)
 
-    def tags(self, tags: dict[str, str]) -> None:
-        """Several tags in one round trip."""
+    def tags(self, tags: dict[str, str], now: bool = True) -> None:
+        """Several tags in one round trip, or (``now=False``) with the next flush."""
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        if now:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        else:
+            self.pending_tags.update(tags)
 
     def flush(self, heartbeat: bool = True, final: bool = False) -> None:
         """Store what was collected; ``final`` also stores each key's last point."""
@@ -237,7 +245,8 @@ class MetricBuffer:
         if final:
             self.points.extend(self.latest.values())
             self.latest = {}
-        tags = []
+        tags = [RunTag(k, v) for k, v in self.pending_tags.items()]
+        self.pending_tags = {}
         if heartbeat:
             self.last_heartbeat = time.time()
             tags.append(RunTag(TAG + "heartbeat", f"{self.last_heartbeat:.0f}"))
