@@ -105,8 +105,10 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
         )
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}".strip()[:500]
+        buffer.tags(
+            {TAG + "reason": reason, TAG + "stopped_step": str(callback.last_step)}, now=False
+        )
         buffer.flush(heartbeat=False)
-        buffer.tags({TAG + "reason": reason, TAG + "stopped_step": str(callback.last_step)})
         mlflow_client.log_text(job.run_id, traceback.format_exc(), "error.txt")
         mlflow_client.set_terminated(job.run_id, status="FAILED")
         return JobResult(job.key, job.run_id, "failed", step=callback.last_step, reason=reason)
