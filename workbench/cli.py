@@ -125,14 +125,14 @@ def plan(
 
 
 def _fetch_data(plan: Plan, data_dir: Path) -> None:
-    """Download the known data sets the runs need, once, with a progress bar."""
+    """Download the known data sets the runs need and the cache lacks, with a progress bar
+    (the driver checks every cached copy's checksum before training)."""
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
     from workbench.datasets import KNOWN_DATASETS, fetch_known
 
     for name in sorted({r.config.data.dataset for r in plan.runs if r.config.data.dataset}):
         if (data_dir / KNOWN_DATASETS[name].filename).exists():
-            fetch_known(name, data_dir)  # checks the cached copy's checksum
             continue
         with Progress(
             *Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), transient=True
@@ -143,10 +143,6 @@ def _fetch_data(plan: Plan, data_dir: Path) -> None:
                 bar.update(task, completed=done, total=total)  # noqa: B023
 
             fetch_known(name, data_dir, progress=advance)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _default_jobs() -> tuple[int, int]:
@@ -223,7 +219,7 @@ def run(
             print_plan(expanded)
             return
         from workbench.driver import Executor, Options, run_sweep
-        from workbench.executor import LocalExecutor
+        from workbench.executor import LocalExecutor, raise_keyboard_interrupt
         from workbench.progress import SweepProgress, summary_table
         from workbench.settings import load_settings
 
@@ -251,7 +247,7 @@ def run(
         )
         _fetch_data(expanded, options.data_dir)
         display = SweepProgress(console, live=progress and console.is_terminal)
-        signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM: the same as Ctrl-C
+        signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM: the same as Ctrl-C
         try:
             summary = run_sweep(expanded, chosen, options, display.event, display.start)
         finally:

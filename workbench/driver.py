@@ -23,6 +23,7 @@ from workbench.tracking import (
     existing_runs,
     flatten,
     git_state,
+    sqlite_path,
     store_errors,
 )
 
@@ -78,7 +79,8 @@ def plan_states(plan: Plan, tracking_uri: str) -> dict[str, str]:
     Reads the store without creating anything: a store or experiment that does not exist yet
     means every run is still to do.
     """
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).exists():
+    database = sqlite_path(tracking_uri)
+    if database is not None and not database.exists():
         return {}
     with store_errors(tracking_uri):
         experiment = client(tracking_uri).get_experiment_by_name(plan.experiment)
@@ -113,7 +115,10 @@ def run_sweep(
     on_start: Callable[[list[Decision]], None] | None = None,
 ) -> Summary:
     """Train what the store does not have yet; returns what happened to every run."""
+    from mlflow.entities import RunTag
+
     from workbench.datasets import resolve_text_path
+    from workbench.plan_view import parameter_counts
 
     uri = options.tracking_uri
     experiment_id = ensure_experiment(uri, plan.experiment)  # store and experiment first
@@ -147,21 +152,20 @@ def run_sweep(
                 "mlflow.source.git.commit": commit,
             }
         )
-    params = _parameter_counts([d.run for d in todo])
+    params = parameter_counts([d.run for d in todo])
 
     def prepare(decision: Decision) -> Job:
         run = decision.run
         run_dir = options.checkpoint_dir / plan.experiment / run.key
         attempt = 1
-        resumed = decision.action == "resume" and decision.record is not None
-        if resumed and decision.record is not None:
+        resumed = decision.action == "resume"
+        if decision.action == "resume" and decision.record is not None:
             run_id = decision.record.run_id
             attempt = decision.record.attempt + 1
             mlflow_client.update_run(run_id, status="RUNNING")
-            mlflow_client.set_tag(run_id, TAG + "attempt", str(attempt))
-            for key, value in sweep_tags.items():
-                mlflow_client.set_tag(run_id, key, value)
-            mlflow_client.set_tag(run_id, TAG + "heartbeat", f"{time.time():.0f}")
+            tags = {**sweep_tags, TAG + "attempt": str(attempt),
+                    TAG + "heartbeat": f"{time.time():.0f}"}  # fmt: skip
+            mlflow_client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         else:
             shutil.rmtree(run_dir, ignore_errors=True)  # a fresh start, not someone's leftovers
             run_id = _create_run(mlflow_client, experiment_id, run, sweep_tags, params[run.key])
@@ -223,9 +227,3 @@ def _create_run(
     values.update({"num_params": n_params, "data_sha256": run.data_sha256})
     mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
     return run_id
-
-
-def _parameter_counts(runs: list[Run]) -> dict[str, int]:
-    from workbench.plan_view import parameter_counts
-
-    return parameter_counts(runs)

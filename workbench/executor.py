@@ -32,14 +32,15 @@ Event = tuple[Any, ...]
 PARENT_CHECK_S = 1.0
 
 
-def _interrupt(signum: int, frame: Any) -> None:
+def raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    """A signal handler that makes SIGTERM behave like Ctrl-C."""
     raise KeyboardInterrupt
 
 
 def _worker_main(env: dict[str, str], conn: Connection) -> None:
     os.environ.update(env)  # before torch is imported: CUDA_VISIBLE_DEVICES, thread counts
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     parent = os.getppid()
     while True:
         try:

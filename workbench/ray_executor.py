@@ -39,14 +39,13 @@ def _run_job(job: Job, progress_queue: Any) -> JobResult:
 
     def progress(key: str, step: int, metrics: dict[str, float]) -> None:
         nonlocal last
-        if progress_queue is None or time.time() - last < PROGRESS_EVERY_S:
+        if time.time() - last < PROGRESS_EVERY_S:
             return
         last = time.time()
         with contextlib.suppress(Exception):  # a full or gone queue never stops training
             progress_queue.put_nowait(("progress", key, step, metrics))
 
-    if progress_queue is not None:
-        progress_queue.put_nowait(("started", job.key, os.getpid()))
+    progress_queue.put_nowait(("started", job.key, os.getpid()))
     return execute_job(job, progress)
 
 

@@ -125,32 +125,52 @@ def _pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def existing_runs(uri: str, experiment_id: str) -> dict[str, RunRecord]:
-    """The newest MLflow run of each run key in the experiment."""
-    mlflow_client = client(uri)
-    records: dict[str, RunRecord] = {}
+WORKBENCH_RUNS = f"tags.`{TAG}run_key` != ''"  # a search filter: runs workbench created
+
+
+def search_workbench_runs(mlflow_client: Any, experiment_id: str) -> Iterator[Any]:
+    """Every workbench run of an experiment, newest first, page by page."""
     token = None
     while True:
         page = mlflow_client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{TAG}run_key` != ''",
+            filter_string=WORKBENCH_RUNS,
             max_results=1000,
             order_by=["attributes.start_time DESC"],
             page_token=token,
         )
-        for run in page:
-            key = run.data.tags.get(TAG + "run_key")
-            if key and key not in records:
-                records[key] = RunRecord(
-                    run_id=run.info.run_id,
-                    status=run.info.status,
-                    tags=dict(run.data.tags),
-                    metrics=dict(run.data.metrics),
-                    start_time=run.info.start_time or 0,
-                )
+        yield from page
         token = page.token
         if not token:
-            return records
+            return
+
+
+def existing_runs(uri: str, experiment_id: str) -> dict[str, RunRecord]:
+    """The newest MLflow run of each run key in the experiment."""
+    records: dict[str, RunRecord] = {}
+    for run in search_workbench_runs(client(uri), experiment_id):
+        key = run.data.tags.get(TAG + "run_key")
+        if key and key not in records:
+            records[key] = RunRecord(
+                run_id=run.info.run_id,
+                status=run.info.status,
+                tags=dict(run.data.tags),
+                metrics=dict(run.data.metrics),
+                start_time=run.info.start_time or 0,
+            )
+    return records
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` tracking URI (None for other stores, or in memory)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:":
+        return None
+    return Path(database)
 
 
 def git_state(folder: Path) -> tuple[str | None, bool | None]:

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from workbench.errors import WorkbenchError
-from workbench.tracking import TAG, RunRecord
+from workbench.tracking import (
+    TAG,
+    WORKBENCH_RUNS,
+    RunRecord,
+    client,
+    search_workbench_runs,
+    sqlite_path,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -61,14 +68,11 @@ def experiments_with_runs(tracking_uri: str) -> list[str]:
     names = []
     for experiment in mlflow_client.search_experiments():
         page = mlflow_client.search_runs(
-            [experiment.experiment_id], filter_string=_WORKBENCH_RUNS, max_results=1
+            [experiment.experiment_id], filter_string=WORKBENCH_RUNS, max_results=1
         )
         if page:
             names.append(str(experiment.name))
     return names
-
-
-_WORKBENCH_RUNS = f"tags.`{TAG}run_key` != ''"
 
 
 def load_experiment(tracking_uri: str, name: str) -> ExperimentData:
@@ -136,22 +140,10 @@ def artifact_text(tracking_uri: str, run_id: str, path: str) -> str | None:
 
 
 def _client(tracking_uri: str) -> Any:
-    if tracking_uri.startswith("sqlite:"):
-        path = _sqlite_path(tracking_uri)
-        if path is not None and not path.exists():
-            raise ReportError(f"{tracking_uri}: no such tracking store")
-    from workbench.tracking import client
-
+    path = sqlite_path(tracking_uri)
+    if path is not None and not path.exists():
+        raise ReportError(f"{tracking_uri}: no such tracking store")
     return client(tracking_uri)
-
-
-def _sqlite_path(tracking_uri: str) -> Path | None:
-    from sqlalchemy.engine import make_url
-
-    database = make_url(tracking_uri).database
-    if not database or database == ":memory:":
-        return None
-    return Path(database)
 
 
 def _search_runs(mlflow_client: Any, experiment_id: str) -> pd.DataFrame:
@@ -160,32 +152,20 @@ def _search_runs(mlflow_client: Any, experiment_id: str) -> pd.DataFrame:
     import pandas as pd
 
     rows: list[dict[str, Any]] = []
-    token = None
-    while True:
-        page = mlflow_client.search_runs(
-            [experiment_id],
-            filter_string=_WORKBENCH_RUNS,
-            max_results=1000,
-            order_by=["attributes.start_time DESC"],
-            page_token=token,
-        )
-        for run in page:
-            info, data = run.info, run.data
-            row: dict[str, Any] = {
-                "run_id": info.run_id,
-                "experiment_id": info.experiment_id,
-                "status": info.status,
-                "artifact_uri": info.artifact_uri,
-                "start_time": info.start_time,
-                "end_time": info.end_time,
-            }
-            row.update({"metrics." + k: v for k, v in data.metrics.items()})
-            row.update({"params." + k: v for k, v in data.params.items()})
-            row.update({"tags." + k: v for k, v in data.tags.items()})
-            rows.append(row)
-        token = page.token
-        if not token:
-            break
+    for run in search_workbench_runs(mlflow_client, experiment_id):
+        info, data = run.info, run.data
+        row: dict[str, Any] = {
+            "run_id": info.run_id,
+            "experiment_id": info.experiment_id,
+            "status": info.status,
+            "artifact_uri": info.artifact_uri,
+            "start_time": info.start_time,
+            "end_time": info.end_time,
+        }
+        row.update({"metrics." + k: v for k, v in data.metrics.items()})
+        row.update({"params." + k: v for k, v in data.params.items()})
+        row.update({"tags." + k: v for k, v in data.tags.items()})
+        rows.append(row)
     frame = pd.DataFrame(rows)
     for column in ("start_time", "end_time"):
         if column in frame:
@@ -285,7 +265,7 @@ def _histories(tracking_uri: str, experiment_id: str, runs: pd.DataFrame) -> pd.
         run_id: [c[8:] for c in runs.columns if c.startswith("metrics.") and row[c] == row[c]]
         for run_id, row in runs.iterrows()
     }
-    path = _sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite:") else None
+    path = sqlite_path(tracking_uri)
     if path is not None:
         history = _sqlite_histories(path, experiment_id)
     elif tracking_uri.startswith(("http://", "https://")):
