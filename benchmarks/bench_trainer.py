@@ -96,10 +96,11 @@ def main() -> None:
     parser.add_argument("--rungs", type=int, nargs="+", default=[0, 2, 3, 4, 6])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-iters", type=int, default=None, help="default: the lecture's")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("trainer.json"))
     args = parser.parse_args()
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     path = fetch_known("tinyshakespeare", load_settings().data_dir)
     text = path.read_text(encoding="utf-8")
     corpus = Corpus.from_text(text)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from reference import (
     GPTLanguageModel,
     MultiHeadAttention,
@@ -17,11 +18,13 @@ from torch import nn
 
 from workbench.models import (
     MODELS,
+    TINY_BLOCK,
     CausalSelfAttention,
     LanguageModel,
     MultiHead,
     SingleHead,
     SoftmaxAverage,
+    TinyCausalAttention,
     Transformer,
     UniformAverage,
     build_model,
@@ -172,6 +175,55 @@ def test_single_head_equals_reference_head(head_size: int | None) -> None:
     torch.manual_seed(11)
     ref = MultiHeadAttention(n_embd, 1, hs, BLOCK)
     _compare_attention(model, ref, BLOCK)
+
+
+def test_multi_head_beyond_tiny_blocks_equals_per_head_reference() -> None:
+    """Blocks longer than TINY_BLOCK take SDPA on the CPU; the same reference holds."""
+    block = TINY_BLOCK + 8
+    model = make(ModelConfig(kind="multi_head", n_embd=32, n_head=4), block=block)
+    assert isinstance(model, MultiHead)
+    torch.manual_seed(12)
+    _compare_attention(model, MultiHeadAttention(32, 4, 8, block), block)
+
+
+def _sdpa_heads(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+    B, T, width = qkv.shape
+    hs = width // (3 * n_head)
+    q, k, v = (t.view(B, T, n_head, hs).transpose(1, 2) for t in qkv.split(n_head * hs, dim=2))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return y.transpose(1, 2).reshape(B, T, n_head * hs)
+
+
+def _causal_bias(T: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.full((T, T), float("-inf"), dtype=dtype).triu(1)
+
+
+@pytest.mark.parametrize(
+    ("n_head", "head_size", "T"),
+    [(1, 32, 8), (4, 8, 8), (4, 8, 1), (2, 8, 5), (3, 4, 17), (4, 8, TINY_BLOCK)],
+)
+def test_tiny_attention_equals_sdpa_forward_and_backward(n_head: int, head_size: int, T: int):
+    g = torch.Generator().manual_seed(T + n_head)
+    qkv = (3 * torch.randn(6, T, 3 * n_head * head_size, generator=g)).requires_grad_(True)
+    qkv_ref = qkv.detach().clone().requires_grad_(True)
+    out = TinyCausalAttention.apply(qkv, n_head, _causal_bias(T))
+    ref = _sdpa_heads(qkv_ref, n_head)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn(ref.shape, generator=g)
+    (out * grad_out).sum().backward()
+    (ref * grad_out).sum().backward()
+    assert qkv.grad is not None and qkv_ref.grad is not None
+    torch.testing.assert_close(qkv.grad, qkv_ref.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("n_head", "T"), [(1, 8), (2, 5), (2, 20)])  # manual and torch softmax
+def test_tiny_attention_gradcheck(n_head: int, T: int):
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, T, 3 * n_head * 4, generator=g, dtype=torch.float64)
+    bias = _causal_bias(T, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda t: TinyCausalAttention.apply(t, n_head, bias), (qkv.requires_grad_(True),)
+    )
 
 
 def test_multi_head_whole_model_equals_reference_pipeline() -> None:

@@ -107,12 +107,15 @@ class BatchSampler:
         self.block_size = block_size
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
+        # Every window of block_size + 1 characters, as a view: a batch is one index_select.
+        self.windows = data.unfold(0, block_size + 1, 1)
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(
             len(self.data) - self.block_size, (self.batch_size,), generator=self.generator
         )
-        return _windows(self.data, starts, self.block_size)
+        window = torch.index_select(self.windows, 0, starts)  # (B, T + 1)
+        return window[:, :-1], window[:, 1:]
 
     def state(self) -> torch.Tensor:
         return self.generator.get_state()

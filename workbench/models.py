@@ -3,11 +3,15 @@ self-attention → many heads → transformer blocks. Each model is built from i
 :class:`~workbench.spec.ModelConfig`, the vocabulary size and the block size, and has
 ``forward(idx, targets=None) -> (logits, loss)`` and ``generate``.
 
-Attention is computed the fast way: one fused QKV projection and
-``scaled_dot_product_attention(is_causal=True)``, never one Python module per head.
+Attention is computed the fast way, never one Python module per head: one fused QKV projection,
+then ``scaled_dot_product_attention(is_causal=True)``, or on a CPU for blocks of up to
+``TINY_BLOCK`` positions (the lecture's 8, the ablation's 8-32) :class:`TinyCausalAttention`,
+the same math in batched matmuls with a hand-written backward.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -148,18 +152,93 @@ class SoftmaxAverage(Embedded):
         return self.mixing_weights(idx.size(-1))[None, None].detach()
 
 
+def dropout_layer(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or nothing to call when ``p`` is 0 (tiny models pay for every call)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+# Up to this many positions, attention on a CPU goes through TinyCausalAttention: faster than
+# SDPA's CPU flash kernel there (benchmarks/bench_step.py), no faster on longer blocks.
+TINY_BLOCK = 32
+
+
+def _softmax_last(scores: torch.Tensor) -> torch.Tensor:
+    # torch.softmax over rows shorter than one AVX-512 register (16 floats) takes a scalar path
+    # on the CPU: 4x slower than these four ops on (128, 8, 8).
+    if scores.size(-1) >= 16:
+        return torch.softmax(scores, dim=-1)
+    exp = (scores - scores.amax(dim=-1, keepdim=True)).exp_()
+    return exp.div_(exp.sum(dim=-1, keepdim=True))
+
+
+class TinyCausalAttention(torch.autograd.Function):
+    """Causal attention for short blocks on a CPU, forward and backward written out.
+
+    Takes the fused ``qkv`` projection (B, T, 3 * n_head * hs) and returns the heads
+    concatenated (B, T, n_head * hs). Three batched matmuls and a softmax forward, five matmuls
+    and the softmax's own backward back: the same math as SDPA (a test holds them to each
+    other), without the flash kernel's per-(batch, head) bookkeeping, which dominates when a
+    block is a few dozen positions long.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, qkv: torch.Tensor, n_head: int, bias: torch.Tensor) -> torch.Tensor:
+        B, T, width = qkv.shape
+        hs = width // (3 * n_head)
+        if n_head == 1:  # strided views are enough: no copy
+            q, k, v = qkv.view(B, T, 3, hs).unbind(2)
+        else:
+            heads = qkv.view(B, T, 3, n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+            q, k, v = heads.reshape(3, B * n_head, T, hs)
+        scale = hs**-0.5
+        probs = _softmax_last(torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale))
+        ctx.save_for_backward(q, k, v, probs)
+        ctx.scale = scale
+        y = torch.bmm(probs, v)  # (B * nh, T, hs)
+        return y.view(B, n_head, T, hs).transpose(1, 2).reshape(B, T, n_head * hs)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        q, k, v, probs = ctx.saved_tensors
+        N, T, hs = q.shape
+        B = dy.size(0)
+        n_head = N // B
+        dy = dy.reshape(B, T, n_head, hs).transpose(1, 2).reshape(N, T, hs)
+        grads = q.new_empty(3, N, T, hs)
+        dq, dk, dv = grads
+        torch.bmm(probs.transpose(1, 2), dy, out=dv)
+        dprobs = torch.bmm(dy, v.transpose(1, 2))
+        # softmax backward, with the score scale folded in: p * (dp - sum(dp * p)) * scale
+        dscores = dprobs.sub_((dprobs * probs).sum(dim=-1, keepdim=True)).mul_(probs)
+        dscores.mul_(ctx.scale)
+        torch.bmm(dscores, k, out=dq)
+        torch.bmm(dscores.transpose(1, 2), q, out=dk)
+        dqkv = grads.view(3, B, n_head, T, hs).permute(1, 3, 0, 2, 4)
+        return dqkv.reshape(B, T, 3 * n_head * hs), None, None
+
+
 class CausalSelfAttention(nn.Module):
     """``n_head`` heads of ``head_size`` in one fused QKV projection, concatenated, optionally
     projected back to ``n_embd``."""
 
+    causal_bias: torch.Tensor  # (block_size, block_size): 0 on and below the diagonal, -inf above
+
     def __init__(
-        self, n_embd: int, n_head: int, head_size: int, proj: bool, dropout: float
+        self,
+        n_embd: int,
+        n_head: int,
+        head_size: int,
+        block_size: int,
+        proj: bool,
+        dropout: float,
     ) -> None:
         super().__init__()
         self.n_head, self.head_size, self.dropout = n_head, head_size, dropout
         self.qkv = nn.Linear(n_embd, 3 * n_head * head_size, bias=False)
         self.proj = nn.Linear(n_head * head_size, n_embd) if proj else None
-        self.resid_dropout = nn.Dropout(dropout)
+        self.resid_dropout = dropout_layer(dropout)
+        bias = torch.full((block_size, block_size), float("-inf")).triu(1)
+        self.register_buffer("causal_bias", bias, persistent=False)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
@@ -173,10 +252,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self._qkv(x)
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # heads concatenated
+        if x.device.type == "cpu" and T <= TINY_BLOCK and dropout == 0.0:
+            bias = self.causal_bias[:T, :T]
+            y = TinyCausalAttention.apply(self.qkv(x), self.n_head, bias)  # type: ignore[no-untyped-call]
+        else:
+            q, k, v = self._qkv(x)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # heads concatenated
         if self.proj is not None:
             y = self.resid_dropout(self.proj(y))
         return y
@@ -196,7 +279,12 @@ class SingleHead(Embedded):
     def __init__(self, config: ModelConfig, vocab_size: int, block_size: int) -> None:
         super().__init__(config, vocab_size, block_size)
         self.attention = CausalSelfAttention(
-            config.n_embd, 1, self.head_width(), proj=False, dropout=config.dropout
+            config.n_embd,
+            1,
+            self.head_width(),
+            block_size,
+            proj=False,
+            dropout=config.dropout,
         )
 
     def head_width(self) -> int:
@@ -218,6 +306,7 @@ class MultiHead(Embedded):
             config.n_embd,
             config.n_head,
             config.n_embd // config.n_head,
+            block_size,
             proj=bool(config.proj),
             dropout=config.dropout,
         )
@@ -239,14 +328,14 @@ def feed_forward(kind: str, n_embd: int, dropout: float) -> nn.Module | None:
         nn.Linear(n_embd, 4 * n_embd),
         nn.ReLU(),
         nn.Linear(4 * n_embd, n_embd),
-        nn.Dropout(dropout),
+        dropout_layer(dropout),
     )
 
 
 class Block(nn.Module):
     """Attention then feed-forward, each optionally pre-normed and wrapped in a residual."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, block_size: int) -> None:
         super().__init__()
         C = config.n_embd
         self.residual = config.residual
@@ -254,6 +343,7 @@ class Block(nn.Module):
             C,
             config.n_head,
             C // config.n_head,
+            block_size,
             proj=config.proj is not False,
             dropout=config.dropout,
         )
@@ -278,7 +368,7 @@ class Transformer(Embedded):
 
     def __init__(self, config: ModelConfig, vocab_size: int, block_size: int) -> None:
         super().__init__(config, vocab_size, block_size)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, block_size) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd) if config.layernorm else None
         if config.init == "normal":
             self.apply(_init_normal)

@@ -22,6 +22,7 @@ import torch
 
 from workbench.data import BatchSampler, Corpus, eval_set
 from workbench.models import LanguageModel, build_model
+from workbench.optim import FlatAdamW
 from workbench.spec import RunConfig, TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -136,14 +137,10 @@ class Trainer:
         self.forward_model: Any = self.model
         if train.compile and self.device.type == "cuda":
             self.forward_model = torch.compile(self.model)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        fused = self.device.type in ("cuda", "cpu")
-        self.optimizer = torch.optim.AdamW(
-            params,
+        self.optimizer = FlatAdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
             lr=train.learning_rate,
             weight_decay=train.weight_decay,
-            fused=fused or None,
-            foreach=None if fused else True,
         )
         self.sampler = BatchSampler(corpus.train, train.block_size, train.batch_size, config.seed)
         self.eval_sets = {
@@ -171,20 +168,17 @@ class Trainer:
 
     def step(self) -> torch.Tensor:
         """One optimizer step on one batch; returns the (detached) loss on the device."""
-        lr = learning_rate_at(self.step_count, self.train_config)
-        if lr != self.optimizer.param_groups[0]["lr"]:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+        self.optimizer.lr = learning_rate_at(self.step_count, self.train_config)
         x, y = self.sampler.sample()
         if self.device.type != "cpu":
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         with self.autocast():
             _, loss = self.forward_model(x, y)
         assert loss is not None
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         loss.backward()
         if self.train_config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_config.grad_clip)
+            self.optimizer.clip_grad_norm_(self.train_config.grad_clip)
         self.optimizer.step()
         self.step_count += 1
         return loss.detach()
@@ -273,7 +267,7 @@ class Trainer:
             if self.smoothed_loss is None
             else beta * self.smoothed_loss + (1 - beta) * mean_loss
         )
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.optimizer.lr
         self.callback.on_metrics(
             {"train_loss_smooth": self.smoothed_loss, "lr": lr, "tokens_per_sec": tokens_per_sec},
             self.step_count,

@@ -1,0 +1,166 @@
+"""The two pieces of a training step that workbench writes itself, against PyTorch's own.
+
+1. Attention forward plus backward: ``TinyCausalAttention`` against SDPA's CPU kernel, on the
+   shapes of the lecture's rungs and the ablation's block sizes (batch 32).
+2. The optimizer, inside whole trainer steps: ``FlatAdamW`` (one fused kernel call on one flat
+   buffer) against ``torch.optim.AdamW(fused=True)`` on the same model.
+
+Both sides interleaved in one process, one torch thread; medians over the repeats.
+
+    python benchmarks/bench_step.py --repeats 5          # writes benchmarks/step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_trainer import workbench_config
+
+from workbench.data import Corpus
+from workbench.datasets import fetch_known
+from workbench.models import TinyCausalAttention
+from workbench.settings import load_settings
+from workbench.trainer import Trainer
+
+ATTENTION_SHAPES = [(1, 8, 32), (4, 8, 8), (4, 16, 8), (4, 32, 8), (4, 64, 8), (6, 64, 64)]
+
+
+def per_call_us(fn: Callable[[], Any], calls: int) -> float:
+    for _ in range(calls // 10):
+        fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def attention_calls(
+    batch: int, n_head: int, T: int, hs: int
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Forward plus backward through SDPA and through TinyCausalAttention, same inputs."""
+    qkv = torch.randn(batch, T, 3 * n_head * hs, requires_grad=True)
+    grad = torch.randn(batch, T, n_head * hs)
+    bias = torch.full((T, T), float("-inf")).triu(1)
+
+    def sdpa() -> None:
+        q, k, v = (
+            t.view(batch, T, n_head, hs).transpose(1, 2) for t in qkv.split(n_head * hs, dim=2)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y.transpose(1, 2).reshape(batch, T, n_head * hs).backward(grad)
+        qkv.grad = None
+
+    def tiny() -> None:
+        TinyCausalAttention.apply(qkv, n_head, bias).backward(grad)
+        qkv.grad = None
+
+    return sdpa, tiny
+
+
+def attention_rows(repeats: int, batch: int = 32) -> list[dict[str, Any]]:
+    rows = []
+    for n_head, T, hs in ATTENTION_SHAPES:
+        sdpa, tiny = attention_calls(batch, n_head, T, hs)
+        calls = 200 if T * hs >= 4096 else 1000
+        times: dict[str, list[float]] = {"sdpa": [], "tiny": []}
+        for _ in range(repeats):
+            times["sdpa"].append(per_call_us(sdpa, calls))
+            times["tiny"].append(per_call_us(tiny, calls))
+        row: dict[str, Any] = {"shape (B, nh, T, hs)": [batch, n_head, T, hs]}
+        row.update({f"{k}_us": statistics.median(v) for k, v in times.items()})
+        row["speedup"] = row["sdpa_us"] / row["tiny_us"]
+        rows.append(row)
+        print(
+            f"attention {row['shape (B, nh, T, hs)']}: SDPA {row['sdpa_us']:.0f} us, "
+            f"tiny {row['tiny_us']:.0f} us, {row['speedup']:.2f}x",
+            flush=True,
+        )
+    return rows
+
+
+class TorchAdamW:
+    """``torch.optim.AdamW(fused=True)`` behind the trainer's optimizer interface."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> None:
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+
+def optimizer_rows(corpus: Corpus, repeats: int, steps: int) -> list[dict[str, Any]]:
+    rows = []
+    for rung in (2, 3, 6):
+        trainers = {}
+        for name in ("torch", "flat"):
+            trainer = Trainer(workbench_config(rung, None, 1337), corpus)
+            if name == "torch":
+                params = [p for p in trainer.model.parameters() if p.requires_grad]
+                config = trainer.train_config
+                trainer.optimizer = TorchAdamW(params, config.learning_rate, config.weight_decay)  # type: ignore[assignment]
+            trainers[name] = trainer
+        times: dict[str, list[float]] = {"torch": [], "flat": []}
+        for _ in range(repeats):
+            for name, trainer in trainers.items():
+                times[name].append(per_call_us(trainer.step, steps))
+        row: dict[str, Any] = {"rung": rung}
+        row.update({f"{k}_step_us": statistics.median(v) for k, v in times.items()})
+        row["speedup"] = row["torch_step_us"] / row["flat_step_us"]
+        rows.append(row)
+        print(
+            f"optimizer, rung {rung} step: torch.optim.AdamW {row['torch_step_us']:.0f} us, "
+            f"FlatAdamW {row['flat_step_us']:.0f} us, {row['speedup']:.2f}x",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=500, help="trainer steps per measurement")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("step.json"))
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    corpus = Corpus.from_file(fetch_known("tinyshakespeare", load_settings().data_dir))
+    report = {
+        "machine": f"{platform.machine()} {platform.processor()}",
+        "torch": torch.__version__,
+        "threads": 1,
+        "repeats": args.repeats,
+        "attention": attention_rows(args.repeats),
+        "optimizer": optimizer_rows(corpus, args.repeats, args.steps),
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""FlatAdamW against torch.optim.AdamW: the same update, the same clipping, state that resumes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from workbench.optim import FlatAdamW
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(11, 6), nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 11))
+
+
+def loss_of(net: nn.Module, step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(step)
+    idx = torch.randint(0, 11, (16,), generator=generator)
+    return nn.functional.cross_entropy(net(idx), torch.roll(idx, 1))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_flat_adamw_matches_torch_adamw(fused: bool, clip: float):
+    ours, theirs = small_net(), small_net()
+    flat = FlatAdamW(list(ours.parameters()), lr=3e-2, weight_decay=0.1, fused=fused)
+    reference = torch.optim.AdamW(theirs.parameters(), lr=3e-2, weight_decay=0.1)
+    for step in range(25):
+        lr = 3e-2 * (1 - step / 50)  # a schedule, as the trainer sets one
+        flat.lr = lr
+        for group in reference.param_groups:
+            group["lr"] = lr
+        flat.zero_grad()
+        loss_of(ours, step).backward()
+        reference.zero_grad()
+        loss_of(theirs, step).backward()
+        if clip:
+            ours_norm = flat.clip_grad_norm_(clip)
+            theirs_norm = nn.utils.clip_grad_norm_(theirs.parameters(), clip)
+            torch.testing.assert_close(ours_norm, theirs_norm)
+        flat.step()
+        reference.step()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(ours[1].weight, small_net()[1].weight)  # it did train
+
+
+def test_parameters_and_gradients_are_views_of_the_flat_buffers():
+    net = small_net()
+    flat = FlatAdamW(list(net.parameters()), lr=1e-2)
+    flat.zero_grad()
+    loss_of(net, 0).backward()
+    assert flat.grad.abs().sum() > 0
+    storage = flat.grad.untyped_storage().data_ptr()
+    for p in net.parameters():
+        assert p.grad is not None and p.grad.untyped_storage().data_ptr() == storage
+        assert p.untyped_storage().data_ptr() == flat.flat.untyped_storage().data_ptr()
+    before = net[1].weight.detach().clone()
+    flat.step()
+    assert not torch.equal(net[1].weight, before)  # the step reached the module's own tensor
+    flat.zero_grad()
+    assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
+
+
+def test_state_dict_resumes_exactly():
+    net = small_net()
+    opt = FlatAdamW(list(net.parameters()), lr=1e-2)
+    for step in range(5):
+        opt.zero_grad()
+        loss_of(net, step).backward()
+        opt.step()
+    saved_net, saved_opt = copy.deepcopy(net.state_dict()), opt.state_dict()
+
+    fresh = small_net()
+    fresh.load_state_dict(saved_net)
+    resumed = FlatAdamW(list(fresh.parameters()), lr=1e-2)
+    resumed.load_state_dict(saved_opt)
+    for step in range(5, 10):
+        for o, n in ((opt, net), (resumed, fresh)):
+            o.zero_grad()
+            loss_of(n, step).backward()
+            o.step()
+    for a, b in zip(net.parameters(), fresh.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_state_of_another_shape_is_refused():
+    opt = FlatAdamW(list(small_net().parameters()), lr=1e-2)
+    other = FlatAdamW([nn.Parameter(torch.zeros(3))], lr=1e-2)
+    with pytest.raises(ValueError, match="does not fit"):
+        opt.load_state_dict(other.state_dict())
+    with pytest.raises(ValueError, match="does not fit"):
+        opt.load_state_dict(torch.optim.AdamW(small_net().parameters()).state_dict())
+
+
+def test_mixed_dtypes_are_refused():
+    with pytest.raises(ValueError, match="one device with one dtype"):
+        FlatAdamW(
+            [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))], lr=1
+        )
