@@ -104,6 +104,8 @@ def test_training_lowers_loss_and_reports_metrics(shakespeare: Corpus):
     progress = [m for _, m in recorder.metrics if "train_loss_smooth" in m]
     assert len(progress) == 6  # every 10 steps
     assert all(m["tokens_per_sec"] > 0 and m["lr"] == 1e-2 for m in progress)
+    # the loop (steps and evals) is timed apart from the final sample it is followed by
+    assert 0 < result.loop_time_s < result.wall_time_s
 
 
 def test_eval_is_batched_and_equals_per_batch_mean(shakespeare: Corpus):

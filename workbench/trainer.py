@@ -65,6 +65,7 @@ class TrainResult:
     device: str
     reason: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)  # eval points
+    loop_time_s: float = 0.0  # training steps and evals only: the span the lecture's scripts time
 
 
 def resolve_device(name: str) -> torch.device:
@@ -244,9 +245,14 @@ class Trainer:
                         last_checkpoint = time.perf_counter()
                     window_start = time.perf_counter()
         except Diverged as exc:
-            return self._result("diverged", start, train_time, last_eval, str(exc))
+            result = self._result("diverged", start, train_time, last_eval, str(exc))
+            result.loop_time_s = result.wall_time_s
+            return result
+        loop_time = time.perf_counter() - start
         self._final_artifacts()
-        return self._result("finished", start, train_time, last_eval, None)
+        result = self._result("finished", start, train_time, last_eval, None)
+        result.loop_time_s = loop_time
+        return result
 
     def _check_divergence(self, loss: float, what: str = "loss") -> None:
         """Non-finite, or ``divergence_factor`` times the loss at step 0 (chance level)."""
