@@ -150,6 +150,7 @@ def main() -> None:
         "torch": torch.__version__,
         "repeats": args.repeats,
         "max_iters": args.max_iters or "lecture",
+        "wall_time_s": "train steps plus evals, both sides; workbench_whole_time_s: whole fit()",
         "rows": rows,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -209,11 +209,27 @@ def test_tiny_attention_equals_sdpa_forward_and_backward(n_head: int, head_size:
     out = TinyCausalAttention.apply(qkv, n_head, _causal_bias(T))
     ref = _sdpa_heads(qkv_ref, n_head)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    grad_out = torch.randn(ref.shape, generator=g)
-    (out * grad_out).sum().backward()
-    (ref * grad_out).sum().backward()
+    # a non-contiguous incoming gradient, as a transpose upstream would hand back
+    grad_out = torch.randn(ref.shape[::-1], generator=g).permute(2, 1, 0)
+    out.backward(grad_out)
+    ref.backward(grad_out)
     assert qkv.grad is not None and qkv_ref.grad is not None
     torch.testing.assert_close(qkv.grad, qkv_ref.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("T", [12, 5, 1])
+def test_attention_module_tiny_and_sdpa_paths_agree(T: int, monkeypatch: pytest.MonkeyPatch):
+    """The module's own causal mask, sliced to T of a block of 12, in both of its paths."""
+    torch.manual_seed(3)
+    attention = CausalSelfAttention(16, 2, 8, 12, proj=True, dropout=0.0)
+    x = torch.randn(3, T, 16, requires_grad=True)
+    tiny = attention(x)
+    (tiny_grad,) = torch.autograd.grad(tiny.sum(), x)
+    monkeypatch.setattr("workbench.models.TINY_BLOCK", 0)  # every block to SDPA
+    sdpa = attention(x)
+    (sdpa_grad,) = torch.autograd.grad(sdpa.sum(), x)
+    torch.testing.assert_close(tiny, sdpa, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tiny_grad, sdpa_grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(("n_head", "T"), [(1, 8), (2, 5), (2, 20)])  # manual and torch softmax

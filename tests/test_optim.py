@@ -101,3 +101,42 @@ def test_mixed_dtypes_are_refused():
         FlatAdamW(
             [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))], lr=1
         )
+
+
+def test_torch_adamw_state_from_older_checkpoints_resumes():
+    """Checkpoints written before FlatAdamW hold torch.optim.AdamW's state; they still resume."""
+    net = small_net()
+    reference = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(5):
+        reference.zero_grad()
+        loss_of(net, step).backward()
+        reference.step()
+    fresh = small_net()
+    fresh.load_state_dict(net.state_dict())
+    flat = FlatAdamW(list(fresh.parameters()), lr=1e-3, weight_decay=0.1)
+    flat.load_state_dict(reference.state_dict())
+    assert flat.lr == 1e-2 and flat.step_number == 5
+    for step in range(5, 10):
+        reference.zero_grad()
+        loss_of(net, step).backward()
+        reference.step()
+        flat.zero_grad()
+        loss_of(fresh, step).backward()
+        flat.step()
+    for a, b in zip(fresh.parameters(), net.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_step_refuses_parameters_cut_loose_from_the_buffers():
+    net = small_net()
+    flat = FlatAdamW(list(net.parameters()), lr=1e-2)
+    net.zero_grad()  # sets every .grad to None: the next backward would not reach flat.grad
+    loss_of(net, 0).backward()
+    with pytest.raises(RuntimeError, match="no longer live in FlatAdamW's buffers"):
+        flat.step()
+
+    moved = small_net()
+    flat = FlatAdamW(list(moved.parameters()), lr=1e-2)
+    moved.double()
+    with pytest.raises(RuntimeError, match="no longer live"):
+        flat.step()

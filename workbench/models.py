@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from workbench.spec import ModelConfig
 
@@ -175,8 +176,8 @@ class TinyCausalAttention(torch.autograd.Function):
     """Causal attention for short blocks on a CPU, forward and backward written out.
 
     Takes the fused ``qkv`` projection (B, T, 3 * n_head * hs) and returns the heads
-    concatenated (B, T, n_head * hs). Three batched matmuls and a softmax forward, five matmuls
-    and the softmax's own backward back: the same math as SDPA (a test holds them to each
+    concatenated (B, T, n_head * hs). Two batched matmuls around a softmax forward, four batched
+    matmuls and the softmax's own backward back: the same math as SDPA (a test holds them to each
     other), without the flash kernel's per-(batch, head) bookkeeping, which dominates when a
     block is a few dozen positions long.
     """
@@ -186,9 +187,9 @@ class TinyCausalAttention(torch.autograd.Function):
         B, T, width = qkv.shape
         hs = width // (3 * n_head)
         if n_head == 1:  # strided views are enough: no copy
-            q, k, v = qkv.view(B, T, 3, hs).unbind(2)
+            q, k, v = qkv.reshape(B, T, 3, hs).unbind(2)
         else:
-            heads = qkv.view(B, T, 3, n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+            heads = qkv.reshape(B, T, 3, n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
             q, k, v = heads.reshape(3, B * n_head, T, hs)
         scale = hs**-0.5
         probs = _softmax_last(torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale))
@@ -198,6 +199,7 @@ class TinyCausalAttention(torch.autograd.Function):
         return y.view(B, n_head, T, hs).transpose(1, 2).reshape(B, T, n_head * hs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         q, k, v, probs = ctx.saved_tensors
         N, T, hs = q.shape
