@@ -222,9 +222,12 @@ class MetricBuffer:
         self.every_step_keys = every_step_keys  # stored whenever reported (eval losses)
         self.store_every = STORE_EVERY_STEPS if store_every is None else store_every
         self.points: list[Any] = []
-        self.last_heartbeat = 0.0
+        # The driver writes a heartbeat when it creates or resumes a run, just before handing
+        # it to a worker: the next one is due a HEARTBEAT_EVERY_S later (a call costs ~25 ms).
+        self.last_heartbeat = time.time()
         self.stored_until: dict[str, int] = {}  # key -> last step already in the store
-        self.latest: dict[str, Any] = {}  # key -> newest point not stored (between samples)
+        # key -> (value, timestamp, step): the newest point not stored (between samples)
+        self.latest: dict[str, tuple[float, int, int]] = {}
         self.pending_tags: dict[str, str] = {}  # stored with the next flush
 
     def skip_stored(self, keys: list[str]) -> None:
@@ -241,12 +244,11 @@ class MetricBuffer:
         for key, value in metrics.items():
             if not math.isfinite(value) or step <= self.stored_until.get(key, -1):
                 continue
-            point = Metric(key, float(value), now, step)
             every = self.store_every.get(key, STORE_EVERY_DEFAULT)
             if key not in self.every_step_keys and step % every:
-                self.latest[key] = point  # kept for the end of the run only
+                self.latest[key] = (float(value), now, step)  # kept for the end of the run only
             else:
-                self.points.append(point)
+                self.points.append(Metric(key, float(value), now, step))
                 self.latest.pop(key, None)
 
     def tags(self, tags: dict[str, str], now: bool = True) -> None:
@@ -263,7 +265,9 @@ class MetricBuffer:
         from mlflow.entities import RunTag
 
         if final:
-            self.points.extend(self.latest.values())
+            from mlflow.entities import Metric
+
+            self.points.extend(Metric(key, *point) for key, point in self.latest.items())
             self.latest = {}
         tags = [RunTag(k, v) for k, v in self.pending_tags.items()]
         self.pending_tags = {}
