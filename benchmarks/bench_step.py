@@ -32,7 +32,7 @@ from bench_trainer import workbench_config
 
 from workbench.data import Corpus
 from workbench.datasets import fetch_known
-from workbench.models import TinyCausalAttention
+from workbench.models import TinyCausalAttention, causal_bias
 from workbench.settings import load_settings
 from workbench.trainer import Trainer
 
@@ -54,7 +54,7 @@ def attention_calls(
     """Forward plus backward through SDPA and through TinyCausalAttention, same inputs."""
     qkv = torch.randn(batch, T, 3 * n_head * hs, requires_grad=True)
     grad = torch.randn(batch, T, n_head * hs)
-    bias = torch.full((T, T), float("-inf")).triu(1)
+    bias = causal_bias(T)
 
     def sdpa() -> None:
         q, k, v = (
@@ -71,22 +71,34 @@ def attention_calls(
     return sdpa, tiny
 
 
+def median_pair(
+    theirs: Callable[[], Any], ours: Callable[[], Any], calls: int, repeats: int
+) -> tuple[float, float]:
+    """Median µs per call of two functions, measured interleaved."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        times[0].append(per_call_us(theirs, calls))
+        times[1].append(per_call_us(ours, calls))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def attention_rows(repeats: int, batch: int = 32) -> list[dict[str, Any]]:
     rows = []
     for n_head, T, hs in ATTENTION_SHAPES:
         sdpa, tiny = attention_calls(batch, n_head, T, hs)
-        calls = 200 if T * hs >= 4096 else 1000
-        times: dict[str, list[float]] = {"sdpa": [], "tiny": []}
-        for _ in range(repeats):
-            times["sdpa"].append(per_call_us(sdpa, calls))
-            times["tiny"].append(per_call_us(tiny, calls))
-        row: dict[str, Any] = {"shape (B, nh, T, hs)": [batch, n_head, T, hs]}
-        row.update({f"{k}_us": statistics.median(v) for k, v in times.items()})
-        row["speedup"] = row["sdpa_us"] / row["tiny_us"]
-        rows.append(row)
+        sdpa_us, tiny_us = median_pair(sdpa, tiny, 200 if T * hs >= 4096 else 1000, repeats)
+        shape = [batch, n_head, T, hs]
+        rows.append(
+            {
+                "shape (B, nh, T, hs)": shape,
+                "sdpa_us": sdpa_us,
+                "tiny_us": tiny_us,
+                "speedup": sdpa_us / tiny_us,
+            }
+        )
         print(
-            f"attention {row['shape (B, nh, T, hs)']}: SDPA {row['sdpa_us']:.0f} us, "
-            f"tiny {row['tiny_us']:.0f} us, {row['speedup']:.2f}x",
+            f"attention {shape}: SDPA {sdpa_us:.0f} us, tiny {tiny_us:.0f} us, "
+            f"{sdpa_us / tiny_us:.2f}x",
             flush=True,
         )
     return rows
@@ -117,25 +129,23 @@ class TorchAdamW:
 def optimizer_rows(corpus: Corpus, repeats: int, steps: int) -> list[dict[str, Any]]:
     rows = []
     for rung in (2, 3, 6):
-        trainers = {}
-        for name in ("torch", "flat"):
-            trainer = Trainer(workbench_config(rung, None, 1337), corpus)
-            if name == "torch":
-                params = [p for p in trainer.model.parameters() if p.requires_grad]
-                config = trainer.train_config
-                trainer.optimizer = TorchAdamW(params, config.learning_rate, config.weight_decay)  # type: ignore[assignment]
-            trainers[name] = trainer
-        times: dict[str, list[float]] = {"torch": [], "flat": []}
-        for _ in range(repeats):
-            for name, trainer in trainers.items():
-                times[name].append(per_call_us(trainer.step, steps))
-        row: dict[str, Any] = {"rung": rung}
-        row.update({f"{k}_step_us": statistics.median(v) for k, v in times.items()})
-        row["speedup"] = row["torch_step_us"] / row["flat_step_us"]
-        rows.append(row)
+        theirs = Trainer(workbench_config(rung, None, 1337), corpus)
+        params = [p for p in theirs.model.parameters() if p.requires_grad]
+        config = theirs.train_config
+        theirs.optimizer = TorchAdamW(params, config.learning_rate, config.weight_decay)  # type: ignore[assignment]
+        ours = Trainer(workbench_config(rung, None, 1337), corpus)
+        torch_us, flat_us = median_pair(theirs.step, ours.step, steps, repeats)
+        rows.append(
+            {
+                "rung": rung,
+                "torch_step_us": torch_us,
+                "flat_step_us": flat_us,
+                "speedup": torch_us / flat_us,
+            }
+        )
         print(
-            f"optimizer, rung {rung} step: torch.optim.AdamW {row['torch_step_us']:.0f} us, "
-            f"FlatAdamW {row['flat_step_us']:.0f} us, {row['speedup']:.2f}x",
+            f"optimizer, rung {rung} step: torch.optim.AdamW {torch_us:.0f} us, "
+            f"FlatAdamW {flat_us:.0f} us, {torch_us / flat_us:.2f}x",
             flush=True,
         )
     return rows

@@ -28,6 +28,7 @@ from workbench.models import (
     Transformer,
     UniformAverage,
     build_model,
+    causal_bias,
     count_params,
 )
 from workbench.spec import MODEL_KINDS, ModelConfig
@@ -61,6 +62,16 @@ def fused_slice(attention: CausalSelfAttention, t: torch.Tensor, block: int, h: 
     n_head, hs = attention.n_head, attention.head_size
     start = block * n_head * hs + h * hs
     return t[start : start + hs]
+
+
+def multi_head_with_reference(seed: int) -> tuple[MultiHead, MultiHeadAttention]:
+    """Rung 3 (4 heads of 8) and per-head reference modules holding the same weights."""
+    model = make(ModelConfig(kind="multi_head", n_embd=32, n_head=4))
+    assert isinstance(model, MultiHead)
+    torch.manual_seed(seed)
+    ref = MultiHeadAttention(32, 4, 8, BLOCK)
+    copy_heads_into_fused(ref, model.attention)
+    return model, ref
 
 
 # -- the averaging trick: versions 1-3 and the two averaging rungs ---------------------------
@@ -194,10 +205,6 @@ def _sdpa_heads(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
     return y.transpose(1, 2).reshape(B, T, n_head * hs)
 
 
-def _causal_bias(T: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.full((T, T), float("-inf"), dtype=dtype).triu(1)
-
-
 @pytest.mark.parametrize(
     ("n_head", "head_size", "T"),
     [(1, 32, 8), (4, 8, 8), (4, 8, 1), (2, 8, 5), (3, 4, 17), (4, 8, TINY_BLOCK)],
@@ -206,7 +213,7 @@ def test_tiny_attention_equals_sdpa_forward_and_backward(n_head: int, head_size:
     g = torch.Generator().manual_seed(T + n_head)
     qkv = (3 * torch.randn(6, T, 3 * n_head * head_size, generator=g)).requires_grad_(True)
     qkv_ref = qkv.detach().clone().requires_grad_(True)
-    out = TinyCausalAttention.apply(qkv, n_head, _causal_bias(T))
+    out = TinyCausalAttention.apply(qkv, n_head, causal_bias(T))
     ref = _sdpa_heads(qkv_ref, n_head)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # a non-contiguous incoming gradient, as a transpose upstream would hand back
@@ -236,7 +243,7 @@ def test_attention_module_tiny_and_sdpa_paths_agree(T: int, monkeypatch: pytest.
 def test_tiny_attention_gradcheck(n_head: int, T: int):
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(2, T, 3 * n_head * 4, generator=g, dtype=torch.float64)
-    bias = _causal_bias(T, torch.float64)
+    bias = causal_bias(T, torch.float64)
     assert torch.autograd.gradcheck(
         lambda t: TinyCausalAttention.apply(t, n_head, bias), (qkv.requires_grad_(True),)
     )
@@ -244,12 +251,7 @@ def test_tiny_attention_gradcheck(n_head: int, T: int):
 
 def test_multi_head_whole_model_equals_reference_pipeline() -> None:
     """Embeddings -> reference heads -> lm_head gives the model's logits."""
-    n_embd, n_head = 32, 4
-    model = make(ModelConfig(kind="multi_head", n_embd=n_embd, n_head=n_head))
-    assert isinstance(model, MultiHead)
-    torch.manual_seed(12)
-    ref = MultiHeadAttention(n_embd, n_head, n_embd // n_head, BLOCK)
-    copy_heads_into_fused(ref, model.attention)
+    model, ref = multi_head_with_reference(seed=12)
     idx = torch.randint(0, VOCAB, (3, BLOCK), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         tok = model.token_embedding(idx)
@@ -594,18 +596,13 @@ def test_models_without_attention_return_no_map() -> None:
 
 
 def test_multi_head_attention_weights_equal_reference_wei() -> None:
-    n_embd, n_head = 32, 4
-    model = make(ModelConfig(kind="multi_head", n_embd=n_embd, n_head=n_head))
-    assert isinstance(model, MultiHead)
-    torch.manual_seed(13)
-    ref = MultiHeadAttention(n_embd, n_head, n_embd // n_head, BLOCK)
-    copy_heads_into_fused(ref, model.attention)
+    model, ref = multi_head_with_reference(seed=13)
     idx = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(8))
     weights = model.attention_weights(idx)
     assert weights is not None
     with torch.no_grad():
         expected = ref.weights(model.embed(idx))  # (1, n_head, T, T)
-    assert weights.shape == (1, n_head, 6, 6)
+    assert weights.shape == (1, model.attention.n_head, 6, 6)
     assert torch.allclose(weights, expected, atol=1e-6)
     for h, head in enumerate(ref.heads):
         with torch.no_grad():

@@ -83,12 +83,14 @@ class Corpus:
         return {"train": self.train, "val": self.val}[name]
 
 
-def _windows(
-    data: torch.Tensor, starts: torch.Tensor, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets (shifted by one character) for windows at ``starts``, in one gather."""
-    offsets = starts[:, None] + torch.arange(block_size + 1)  # (B, T+1)
-    window = data[offsets]
+def _window_view(data: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Every window of ``block_size + 1`` characters, as a view (no copy)."""
+    return data.unfold(0, block_size + 1, 1)
+
+
+def _windows(windows: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (shifted by one character) for windows at ``starts``: one gather."""
+    window = torch.index_select(windows, 0, starts)  # (B, T + 1)
     return window[:, :-1], window[:, 1:]
 
 
@@ -107,15 +109,13 @@ class BatchSampler:
         self.block_size = block_size
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
-        # Every window of block_size + 1 characters, as a view: a batch is one index_select.
-        self.windows = data.unfold(0, block_size + 1, 1)
+        self.windows = _window_view(data, block_size)
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(
             len(self.data) - self.block_size, (self.batch_size,), generator=self.generator
         )
-        window = torch.index_select(self.windows, 0, starts)  # (B, T + 1)
-        return window[:, :-1], window[:, 1:]
+        return _windows(self.windows, starts)
 
     def state(self) -> torch.Tensor:
         return self.generator.get_state()
@@ -138,4 +138,4 @@ def eval_set(
         )
     generator = torch.Generator().manual_seed(seed + EVAL_SEED_OFFSETS[split])
     starts = torch.randint(len(data) - block_size, (eval_iters * batch_size,), generator=generator)
-    return _windows(data, starts, block_size)
+    return _windows(_window_view(data, block_size), starts)

@@ -111,6 +111,11 @@ def causal_mask(block_size: int) -> torch.Tensor:
     return torch.tril(torch.ones(block_size, block_size, dtype=torch.bool))
 
 
+def causal_bias(block_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The causal mask as an additive bias: 0 on and below the diagonal, -inf above."""
+    return torch.full((block_size, block_size), float("-inf"), dtype=dtype).triu(1)
+
+
 class UniformAverage(Embedded):
     """Each position takes the mean of positions ≤ t (the seeds' version 2: tril / rowsum)."""
 
@@ -239,8 +244,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_head * head_size, bias=False)
         self.proj = nn.Linear(n_head * head_size, n_embd) if proj else None
         self.resid_dropout = dropout_layer(dropout)
-        bias = torch.full((block_size, block_size), float("-inf")).triu(1)
-        self.register_buffer("causal_bias", bias, persistent=False)
+        self.register_buffer("causal_bias", causal_bias(block_size), persistent=False)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape

@@ -245,14 +245,10 @@ class Trainer:
                         last_checkpoint = time.perf_counter()
                     window_start = time.perf_counter()
         except Diverged as exc:
-            result = self._result("diverged", start, train_time, last_eval, str(exc))
-            result.loop_time_s = result.wall_time_s
-            return result
-        loop_time = time.perf_counter() - start
+            return self._result("diverged", start, train_time, last_eval, str(exc))
+        loop_end = time.perf_counter()
         self._final_artifacts()
-        result = self._result("finished", start, train_time, last_eval, None)
-        result.loop_time_s = loop_time
-        return result
+        return self._result("finished", start, train_time, last_eval, None, loop_end)
 
     def _check_divergence(self, loss: float, what: str = "loss") -> None:
         """Non-finite, or ``divergence_factor`` times the loss at step 0 (chance level)."""
@@ -295,8 +291,10 @@ class Trainer:
         train_time: float,
         last_eval: dict[str, float] | None,
         reason: str | None,
+        loop_end: float | None = None,  # when steps and evals ended (default: now)
     ) -> TrainResult:
-        wall = time.perf_counter() - start
+        end = time.perf_counter()
+        wall = end - start
         tokens = self.step_count * self.train_config.batch_size * self.train_config.block_size
         final = last_eval or (self.history[-1] if self.history else {})
         return TrainResult(
@@ -311,6 +309,7 @@ class Trainer:
             device=str(self.device),
             reason=reason,
             history=list(self.history),
+            loop_time_s=(end if loop_end is None else loop_end) - start,
         )
 
     # -- end of run -------------------------------------------------------------------
