@@ -52,16 +52,14 @@ def attention_calls(
     batch: int, n_head: int, T: int, hs: int
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """Forward plus backward through SDPA and through TinyCausalAttention, same inputs."""
-    qkv = torch.randn(batch, T, 3 * n_head * hs, requires_grad=True)
-    grad = torch.randn(batch, T, n_head * hs)
+    qkv = torch.randn(batch * T, 3 * n_head * hs, requires_grad=True)  # rows, as models hold them
+    grad = torch.randn(batch * T, n_head * hs)
     bias = causal_bias(T)
 
     def sdpa() -> None:
-        q, k, v = (
-            t.view(batch, T, n_head, hs).transpose(1, 2) for t in qkv.split(n_head * hs, dim=2)
-        )
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y.transpose(1, 2).reshape(batch, T, n_head * hs).backward(grad)
+        heads = qkv.view(batch, T, 3, n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        y = F.scaled_dot_product_attention(*heads.unbind(0), is_causal=True)
+        y.transpose(1, 2).reshape(batch * T, n_head * hs).backward(grad)
         qkv.grad = None
 
     def tiny() -> None:

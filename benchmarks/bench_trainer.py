@@ -122,10 +122,12 @@ def main() -> None:
         for name, runs in samples.items():
             for key in ("wall_time_s", "tokens_per_sec", "final_val_loss"):
                 row[f"{name}_{key}"] = statistics.median(r[key] for r in runs)
-        row["speedup"] = statistics.median(
+        ratios = [
             b["wall_time_s"] / w["wall_time_s"]
             for b, w in zip(samples["baseline"], samples["workbench"], strict=True)
-        )
+        ]
+        row["speedup"] = statistics.median(ratios)
+        row["speedup_per_repeat"] = ratios  # each pair run back to back: the spread is noise
         row["workbench_whole_time_s"] = statistics.median(
             r["whole_time_s"] for r in samples["workbench"]
         )
@@ -141,6 +143,7 @@ def main() -> None:
             f" | workbench {row['workbench_wall_time_s']:.1f}s "
             f"{row['workbench_tokens_per_sec']:,.0f} tok/s val "
             f"{row['workbench_final_val_loss']:.4f} | speedup {row['speedup']:.2f}x "
+            f"({min(ratios):.2f}-{max(ratios):.2f}) "
             f"(with setup and final sample {row['speedup_whole']:.2f}x)",
             flush=True,
         )

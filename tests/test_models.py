@@ -58,6 +58,13 @@ def copy_heads_into_fused(ref: MultiHeadAttention, attention: CausalSelfAttentio
                 attention.qkv.weight[start : start + hs] = linear.weight
 
 
+def on_blocks(mix, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``mix`` (a model's ``mix``, an attention module or a block: rows of positions and
+    the block length in, rows out) to blocks ``x`` (B, T, C), as the reference computes them."""
+    B, T, C = x.shape
+    return mix(x.reshape(B * T, C), T).view(B, T, -1)
+
+
 def fused_slice(attention: CausalSelfAttention, t: torch.Tensor, block: int, h: int):
     n_head, hs = attention.n_head, attention.head_size
     start = block * n_head * hs + h * hs
@@ -89,10 +96,10 @@ def test_bag_of_words_versions_agree_with_averaging_models(T: int) -> None:
     frozen = make(ModelConfig(kind="softmax_avg", n_embd=N_EMBD, learnable=False))
     assert isinstance(uniform, UniformAverage)
     assert isinstance(frozen, SoftmaxAverage)
-    assert torch.allclose(uniform.mix(x), v1, atol=1e-6)
-    assert torch.allclose(frozen.mix(x), v1, atol=1e-6)
+    assert torch.allclose(on_blocks(uniform.mix, x), v1, atol=1e-6)
+    assert torch.allclose(on_blocks(frozen.mix, x), v1, atol=1e-6)
     # The first position sees only itself.
-    assert torch.equal(uniform.mix(x)[:, 0], x[:, 0])
+    assert torch.equal(on_blocks(uniform.mix, x)[:, 0], x[:, 0])
 
 
 def test_uniform_and_frozen_softmax_models_give_identical_logits() -> None:
@@ -127,7 +134,7 @@ def test_frozen_softmax_average_has_no_trainable_affinity() -> None:
     # Starts at zero affinities, i.e. as uniform averaging.
     assert torch.count_nonzero(learnable.affinity) == 0
     x = torch.randn(2, BLOCK, N_EMBD)
-    assert torch.allclose(learnable.mix(x), bag_of_words_v2(x), atol=1e-6)
+    assert torch.allclose(on_blocks(learnable.mix, x), bag_of_words_v2(x), atol=1e-6)
 
 
 # -- attention: per-head reference modules versus the fused QKV ------------------------------
@@ -144,7 +151,7 @@ def _compare_attention(
     x_fused = x.clone().requires_grad_(True)
 
     out_ref = ref(x_ref)
-    out_fused = model.mix(x_fused)
+    out_fused = on_blocks(model.mix, x_fused)
     assert out_fused.shape == out_ref.shape == (2, T, attention.n_head * attention.head_size)
     assert torch.allclose(out_fused, out_ref, atol=1e-5)
 
@@ -213,11 +220,11 @@ def test_tiny_attention_equals_sdpa_forward_and_backward(n_head: int, head_size:
     g = torch.Generator().manual_seed(T + n_head)
     qkv = (3 * torch.randn(6, T, 3 * n_head * head_size, generator=g)).requires_grad_(True)
     qkv_ref = qkv.detach().clone().requires_grad_(True)
-    out = TinyCausalAttention.apply(qkv, n_head, causal_bias(T))
-    ref = _sdpa_heads(qkv_ref, n_head)
+    out = TinyCausalAttention.apply(qkv.view(6 * T, -1), n_head, causal_bias(T))  # rows
+    ref = _sdpa_heads(qkv_ref, n_head).view(6 * T, -1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    # a non-contiguous incoming gradient, as a transpose upstream would hand back
-    grad_out = torch.randn(ref.shape[::-1], generator=g).permute(2, 1, 0)
+    # a non-contiguous incoming gradient, as a transpose downstream would hand back
+    grad_out = torch.randn(ref.shape[::-1], generator=g).t()
     out.backward(grad_out)
     ref.backward(grad_out)
     assert qkv.grad is not None and qkv_ref.grad is not None
@@ -230,10 +237,10 @@ def test_attention_module_tiny_and_sdpa_paths_agree(T: int, monkeypatch: pytest.
     torch.manual_seed(3)
     attention = CausalSelfAttention(16, 2, 8, 12, proj=True, dropout=0.0)
     x = torch.randn(3, T, 16, requires_grad=True)
-    tiny = attention(x)
+    tiny = on_blocks(attention, x)
     (tiny_grad,) = torch.autograd.grad(tiny.sum(), x)
     monkeypatch.setattr("workbench.models.TINY_BLOCK", 0)  # every block to SDPA
-    sdpa = attention(x)
+    sdpa = on_blocks(attention, x)
     (sdpa_grad,) = torch.autograd.grad(sdpa.sum(), x)
     torch.testing.assert_close(tiny, sdpa, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tiny_grad, sdpa_grad, rtol=1e-4, atol=1e-5)
@@ -245,7 +252,8 @@ def test_tiny_attention_gradcheck(n_head: int, T: int):
     qkv = torch.randn(2, T, 3 * n_head * 4, generator=g, dtype=torch.float64)
     bias = causal_bias(T, torch.float64)
     assert torch.autograd.gradcheck(
-        lambda t: TinyCausalAttention.apply(t, n_head, bias), (qkv.requires_grad_(True),)
+        lambda t: TinyCausalAttention.apply(t.view(2 * T, -1), n_head, bias),
+        (qkv.requires_grad_(True),),
     )
 
 
@@ -623,8 +631,8 @@ def test_transformer_attention_weights_match_what_forward_uses() -> None:
             assert block.ln1 is not None
             h = block.ln1(x)
             attention = block.attention
-            _, _, v = attention._qkv(h)  # (1, nh, T, hs)
+            _, _, v = attention._qkv(h.view(BLOCK, -1), BLOCK)  # (1, nh, T, hs)
             y = (maps[layer][None] @ v).transpose(1, 2).reshape(1, BLOCK, N_EMBD)
             assert attention.proj is not None
-            assert torch.allclose(attention.proj(y), attention(h), atol=1e-5)
-            x = block(x)
+            assert torch.allclose(attention.proj(y), on_blocks(attention, h), atol=1e-5)
+            x = on_blocks(block, x)

@@ -7,6 +7,11 @@ Attention is computed the fast way, never one Python module per head: one fused 
 then ``scaled_dot_product_attention(is_causal=True)``, or on a CPU for blocks of up to
 ``TINY_BLOCK`` positions (the lecture's 8, the ablation's 8-32) :class:`TinyCausalAttention`,
 the same math in batched matmuls with a hand-written backward.
+
+Between the embeddings and the head, activations are rows, one per position: ``(B * T, C)``,
+with the block length ``T`` passed alongside to whatever mixes positions. Every ``Linear`` is
+then one matmul in the autograd graph, without the two reshapes a ``(B, T, C)`` input adds
+around it (tiny models are dispatch-bound: 2-3% of a rung-6 step).
 """
 
 from __future__ import annotations
@@ -30,17 +35,21 @@ class LanguageModel(nn.Module):
         self.vocab_size = vocab_size
         self.block_size = block_size
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+    def row_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B * T, vocab): the next-token logits of every position of ``idx`` (B, T), a row each."""
         raise NotImplementedError
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.row_logits(idx).view(*idx.shape, -1)  # (B, T, vocab)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.logits(idx)  # (B, T, vocab)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
-        return logits, loss
+        logits = self.row_logits(idx)  # (B * T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float(), targets.reshape(-1))
+        return logits.view(*idx.shape, -1), loss
 
     @torch.no_grad()
     def generate(
@@ -78,8 +87,8 @@ class Bigram(LanguageModel):
         super().__init__(config, vocab_size, block_size)
         self.token_embedding = nn.Embedding(vocab_size, vocab_size)
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(idx)  # (B, T, vocab)
+    def row_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(idx.reshape(-1))  # (B * T, vocab)
 
 
 class Embedded(LanguageModel):
@@ -95,16 +104,21 @@ class Embedded(LanguageModel):
         return self.config.n_embd
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        # Positions 0..T-1 are a slice of the table: the same as an embedding lookup of
+        # Positions 0..T-1 are the table's first T rows: the same as an embedding lookup of
         # arange(T), with fewer ops per step (tiny models are dispatch-bound).
-        positions = self.position_embedding.weight[: idx.size(1)]  # (T, C)
+        table, T = self.position_embedding.weight, idx.size(1)
+        positions = table if len(table) == T else table[:T]  # (T, C)
         return self.token_embedding(idx) + positions  # (B, T, C)
 
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        """Rows (B * T, C) of blocks of ``T`` positions in, rows out; position t may only
+        see positions up to t of its own block."""
         return x
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.mix(self.embed(idx)))
+    def row_logits(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        x = self.embed(idx).view(B * T, -1)  # (B * T, C)
+        return self.lm_head(self.mix(x, T))
 
 
 def causal_mask(block_size: int) -> torch.Tensor:
@@ -126,9 +140,9 @@ class UniformAverage(Embedded):
         tril = torch.tril(torch.ones(block_size, block_size))
         self.register_buffer("weights", tril / tril.sum(1, keepdim=True), persistent=False)
 
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        T = x.size(1)
-        return self.weights[:T, :T] @ x  # (T, T) @ (B, T, C) -> (B, T, C)
+    def mix(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        blocks = x.view(-1, T, x.size(-1))  # (B, T, C)
+        return (self.weights[:T, :T] @ blocks).view_as(x)  # (T, T) @ (B, T, C)
 
     def attention_weights(self, idx: torch.Tensor) -> torch.Tensor | None:
         T = idx.size(-1)
@@ -151,8 +165,9 @@ class SoftmaxAverage(Embedded):
         wei = self.affinity[:T, :T].masked_fill(~self.mask[:T, :T], float("-inf"))
         return F.softmax(wei, dim=-1)  # (T, T)
 
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mixing_weights(x.size(1)) @ x
+    def mix(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        blocks = x.view(-1, T, x.size(-1))  # (B, T, C)
+        return (self.mixing_weights(T) @ blocks).view_as(x)
 
     def attention_weights(self, idx: torch.Tensor) -> torch.Tensor | None:
         return self.mixing_weights(idx.size(-1))[None, None].detach()
@@ -180,17 +195,18 @@ def _softmax_last(scores: torch.Tensor) -> torch.Tensor:
 class TinyCausalAttention(torch.autograd.Function):
     """Causal attention for short blocks on a CPU, forward and backward written out.
 
-    Takes the fused ``qkv`` projection (B, T, 3 * n_head * hs) and returns the heads
-    concatenated (B, T, n_head * hs). Two batched matmuls around a softmax forward, four batched
-    matmuls and the softmax's own backward back: the same math as SDPA (a test holds them to each
-    other), without the flash kernel's per-(batch, head) bookkeeping, which dominates when a
-    block is a few dozen positions long.
+    Takes the fused ``qkv`` projection as rows (B * T, 3 * n_head * hs) and the causal ``bias``
+    (T, T), and returns the heads concatenated as rows (B * T, n_head * hs). Two batched matmuls
+    around a softmax forward, four batched matmuls and the softmax's own backward back: the same
+    math as SDPA (a test holds them to each other), without the flash kernel's per-(batch, head)
+    bookkeeping, which dominates when a block is a few dozen positions long.
     """
 
     @staticmethod
     def forward(ctx: Any, qkv: torch.Tensor, n_head: int, bias: torch.Tensor) -> torch.Tensor:
-        B, T, width = qkv.shape
-        hs = width // (3 * n_head)
+        rows, width = qkv.shape
+        T = bias.size(0)
+        B, hs = rows // T, width // (3 * n_head)
         if n_head == 1:  # strided views are enough: no copy
             q, k, v = qkv.reshape(B, T, 3, hs).unbind(2)
         else:
@@ -201,14 +217,15 @@ class TinyCausalAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, probs)
         ctx.scale = scale
         y = torch.bmm(probs, v)  # (B * nh, T, hs)
-        return y.view(B, n_head, T, hs).transpose(1, 2).reshape(B, T, n_head * hs)
+        return y.view(B, n_head, T, hs).transpose(1, 2).reshape(rows, n_head * hs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         q, k, v, probs = ctx.saved_tensors
         N, T, hs = q.shape
-        B = dy.size(0)
+        rows = dy.size(0)
+        B = rows // T
         n_head = N // B
         dy = dy.reshape(B, T, n_head, hs).transpose(1, 2).reshape(N, T, hs)
         grads = q.new_empty(3, N, T, hs)
@@ -221,7 +238,7 @@ class TinyCausalAttention(torch.autograd.Function):
         torch.bmm(dscores, k, out=dq)
         torch.bmm(dscores.transpose(1, 2), q, out=dk)
         dqkv = grads.view(3, B, n_head, T, hs).permute(1, 3, 0, 2, 4)
-        return dqkv.reshape(B, T, 3 * n_head * hs), None, None
+        return dqkv.reshape(rows, 3 * n_head * hs), None, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -246,34 +263,31 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = dropout_layer(dropout)
         self.register_buffer("causal_bias", causal_bias(block_size), persistent=False)
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.n_head * self.head_size, dim=2)
-        shape = (B, T, self.n_head, self.head_size)
-        return (
-            q.view(shape).transpose(1, 2),  # (B, nh, T, hs)
-            k.view(shape).transpose(1, 2),
-            v.view(shape).transpose(1, 2),
-        )
+    def _qkv(self, x: torch.Tensor, T: int) -> tuple[torch.Tensor, ...]:
+        """Queries, keys and values of rows ``x`` (B * T, C), each (B, nh, T, hs)."""
+        qkv = self.qkv(x).view(-1, T, 3, self.n_head, self.head_size)  # (B, T, 3, nh, hs)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
+    def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        """Rows (B * T, C) in, rows (B * T, n_head * head_size or n_embd) out."""
         dropout = self.dropout if self.training else 0.0
         if x.device.type == "cpu" and T <= TINY_BLOCK and dropout == 0.0:
-            bias = self.causal_bias[:T, :T]
+            bias = self.causal_bias
+            if len(bias) != T:
+                bias = bias[:T, :T]
             y = TinyCausalAttention.apply(self.qkv(x), self.n_head, bias)  # type: ignore[no-untyped-call]
         else:
-            q, k, v = self._qkv(x)
+            q, k, v = self._qkv(x, T)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-            y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # heads concatenated
+            y = y.transpose(1, 2).reshape(x.size(0), -1)  # heads concatenated
         if self.proj is not None:
             y = self.resid_dropout(self.proj(y))
         return y
 
-    def weights(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, nh, T, T) attention probabilities, computed explicitly (for inspection only)."""
-        q, k, _ = self._qkv(x)
-        T = x.size(1)
+    def weights(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        """(B, nh, T, T) attention probabilities of rows ``x``, computed explicitly (for
+        inspection only)."""
+        q, k, _ = self._qkv(x, T)
         wei = (q @ k.transpose(-2, -1)) * self.head_size**-0.5
         mask = causal_mask(T).to(x.device)
         return F.softmax(wei.masked_fill(~mask, float("-inf")), dim=-1)
@@ -296,11 +310,12 @@ class SingleHead(Embedded):
     def head_width(self) -> int:
         return self.config.head_size or self.config.n_embd
 
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attention(x)
+    def mix(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        return self.attention(x, T)
 
     def attention_weights(self, idx: torch.Tensor) -> torch.Tensor | None:
-        return self.attention.weights(self.embed(idx))[0][None].detach()
+        T = idx.size(-1)
+        return self.attention.weights(self.embed(idx).flatten(0, 1), T)[0][None].detach()
 
 
 class MultiHead(Embedded):
@@ -317,11 +332,12 @@ class MultiHead(Embedded):
             dropout=config.dropout,
         )
 
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attention(x)
+    def mix(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        return self.attention(x, T)
 
     def attention_weights(self, idx: torch.Tensor) -> torch.Tensor | None:
-        return self.attention.weights(self.embed(idx))[0][None].detach()
+        T = idx.size(-1)
+        return self.attention.weights(self.embed(idx).flatten(0, 1), T)[0][None].detach()
 
 
 def feed_forward(kind: str, n_embd: int, dropout: float) -> nn.Module | None:
@@ -329,10 +345,10 @@ def feed_forward(kind: str, n_embd: int, dropout: float) -> nn.Module | None:
     if kind == "none":
         return None
     if kind == "linear":
-        return nn.Sequential(nn.Linear(n_embd, n_embd), nn.ReLU())
+        return nn.Sequential(nn.Linear(n_embd, n_embd), nn.ReLU(inplace=True))
     return nn.Sequential(
         nn.Linear(n_embd, 4 * n_embd),
-        nn.ReLU(),
+        nn.ReLU(inplace=True),  # on the Linear's fresh output: one tensor fewer per call
         nn.Linear(4 * n_embd, n_embd),
         dropout_layer(dropout),
     )
@@ -357,14 +373,14 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(C) if config.layernorm else None
         self.ln2 = nn.LayerNorm(C) if config.layernorm and self.ffwd is not None else None
 
-    def _sublayer(self, x: torch.Tensor, sub: nn.Module, norm: nn.Module | None) -> torch.Tensor:
-        out = sub(norm(x) if norm is not None else x)
+    def _residual(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return x + out if self.residual else out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._sublayer(x, self.attention, self.ln1)
+    def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        """Rows (B * T, C) in and out."""
+        x = self._residual(x, self.attention(self.ln1(x) if self.ln1 is not None else x, T))
         if self.ffwd is not None:
-            x = self._sublayer(x, self.ffwd, self.ln2)
+            x = self._residual(x, self.ffwd(self.ln2(x) if self.ln2 is not None else x))
         return x
 
 
@@ -379,20 +395,21 @@ class Transformer(Embedded):
         if config.init == "normal":
             self.apply(_init_normal)
 
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, T: int) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x)
+            x = block(x, T)
         return self.ln_f(x) if self.ln_f is not None else x
 
     def attention_weights(self, idx: torch.Tensor) -> torch.Tensor | None:
         if not self.blocks:
             return None
-        x, maps = self.embed(idx), []
+        T = idx.size(-1)
+        x, maps = self.embed(idx).flatten(0, 1), []
         for block in self.blocks:
             assert isinstance(block, Block)
             norm = block.ln1 if block.ln1 is not None else nn.Identity()
-            maps.append(block.attention.weights(norm(x))[0])
-            x = block(x)
+            maps.append(block.attention.weights(norm(x), T)[0])
+            x = block(x, T)
         return torch.stack(maps).detach()  # (n_layer, nh, T, T)
 
 
