@@ -6,7 +6,8 @@ changes to the model code gain; two trainers alternating in one process see the 
 Both sides share the rest of the trainer (data, optimizer, loop); only the models differ. Their
 losses must agree (the same math), and the script checks that they do before timing.
 
-    python benchmarks/ab_models.py --against HEAD~1          # writes benchmarks/ab_models.json
+    python benchmarks/ab_models.py                 # uncommitted changes against HEAD
+    python benchmarks/ab_models.py --against HEAD~1  # the last commit against the one before
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def models_at(revision: str, folder: Path) -> ModuleType:
         text=True,
         check=True,
     ).stdout
+    if source == (ROOT / "workbench" / "models.py").read_text():
+        print(f"note: workbench/models.py is the same at {revision}: expect 1.00x")
     path = folder / "models_other.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("models_other", path)
@@ -92,8 +95,9 @@ def compare(
     evals = {name: [] for name in trainers}  # type: dict[str, list[float]]
     for t in trainers.values():
         step_us(t, steps // 3)  # warm-up
-    for _ in range(repeats):
-        for name, t in trainers.items():
+    for repeat in range(repeats):
+        order = list(trainers.items())
+        for name, t in order if repeat % 2 else reversed(order):  # each side goes first in turn
             steps_taken[name].append(step_us(t, steps))
             evals[name].append(eval_ms(t))
     return {
@@ -114,7 +118,7 @@ def compare(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", default="HEAD", help="the git revision to compare with")
-    parser.add_argument("--rungs", type=int, nargs="+", default=[2, 3, 6])
+    parser.add_argument("--rungs", type=int, nargs="+", default=[2, 3, 4, 6])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=300, help="steps per timing")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("ab_models.json"))

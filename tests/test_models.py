@@ -246,6 +246,14 @@ def test_attention_module_tiny_and_sdpa_paths_agree(T: int, monkeypatch: pytest.
     torch.testing.assert_close(tiny_grad, sdpa_grad, rtol=1e-4, atol=1e-5)
 
 
+def test_attention_module_refuses_blocks_longer_than_its_mask() -> None:
+    """The tiny path takes the block length from the mask: a longer block must not be split
+    into the wrong sequences silently."""
+    attention = CausalSelfAttention(16, 2, 8, 4, proj=False, dropout=0.0)
+    with pytest.raises(ValueError, match="more than the block size 4"):
+        attention(torch.randn(3 * 8, 16), 8)
+
+
 @pytest.mark.parametrize(("n_head", "T"), [(1, 8), (2, 5), (2, 20)])  # manual and torch softmax
 def test_tiny_attention_gradcheck(n_head: int, T: int):
     g = torch.Generator().manual_seed(0)

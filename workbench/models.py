@@ -11,7 +11,7 @@ the same math in batched matmuls with a hand-written backward.
 Between the embeddings and the head, activations are rows, one per position: ``(B * T, C)``,
 with the block length ``T`` passed alongside to whatever mixes positions. Every ``Linear`` is
 then one matmul in the autograd graph, without the two reshapes a ``(B, T, C)`` input adds
-around it (tiny models are dispatch-bound: 2-3% of a rung-6 step).
+around it (tiny models are dispatch-bound: 2-3% of a rung-6 step, `benchmarks/ab_models.py`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class LanguageModel(nn.Module):
         raise NotImplementedError
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.row_logits(idx).view(*idx.shape, -1)  # (B, T, vocab)
+        """(B, T, vocab): ``row_logits`` in the shape of ``idx``."""
+        return self.row_logits(idx).view(*idx.shape, -1)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
@@ -272,8 +273,10 @@ class CausalSelfAttention(nn.Module):
         """Rows (B * T, C) in, rows (B * T, n_head * head_size or n_embd) out."""
         dropout = self.dropout if self.training else 0.0
         if x.device.type == "cpu" and T <= TINY_BLOCK and dropout == 0.0:
-            bias = self.causal_bias
+            bias = self.causal_bias  # its size is the block length the Function assumes
             if len(bias) != T:
+                if len(bias) < T:
+                    raise ValueError(f"{T} positions, more than the block size {len(bias)}")
                 bias = bias[:T, :T]
             y = TinyCausalAttention.apply(self.qkv(x), self.n_head, bias)  # type: ignore[no-untyped-call]
         else:
