@@ -91,8 +91,8 @@ def compare(
     losses = {name: [t.step().item() for _ in range(20)] for name, t in trainers.items()}
     if not all(abs(a - b) < 1e-4 for a, b in zip(*losses.values(), strict=True)):
         raise SystemExit(f"rung {rung}: the two models' losses differ: {losses}")
-    steps_taken = {name: [] for name in trainers}  # type: dict[str, list[float]]
-    evals = {name: [] for name in trainers}  # type: dict[str, list[float]]
+    steps_taken: dict[str, list[float]] = {name: [] for name in trainers}
+    evals: dict[str, list[float]] = {name: [] for name in trainers}
     for t in trainers.values():
         step_us(t, steps // 3)  # warm-up
     for repeat in range(repeats):
