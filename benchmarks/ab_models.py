@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_step import per_call_us
 from bench_trainer import workbench_config
 
 import workbench.trainer as trainer_module
@@ -39,15 +40,15 @@ from workbench.settings import load_settings
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+
+
 def models_at(revision: str, folder: Path) -> ModuleType:
     """``workbench/models.py`` as it was at ``revision``, imported as a module of its own."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:workbench/models.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    source = git("show", f"{revision}:workbench/models.py")
     if source == (ROOT / "workbench" / "models.py").read_text():
         print(f"note: workbench/models.py is the same at {revision}: expect 1.00x")
     path = folder / "models_other.py"
@@ -66,13 +67,6 @@ def trainer_with(build_model: Any, rung: int, corpus: Corpus) -> trainer_module.
         return trainer_module.Trainer(workbench_config(rung, None, 1337), corpus)
     finally:
         trainer_module.build_model = own
-
-
-def step_us(trainer: trainer_module.Trainer, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.step()
-    return (time.perf_counter() - start) / steps * 1e6
 
 
 def eval_ms(trainer: trainer_module.Trainer) -> float:
@@ -94,11 +88,11 @@ def compare(
     steps_taken: dict[str, list[float]] = {name: [] for name in trainers}
     evals: dict[str, list[float]] = {name: [] for name in trainers}
     for t in trainers.values():
-        step_us(t, steps // 3)  # warm-up
+        per_call_us(t.step, steps // 3)  # warm-up
     for repeat in range(repeats):
         order = list(trainers.items())
         for name, t in order if repeat % 2 else reversed(order):  # each side goes first in turn
-            steps_taken[name].append(step_us(t, steps))
+            steps_taken[name].append(per_call_us(t.step, steps))
             evals[name].append(eval_ms(t))
     return {
         "rung": rung,
@@ -126,13 +120,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     corpus = Corpus.from_file(fetch_known("tinyshakespeare", load_settings().data_dir))
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", args.against],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    commit = git("rev-parse", "--short", args.against).strip()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         other = models_at(args.against, Path(folder))

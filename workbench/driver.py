@@ -158,10 +158,11 @@ def run_sweep(
         run = decision.run
         run_dir = options.checkpoint_dir / plan.experiment / run.key
         attempt = 1
-        resumed = decision.action == "resume"
-        if decision.action == "resume" and decision.record is not None:
-            run_id = decision.record.run_id
-            attempt = decision.record.attempt + 1
+        previous = decision.record if decision.action == "resume" else None
+        resumed = previous is not None
+        if previous is not None:
+            run_id = previous.run_id
+            attempt = previous.attempt + 1
             mlflow_client.update_run(run_id, status="RUNNING")
             tags = {**sweep_tags, TAG + "attempt": str(attempt),
                     TAG + "heartbeat": f"{time.time():.0f}"}  # fmt: skip

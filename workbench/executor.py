@@ -100,10 +100,11 @@ class LocalExecutor:
         pending = deque(items)
         results: list[JobResult] = []
         slots = max(1, min(self.jobs, len(items)))
-        if self.threads_per_job is None and not self.gpus:  # 1 run on 2 cores: 2 threads
-            self.threads_per_job = max(1, (os.cpu_count() or 1) // slots)
+        threads = self.threads_per_job
+        if threads is None and not self.gpus:  # 1 run on 2 cores: 2 threads
+            threads = max(1, (os.cpu_count() or 1) // slots)
         try:
-            self.workers = [self._start(ctx, slot) for slot in range(slots)]
+            self.workers = [self._start(ctx, slot, threads) for slot in range(slots)]
             while pending or any(w.job is not None for w in self.workers):
                 for worker in self.workers:
                     if worker.job is None and pending:
@@ -122,7 +123,7 @@ class LocalExecutor:
                                 on_event,
                                 on_crash,
                             )
-                        self.workers[slot] = self._start(ctx, slot)
+                        self.workers[slot] = self._start(ctx, slot, threads)
         except KeyboardInterrupt:
             self._interrupt(results, on_event, on_crash)
             raise
@@ -130,10 +131,10 @@ class LocalExecutor:
             self._stop()
         return results
 
-    def _start(self, ctx: Any, slot: int) -> _Worker:
+    def _start(self, ctx: Any, slot: int, threads: int | None) -> _Worker:
         env: dict[str, str] = {}
-        if self.threads_per_job is not None:  # torch reads it when it is first imported
-            env["OMP_NUM_THREADS"] = str(self.threads_per_job)
+        if threads is not None:  # torch reads it when it is first imported
+            env["OMP_NUM_THREADS"] = str(threads)
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = str((slot // self.jobs_per_gpu) % self.gpus)
         parent_conn, child_conn = ctx.Pipe()

@@ -105,9 +105,7 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
         )
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}".strip()[:500]
-        buffer.tags(
-            {TAG + "reason": reason, TAG + "stopped_step": str(callback.last_step)}, now=False
-        )
+        buffer.tags({TAG + "reason": reason, TAG + "stopped_step": str(callback.last_step)})
         buffer.flush(heartbeat=False)
         mlflow_client.log_text(job.run_id, traceback.format_exc(), "error.txt")
         mlflow_client.set_terminated(job.run_id, status="FAILED")
@@ -138,8 +136,7 @@ def _train_and_record(
             TAG + "host": socket.gethostname(),
             TAG + "device": device,
             TAG + "torch_version": torch.__version__,
-        },
-        now=False,  # with the first flush: a call costs ~25 ms, a short run has two or three
+        }
     )
     result = trainer.fit()
 
@@ -155,8 +152,7 @@ def _train_and_record(
                 TAG + "diverged": "true",
                 TAG + "reason": result.reason or "diverged",
                 TAG + "stopped_step": str(result.step),
-            },
-            now=False,
+            }
         )
     buffer.flush(heartbeat=False, final=True)
     if result.status == "diverged":

@@ -292,8 +292,7 @@ class CausalSelfAttention(nn.Module):
         inspection only)."""
         q, k, _ = self._qkv(x, T)
         wei = (q @ k.transpose(-2, -1)) * self.head_size**-0.5
-        mask = causal_mask(T).to(x.device)
-        return F.softmax(wei.masked_fill(~mask, float("-inf")), dim=-1)
+        return F.softmax(wei + self.causal_bias[:T, :T], dim=-1)
 
 
 class SingleHead(Embedded):
