@@ -1,7 +1,8 @@
 """The two pieces of a training step that workbench writes itself, against PyTorch's own.
 
-1. Attention forward plus backward: ``TinyCausalAttention`` against SDPA's CPU kernel, on the
-   shapes of the lecture's rungs and the ablation's block sizes (batch 32).
+1. Attention forward plus backward: ``TinyCausalAttention`` (PyTorch ops) and the compiled kernel
+   of ``workbench.kernels`` against SDPA's CPU kernel, on the shapes of the lecture's rungs and
+   the ablation's block sizes (batch 32); then the eval's forward alone (512 windows, no grad).
 2. The optimizer, inside whole trainer steps: ``FlatAdamW`` (one fused kernel call on one flat
    buffer) against ``torch.optim.AdamW(fused=True)`` on the same model.
 
@@ -32,6 +33,7 @@ from bench_trainer import workbench_config
 
 from workbench.data import Corpus
 from workbench.datasets import fetch_known
+from workbench.kernels import MAX_BLOCK, tiny_attention
 from workbench.models import TinyCausalAttention, causal_bias
 from workbench.settings import load_settings
 from workbench.trainer import Trainer
@@ -48,10 +50,9 @@ def per_call_us(fn: Callable[[], Any], calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def attention_calls(
-    batch: int, n_head: int, T: int, hs: int
-) -> tuple[Callable[[], None], Callable[[], None]]:
-    """Forward plus backward through SDPA and through TinyCausalAttention, same inputs."""
+def attention_calls(batch: int, n_head: int, T: int, hs: int) -> dict[str, Callable[[], None]]:
+    """Forward plus backward through SDPA, TinyCausalAttention and the compiled kernel (where
+    this machine can build it), same inputs."""
     qkv = torch.randn(batch * T, 3 * n_head * hs, requires_grad=True)  # rows, as models hold them
     grad = torch.randn(batch * T, n_head * hs)
     bias = causal_bias(T)
@@ -66,39 +67,76 @@ def attention_calls(
         TinyCausalAttention.apply(qkv, n_head, bias).backward(grad)
         qkv.grad = None
 
-    return sdpa, tiny
+    calls = {"sdpa": sdpa, "tiny": tiny}
+    kernel = tiny_attention(hs)
+    if kernel is not None and T <= MAX_BLOCK:
+
+        def native() -> None:
+            kernel(qkv, n_head, T).backward(grad)
+            qkv.grad = None
+
+        calls["native"] = native
+    return calls
 
 
 def median_pair(
     theirs: Callable[[], Any], ours: Callable[[], Any], calls: int, repeats: int
 ) -> tuple[float, float]:
     """Median µs per call of two functions, measured interleaved."""
-    times: tuple[list[float], list[float]] = ([], [])
+    first, second = medians([theirs, ours], calls, repeats)
+    return first, second
+
+
+def medians(functions: list[Callable[[], Any]], calls: int, repeats: int) -> list[float]:
+    """Median µs per call of each function, measured interleaved."""
+    times: list[list[float]] = [[] for _ in functions]
     for _ in range(repeats):
-        times[0].append(per_call_us(theirs, calls))
-        times[1].append(per_call_us(ours, calls))
-    return statistics.median(times[0]), statistics.median(times[1])
+        for fn, samples in zip(functions, times, strict=True):
+            samples.append(per_call_us(fn, calls))
+    return [statistics.median(samples) for samples in times]
 
 
 def attention_rows(repeats: int, batch: int = 32) -> list[dict[str, Any]]:
     rows = []
     for n_head, T, hs in ATTENTION_SHAPES:
-        sdpa, tiny = attention_calls(batch, n_head, T, hs)
-        sdpa_us, tiny_us = median_pair(sdpa, tiny, 200 if T * hs >= 4096 else 1000, repeats)
+        calls = attention_calls(batch, n_head, T, hs)
+        times = medians(list(calls.values()), 200 if T * hs >= 4096 else 1000, repeats)
+        us = dict(zip(calls, times, strict=True))
         shape = [batch, n_head, T, hs]
-        rows.append(
-            {
-                "shape (B, nh, T, hs)": shape,
-                "sdpa_us": sdpa_us,
-                "tiny_us": tiny_us,
-                "speedup": sdpa_us / tiny_us,
-            }
-        )
-        print(
-            f"attention {shape}: SDPA {sdpa_us:.0f} us, tiny {tiny_us:.0f} us, "
-            f"{sdpa_us / tiny_us:.2f}x",
-            flush=True,
-        )
+        row: dict[str, Any] = {"shape (B, nh, T, hs)": shape}
+        row.update({f"{name}_us": value for name, value in us.items()})
+        row["speedup"] = us["sdpa"] / us["tiny"]  # TinyCausalAttention against SDPA
+        line = f"attention {shape}: SDPA {us['sdpa']:.0f} us, tiny {us['tiny']:.0f} us"
+        if "native" in us:
+            row["native_speedup"] = us["sdpa"] / us["native"]
+            row["native_over_tiny"] = us["tiny"] / us["native"]
+            line += f", native {us['native']:.0f} us ({us['tiny'] / us['native']:.2f}x tiny)"
+        rows.append(row)
+        print(line, flush=True)
+    return rows
+
+
+def eval_attention_rows(repeats: int, windows: int = 512) -> list[dict[str, Any]]:
+    """The eval's forward pass: no autograd, 512 windows at a time."""
+    rows = []
+    for n_head, T, hs in [(1, 8, 32), (4, 8, 8)]:
+        kernel = tiny_attention(hs)
+        if kernel is None:
+            break
+        qkv = torch.randn(windows * T, 3 * n_head * hs)
+        bias = causal_bias(T)
+        with torch.no_grad():
+            tiny_us, native_us = median_pair(
+                lambda: TinyCausalAttention.apply(qkv, n_head, bias),  # noqa: B023
+                lambda: kernel(qkv, n_head, T),  # noqa: B023
+                200,
+                repeats,
+            )
+        shape = [windows, n_head, T, hs]
+        rows.append({"shape (B, nh, T, hs)": shape, "tiny_us": tiny_us, "native_us": native_us,
+                     "native_over_tiny": tiny_us / native_us})  # fmt: skip
+        print(f"eval attention {shape}: tiny {tiny_us:.0f} us, native {native_us:.0f} us, "
+              f"{tiny_us / native_us:.2f}x", flush=True)  # fmt: skip
     return rows
 
 
@@ -164,6 +202,7 @@ def main() -> None:
         "threads": 1,
         "repeats": args.repeats,
         "attention": attention_rows(args.repeats),
+        "eval_attention": eval_attention_rows(args.repeats),
         "optimizer": optimizer_rows(corpus, args.repeats, args.steps),
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -5,8 +5,9 @@ self-attention → many heads → transformer blocks. Each model is built from i
 
 Attention is computed the fast way, never one Python module per head: one fused QKV projection,
 then ``scaled_dot_product_attention(is_causal=True)``, or on a CPU for blocks of up to
-``TINY_BLOCK`` positions (the lecture's 8, the ablation's 8-32) :class:`TinyCausalAttention`,
-the same math in batched matmuls with a hand-written backward.
+``TINY_BLOCK`` positions (the lecture's 8, the ablation's 8-32) a C kernel compiled on first use
+(:mod:`workbench.kernels`), or where none can be built :class:`TinyCausalAttention`, the same
+math in batched matmuls with a hand-written backward.
 
 Between the embeddings and the head, activations are rows, one per position: ``(B * T, C)``,
 with the block length ``T`` passed alongside to whatever mixes positions. Every ``Linear`` is
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from workbench import kernels
 from workbench.spec import ModelConfig
 
 
@@ -179,9 +181,10 @@ def dropout_layer(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
-# Up to this many positions, attention on a CPU goes through TinyCausalAttention: faster than
-# SDPA's CPU flash kernel there (benchmarks/bench_step.py), no faster on longer blocks.
-TINY_BLOCK = 32
+# Up to this many positions, attention on a CPU goes through the compiled kernel of
+# workbench.kernels, or TinyCausalAttention where none can be built: both faster than SDPA's CPU
+# flash kernel there (benchmarks/bench_step.py), no faster on longer blocks.
+TINY_BLOCK = 32  # kernels.MAX_BLOCK is the C kernel's limit
 
 
 def _softmax_last(scores: torch.Tensor) -> torch.Tensor:
@@ -278,7 +281,12 @@ class CausalSelfAttention(nn.Module):
                 if len(bias) < T:
                     raise ValueError(f"{T} positions, more than the block size {len(bias)}")
                 bias = bias[:T, :T]
-            y = TinyCausalAttention.apply(self.qkv(x), self.n_head, bias)  # type: ignore[no-untyped-call]
+            qkv = self.qkv(x)
+            kernel = kernels.tiny_attention(self.head_size) if qkv.dtype == torch.float32 else None
+            if kernel is not None:
+                y = kernel(qkv, self.n_head, T)
+            else:
+                y = TinyCausalAttention.apply(qkv, self.n_head, bias)  # type: ignore[no-untyped-call]
         else:
             q, k, v = self._qkv(x, T)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)

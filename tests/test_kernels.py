@@ -1,0 +1,225 @@
+"""The compiled attention kernel (workbench.kernels): the same results as SDPA and as
+TinyCausalAttention, forward and backward; NaN and extreme scores as PyTorch handles them; the
+build cache; and the fallback to PyTorch ops where no kernel can be built."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workbench import kernels
+from workbench.models import TINY_BLOCK, TinyCausalAttention, build_model, causal_bias
+from workbench.spec import ModelConfig
+
+HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def fresh_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty kernel cache, and no kernel remembered from earlier tests (both ways)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kernels.tiny_attention.cache_clear()
+    yield tmp_path / "workbench" / "kernels"
+    kernels.tiny_attention.cache_clear()
+
+
+def kernel(head_size: int) -> kernels.TinyAttention:
+    built = kernels.tiny_attention(head_size)
+    assert built is not None, "a C compiler is on the PATH, so the kernel must build"
+    return built
+
+
+def sdpa_rows(qkv: torch.Tensor, n_head: int, T: int) -> torch.Tensor:
+    """The reference: rows (B * T, 3 * nh * hs) through SDPA, back to rows (B * T, nh * hs)."""
+    hs = qkv.size(1) // (3 * n_head)
+    q, k, v = qkv.view(-1, T, 3, n_head, hs).permute(2, 0, 3, 1, 4)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return y.transpose(1, 2).reshape(qkv.size(0), n_head * hs)
+
+
+SHAPES = [(1, 32, 8), (4, 8, 8), (4, 8, 1), (2, 8, 5), (3, 4, 17), (1, 64, 3), (4, 8, TINY_BLOCK)]
+
+
+@needs_compiler
+@pytest.mark.parametrize(("n_head", "head_size", "T"), SHAPES)
+def test_kernel_equals_sdpa_forward_and_backward(n_head: int, head_size: int, T: int) -> None:
+    g = torch.Generator().manual_seed(T * 10 + n_head)
+    rows = 6 * T
+    qkv = (3 * torch.randn(rows, 3 * n_head * head_size, generator=g)).requires_grad_(True)
+    reference = qkv.detach().double().requires_grad_(True)  # float64: the kernel's error alone
+    out = kernel(head_size)(qkv, n_head, T)
+    expected = sdpa_rows(reference, n_head, T)
+    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn(rows, n_head * head_size, dtype=torch.float64, generator=g)
+    out.backward(grad_out.float().t().contiguous().t())  # a non-contiguous incoming gradient
+    expected.backward(grad_out)
+    assert qkv.grad is not None and reference.grad is not None
+    torch.testing.assert_close(qkv.grad, reference.grad.float(), rtol=1e-4, atol=1e-4)
+
+
+@needs_compiler
+def test_kernel_matches_tiny_causal_attention_to_rounding() -> None:
+    """The two CPU paths agree to float32 rounding (a different summation order only)."""
+    torch.manual_seed(0)
+    qkv = torch.randn(32 * 8, 3 * 32, requires_grad=True)
+    grad_out = torch.randn(32 * 8, 32)
+    native = kernel(8)(qkv, 4, 8)
+    (native_grad,) = torch.autograd.grad(native, qkv, grad_out)
+    torch_ops = TinyCausalAttention.apply(qkv, 4, causal_bias(8))
+    (torch_grad,) = torch.autograd.grad(torch_ops, qkv, grad_out)
+    torch.testing.assert_close(native, torch_ops, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(native_grad, torch_grad, rtol=2e-6, atol=2e-6)
+
+
+@needs_compiler
+def test_kernel_without_grad_is_the_same_forward() -> None:
+    qkv = torch.randn(4 * 8, 3 * 2 * 8, requires_grad=True)
+    with_grad = kernel(8)(qkv, 2, 8)
+    with torch.no_grad():
+        without = kernel(8)(qkv, 2, 8)
+    assert with_grad.grad_fn is not None and without.grad_fn is None
+    assert torch.equal(with_grad.detach(), without)
+
+
+@needs_compiler
+def test_kernel_softmax_is_stable_for_extreme_scores() -> None:
+    """Scores in the thousands: the max is subtracted first; weights that underflow are 0."""
+    g = torch.Generator().manual_seed(1)
+    qkv = 40 * torch.randn(3 * 8, 3 * 2 * 16, generator=g)
+    out = kernel(16)(qkv, 2, 8)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, sdpa_rows(qkv.double(), 2, 8).float(), rtol=1e-5, atol=1e-4)
+
+
+@needs_compiler
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_kernel_propagates_nan_to_what_depends_on_it(where: str) -> None:
+    """A diverging run must reach a NaN loss, not finite garbage: a NaN in position 3 of one
+    head reaches that head's outputs from position 3 on (all of its channels, but for a NaN in
+    v only the channel it is in), and nothing else. (SDPA's CPU kernel is no reference here:
+    it drops a NaN query, and spreads a NaN value to earlier positions through 0 * NaN.)"""
+    n_head, hs, T = 2, 8, 8
+    qkv = torch.randn(2 * T, 3 * n_head * hs)
+    part = {"q": 0, "k": 1, "v": 2}[where]
+    qkv[T + 3, part * n_head * hs + hs + 5] = float("nan")  # sequence 1, position 3, head 1
+    out = kernel(hs)(qkv, n_head, T)
+    expected = torch.zeros_like(out, dtype=torch.bool)
+    rows = slice(T + 3, T + 4) if where == "q" else slice(T + 3, 2 * T)
+    columns = slice(hs + 5, hs + 6) if where == "v" else slice(hs, 2 * hs)
+    expected[rows, columns] = True
+    assert torch.equal(out.isnan(), expected)
+
+
+@needs_compiler
+def test_kernel_refuses_layouts_it_would_read_out_of_bounds() -> None:
+    attention = kernel(8)
+    with pytest.raises(ValueError, match="do not fit"):
+        attention(torch.randn(16, 3 * 2 * 8), 3, 8)  # 3 heads of 8 need 72 columns
+    with pytest.raises(ValueError, match="do not fit"):
+        attention(torch.randn(12, 3 * 2 * 8), 2, 8)  # 12 rows are not whole blocks of 8
+    with pytest.raises(ValueError, match="do not fit"):
+        attention(torch.randn(64, 3 * 2 * 8), 2, TINY_BLOCK * 2)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        attention(torch.randn(16, 3 * 2 * 8, dtype=torch.float64), 2, 8)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        attention(torch.randn(3 * 2 * 8, 16).t(), 2, 8)
+
+
+@needs_compiler
+def test_loading_the_kernel_keeps_denormals() -> None:
+    """The library is linked without -ffast-math's start-up code, which would flush denormals
+    to zero in every thread of the process and so change PyTorch's own results."""
+    kernel(8)
+    tiny = torch.tensor(1e-40)  # a float32 denormal
+    assert (tiny * 1.5).item() > 0
+
+
+@needs_compiler
+def test_build_is_cached_and_reused(fresh_kernels: Path) -> None:
+    built = kernel(8)
+    (library,) = fresh_kernels.glob("tiny_attention_h8_*.so")
+    stamp = library.stat().st_mtime_ns
+    kernels.tiny_attention.cache_clear()
+    assert kernels.tiny_attention(8) is not built  # loaded again...
+    assert library.stat().st_mtime_ns == stamp  # ...from the cache, not rebuilt
+    assert [p.name for p in fresh_kernels.iterdir()] == [library.name]  # no scratch left behind
+
+
+@needs_compiler
+def test_concurrent_builds_into_one_cache_both_succeed(fresh_kernels: Path) -> None:
+    """Runs of a grid start together and share the cache: each may build, none may see a
+    half-written library."""
+    script = (
+        "from workbench.kernels import tiny_attention\n"
+        "import torch\n"
+        "k = tiny_attention(12)\n"
+        "assert k is not None\n"
+        "print(k(torch.randn(8, 36), 1, 8).shape)\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0]
+    assert all("torch.Size([8, 12])" in output for output in outputs)
+    assert len(list(fresh_kernels.glob("tiny_attention_h12_*.so"))) == 1
+
+
+def test_without_a_compiler_models_fall_back_to_pytorch_ops(
+    fresh_kernels: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CC", str(fresh_kernels / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="no native attention kernel"):
+        assert kernels.tiny_attention(8) is None
+    model = build_model(ModelConfig(kind="multi_head", n_embd=16, n_head=2), 11, 8)
+    logits, loss = model(torch.randint(0, 11, (2, 8)), torch.randint(0, 11, (2, 8)))
+    assert logits.shape == (2, 8, 11) and loss is not None
+    loss.backward()  # through TinyCausalAttention
+    assert model.attention.qkv.weight.grad is not None
+
+
+def test_native_kernels_can_be_turned_off(
+    fresh_kernels: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORKBENCH_NATIVE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # turned off on purpose: no warning
+        assert kernels.tiny_attention(8) is None
+    assert not fresh_kernels.exists()
+
+
+@needs_compiler
+@pytest.mark.parametrize("config", [
+    ModelConfig(kind="single_head", n_embd=16),
+    ModelConfig(kind="transformer", n_embd=16, n_head=4, n_layer=2),
+])  # fmt: skip
+def test_models_train_the_same_with_and_without_the_kernel(
+    config: ModelConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = build_model(config, 11, 8)
+        idx = torch.randint(0, 11, (4, 8), generator=torch.Generator().manual_seed(1))
+        _, loss = model(idx, idx.roll(-1, 1))
+        assert loss is not None
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]
+
+    assert kernels.tiny_attention(config.n_embd // config.n_head) is not None
+    native_loss, native_grads = loss_and_grads()
+    monkeypatch.setattr(kernels, "tiny_attention", lambda head_size: None)
+    torch_loss, torch_grads = loss_and_grads()
+    torch.testing.assert_close(native_loss, torch_loss, rtol=1e-6, atol=1e-6)
+    assert len(native_grads) == len(torch_grads) > 0
+    for native, torch_ops in zip(native_grads, torch_grads, strict=True):
+        torch.testing.assert_close(native, torch_ops, rtol=1e-4, atol=1e-6)

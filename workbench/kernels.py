@@ -1,0 +1,211 @@
+"""Native CPU kernels, compiled on first use with the machine's C compiler.
+
+One kernel so far: causal attention over short blocks (``csrc/tiny_attention.c``), the CPU path
+of :class:`~workbench.models.CausalSelfAttention` for blocks of up to ``TINY_BLOCK`` positions.
+At 8 positions a head is a few hundred multiply-adds, so PyTorch's per-call cost, not arithmetic,
+sets the speed: one C call replaces the ~20 PyTorch calls of :class:`TinyCausalAttention`'s
+forward and backward (2.7x faster on rung 6's attention, ``benchmarks/bench_step.py``).
+
+The library is built once per head size and machine into ``~/.cache/workbench/kernels`` (a file
+named by a hash of the source, the compiler and the CPU, written atomically, so concurrent runs
+share it), in about a second. Without a C compiler, or with ``WORKBENCH_NATIVE=0``,
+:func:`tiny_attention` returns ``None`` and the models keep to PyTorch ops: same math, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from workbench.settings import load_settings
+
+SOURCE = Path(__file__).with_name("csrc") / "tiny_attention.c"
+MAX_BLOCK = 32  # the C file's MAX_BLOCK: its scratch space
+# Reassociation lets the dot products vectorize. Not -ffast-math: linking with it would flush
+# denormals for the whole process (crtfastmath), and it would drop NaN checks.
+FLAGS = ["-O3", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+         "-fassociative-math"]  # fmt: skip
+NATIVE = ["-march=native"]  # tried first; some compilers (older clang on arm64) refuse it
+
+
+class KernelBuildError(RuntimeError):
+    """The C compiler is missing or failed."""
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` compiles for, so that a cache shared by different machines
+    never hands one a library built for the other."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            lines = {line for line in cpuinfo if line.startswith(("model name", "flags"))}
+        return platform.machine() + "".join(sorted(lines))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()} {platform.mac_ver()[0]}"
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def build(head_size: int, kernel_dir: Path, compiler: str) -> Path:
+    """The shared library of the attention kernel for ``head_size``: from the cache, or
+    compiled into it."""
+    version = _run([compiler, "--version"])
+    if version.returncode != 0:
+        raise KernelBuildError(f"{compiler} --version failed: {version.stderr.strip()}")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join(
+            part if isinstance(part, bytes) else part.encode()
+            for part in (source, version.stdout, _cpu_identity(), " ".join(FLAGS + NATIVE))
+        )
+    ).hexdigest()[:16]
+    target = kernel_dir / f"tiny_attention_h{head_size}_{key}.so"
+    if target.exists():
+        return target
+    kernel_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=kernel_dir) as scratch:
+        obj, library = Path(scratch) / "kernel.o", Path(scratch) / "kernel.so"
+        for arch in (NATIVE, []):
+            compiled = _run(
+                [compiler, *FLAGS, *arch, f"-DHEAD={head_size}", "-c", str(SOURCE), "-o", str(obj)]
+            )
+            if compiled.returncode == 0:
+                break
+        else:
+            raise KernelBuildError(f"{compiler} could not compile {SOURCE.name}: {compiled.stderr}")
+        # Linked in a second step, without the math flags (see FLAGS).
+        linked = _run([compiler, "-shared", str(obj), "-o", str(library)])
+        if linked.returncode != 0:
+            raise KernelBuildError(f"{compiler} could not link {SOURCE.name}: {linked.stderr}")
+        os.replace(library, target)  # atomic: a concurrent build of the same file is harmless
+    return target
+
+
+def _compiler(configured: str | None) -> str:
+    for name in (configured,) if configured else ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise KernelBuildError(f"no C compiler found ({configured or 'cc, gcc, clang'})")
+
+
+class TinyAttention:
+    """Causal attention on qkv rows ``(B * T, 3 * n_head * head_size)`` → rows
+    ``(B * T, n_head * head_size)``, through the compiled kernel for one head size."""
+
+    def __init__(self, library: ctypes.CDLL, head_size: int) -> None:
+        pointer, length, real = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+        self._forward = library.tiny_attention_forward
+        self._forward.argtypes = [pointer, pointer, pointer, length, length, length, real]
+        self._forward.restype = None
+        self._backward = library.tiny_attention_backward
+        self._backward.argtypes = [pointer, pointer, pointer, pointer, length, length, length, real]
+        self._backward.restype = None
+        self.head_size = head_size
+
+    def __call__(self, qkv: torch.Tensor, n_head: int, block: int) -> torch.Tensor:
+        if qkv.requires_grad and torch.is_grad_enabled():
+            return _TinyAttentionFunction.apply(qkv, n_head, block, self)  # type: ignore[no-untyped-call]
+        return self.forward(qkv, n_head, block, probs=None)
+
+    def _check(self, qkv: torch.Tensor, n_head: int, block: int) -> int:
+        """The batch size; raises on any layout the C code would read out of bounds."""
+        rows, width = qkv.shape
+        if not (qkv.dtype == torch.float32 and qkv.device.type == "cpu" and qkv.is_contiguous()):
+            raise ValueError("the attention kernel takes contiguous float32 CPU tensors")
+        if width != 3 * n_head * self.head_size or not 0 < block <= MAX_BLOCK or rows % block:
+            raise ValueError(
+                f"qkv rows {tuple(qkv.shape)} do not fit {n_head} heads of {self.head_size} "
+                f"over blocks of {block} (at most {MAX_BLOCK})"
+            )
+        return rows // block
+
+    def forward(
+        self, qkv: torch.Tensor, n_head: int, block: int, probs: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Heads concatenated as rows; fills ``probs`` (B * n_head, T, T) if one is given."""
+        batch = self._check(qkv, n_head, block)
+        out = qkv.new_empty(qkv.size(0), n_head * self.head_size)
+        if probs is not None:
+            assert probs.shape == (batch * n_head, block, block) and probs.is_contiguous()
+        self._forward(
+            qkv.data_ptr(),
+            out.data_ptr(),
+            None if probs is None else probs.data_ptr(),
+            batch,
+            block,
+            n_head,
+            self.head_size**-0.5,
+        )
+        return out
+
+    def backward(
+        self, qkv: torch.Tensor, probs: torch.Tensor, dout: torch.Tensor, n_head: int
+    ) -> torch.Tensor:
+        block = probs.size(-1)
+        batch = self._check(qkv, n_head, block)
+        dout = dout.to(torch.float32).contiguous()
+        assert dout.shape == (qkv.size(0), n_head * self.head_size)
+        dqkv = torch.empty_like(qkv)
+        self._backward(
+            qkv.data_ptr(),
+            probs.data_ptr(),
+            dout.data_ptr(),
+            dqkv.data_ptr(),
+            batch,
+            block,
+            n_head,
+            self.head_size**-0.5,
+        )
+        return dqkv
+
+
+class _TinyAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, qkv: torch.Tensor, n_head: int, block: int, kernel: TinyAttention
+    ) -> torch.Tensor:
+        probs = qkv.new_empty(qkv.size(0) // block * n_head, block, block)
+        out = kernel.forward(qkv, n_head, block, probs)
+        ctx.save_for_backward(qkv, probs)
+        ctx.n_head, ctx.kernel = n_head, kernel
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        qkv, probs = ctx.saved_tensors
+        return ctx.kernel.backward(qkv, probs, dout, ctx.n_head), None, None, None
+
+
+@functools.cache
+def tiny_attention(head_size: int) -> TinyAttention | None:
+    """The attention kernel for ``head_size``, built on first use; ``None`` (after one warning)
+    where it cannot be built, or where ``WORKBENCH_NATIVE=0`` turns native kernels off."""
+    settings = load_settings()
+    if not settings.native_kernels:
+        return None
+    try:
+        path = build(head_size, settings.kernel_dir, _compiler(settings.c_compiler))
+        return TinyAttention(ctypes.CDLL(str(path)), head_size)
+    except (KernelBuildError, OSError, subprocess.SubprocessError) as error:
+        warnings.warn(
+            f"workbench: no native attention kernel ({error}); using PyTorch ops, which are "
+            "slower on a CPU. Install a C compiler, or set WORKBENCH_NATIVE=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
