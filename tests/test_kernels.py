@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from workbench import kernels
 from workbench.models import TINY_BLOCK, TinyCausalAttention, build_model, causal_bias
+from workbench.settings import load_settings
 from workbench.spec import ModelConfig
 
 HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
@@ -122,16 +123,46 @@ def test_kernel_propagates_nan_to_what_depends_on_it(where: str) -> None:
 @needs_compiler
 def test_kernel_refuses_layouts_it_would_read_out_of_bounds() -> None:
     attention = kernel(8)
+    qkv = torch.randn(16, 3 * 2 * 8)
     with pytest.raises(ValueError, match="do not fit"):
-        attention(torch.randn(16, 3 * 2 * 8), 3, 8)  # 3 heads of 8 need 72 columns
+        attention(qkv, 3, 8)  # 3 heads of 8 need 72 columns
     with pytest.raises(ValueError, match="do not fit"):
-        attention(torch.randn(12, 3 * 2 * 8), 2, 8)  # 12 rows are not whole blocks of 8
+        attention(qkv[:12], 2, 8)  # 12 rows are not whole blocks of 8
     with pytest.raises(ValueError, match="do not fit"):
         attention(torch.randn(64, 3 * 2 * 8), 2, TINY_BLOCK * 2)
+    with pytest.raises(ValueError, match="do not fit"):  # checked before anything is allocated
+        attention(qkv.requires_grad_(True), 2, 0)
     with pytest.raises(ValueError, match="contiguous float32"):
-        attention(torch.randn(16, 3 * 2 * 8, dtype=torch.float64), 2, 8)
+        attention(qkv.detach().double(), 2, 8)
     with pytest.raises(ValueError, match="contiguous float32"):
         attention(torch.randn(3 * 2 * 8, 16).t(), 2, 8)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        attention(qkv.detach().view(2, 8, -1), 2, 8)
+
+
+@needs_compiler
+def test_kernel_refuses_probs_and_gradients_of_the_wrong_layout() -> None:
+    """The public forward and backward check what they write to and read from: an assert
+    would vanish under ``python -O``."""
+    attention, qkv = kernel(8), torch.randn(16, 3 * 2 * 8)
+    probs = torch.empty(2 * 2, 8, 8)
+    attention.forward(qkv, 2, 8, probs)
+    for bad in (torch.empty(1, 8, 8), probs.half(), torch.empty(2 * 2, 8, 16)[..., :8]):
+        with pytest.raises(ValueError, match="probs"):
+            attention.forward(qkv, 2, 8, bad)
+        with pytest.raises(ValueError, match="probs"):
+            attention.backward(qkv, bad, torch.randn(16, 16), 2)
+    with pytest.raises(ValueError, match="dout"):
+        attention.backward(qkv, probs, torch.randn(8, 16), 2)
+    assert attention.backward(qkv, probs, torch.randn(16, 16).double(), 2).shape == qkv.shape
+
+
+@needs_compiler
+def test_kernel_takes_any_finite_score() -> None:
+    """One position, one score of -3.24e38 (finite): its weight is 1, as in PyTorch."""
+    q, k, v = -1.8e19, 1.8e19, 5.0
+    out = kernel(1)(torch.tensor([[q, k, v]]), 1, 1)
+    assert out.item() == 5.0
 
 
 @needs_compiler
@@ -186,6 +217,44 @@ def test_without_a_compiler_models_fall_back_to_pytorch_ops(
     assert logits.shape == (2, 8, 11) and loss is not None
     loss.backward()  # through TinyCausalAttention
     assert model.attention.qkv.weight.grad is not None
+
+
+@needs_compiler
+def test_cc_may_carry_arguments(fresh_kernels: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``CC="ccache gcc"`` or ``CC="gcc -m64"`` is a command, split as a shell would."""
+    compiler = next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))))
+    monkeypatch.setenv("CC", f"{compiler} -Wall")
+    assert kernels.tiny_attention(8) is not None
+    assert len(list(fresh_kernels.glob("tiny_attention_h8_*.so"))) == 1
+
+
+def test_without_a_home_directory_models_fall_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A container with an arbitrary uid has no home: the data directory still comes from
+    WORKBENCH_DATA_DIR, and the kernel, with nowhere to be cached, is not built."""
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("WORKBENCH_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(Path, "home", no_home)
+    kernels.tiny_attention.cache_clear()
+    try:
+        settings = load_settings()
+        assert settings.data_dir == tmp_path and settings.kernel_dir is None
+        with pytest.warns(RuntimeWarning, match="no cache directory"):
+            assert kernels.tiny_attention(8) is None
+    finally:
+        kernels.tiny_attention.cache_clear()
+
+
+def test_heads_too_large_for_the_kernel_keep_to_pytorch_quietly(fresh_kernels: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.tiny_attention(kernels.MAX_HEAD + 1) is None
+    assert not fresh_kernels.exists()
 
 
 def test_native_kernels_can_be_turned_off(

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -40,6 +41,12 @@ FLAGS = ["-O3", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-z
 NATIVE = ["-march=native"]  # tried first; some compilers (older clang on arm64) refuse it
 
 
+# The /proc/cpuinfo lines that say which instructions a CPU has: x86, then ARM.
+CPUINFO_KEYS = ("model name", "flags", "Features", "CPU implementer", "CPU architecture",
+                "CPU variant", "CPU part")  # fmt: skip
+MAX_HEAD = 1024  # the C code keeps four head-sized vectors on the stack
+
+
 class KernelBuildError(RuntimeError):
     """The C compiler is missing or failed."""
 
@@ -49,7 +56,7 @@ def _cpu_identity() -> str:
     never hands one a library built for the other."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            lines = {line for line in cpuinfo if line.startswith(("model name", "flags"))}
+            lines = {line for line in cpuinfo if line.startswith(CPUINFO_KEYS)}
         return platform.machine() + "".join(sorted(lines))
     except OSError:
         return f"{platform.machine()} {platform.processor()} {platform.mac_ver()[0]}"
@@ -59,12 +66,12 @@ def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 
-def build(head_size: int, kernel_dir: Path, compiler: str) -> Path:
+def build(head_size: int, kernel_dir: Path, compiler: list[str]) -> Path:
     """The shared library of the attention kernel for ``head_size``: from the cache, or
     compiled into it."""
-    version = _run([compiler, "--version"])
+    version = _run([*compiler, "--version"])
     if version.returncode != 0:
-        raise KernelBuildError(f"{compiler} --version failed: {version.stderr.strip()}")
+        raise KernelBuildError(f"{shlex.join(compiler)} --version failed: {version.stderr.strip()}")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(
         b"\0".join(
@@ -80,25 +87,29 @@ def build(head_size: int, kernel_dir: Path, compiler: str) -> Path:
         obj, library = Path(scratch) / "kernel.o", Path(scratch) / "kernel.so"
         for arch in (NATIVE, []):
             compiled = _run(
-                [compiler, *FLAGS, *arch, f"-DHEAD={head_size}", "-c", str(SOURCE), "-o", str(obj)]
+                [*compiler, *FLAGS, *arch, f"-DHEAD={head_size}", "-c", str(SOURCE), "-o", str(obj)]
             )
             if compiled.returncode == 0:
                 break
         else:
-            raise KernelBuildError(f"{compiler} could not compile {SOURCE.name}: {compiled.stderr}")
+            raise KernelBuildError(
+                f"{compiler[0]} could not compile {SOURCE.name}: {compiled.stderr}"
+            )
         # Linked in a second step, without the math flags (see FLAGS).
-        linked = _run([compiler, "-shared", str(obj), "-o", str(library)])
+        linked = _run([*compiler, "-shared", str(obj), "-o", str(library)])
         if linked.returncode != 0:
-            raise KernelBuildError(f"{compiler} could not link {SOURCE.name}: {linked.stderr}")
+            raise KernelBuildError(f"{compiler[0]} could not link {SOURCE.name}: {linked.stderr}")
         os.replace(library, target)  # atomic: a concurrent build of the same file is harmless
     return target
 
 
-def _compiler(configured: str | None) -> str:
-    for name in (configured,) if configured else ("cc", "gcc", "clang"):
-        found = shutil.which(name)
+def _compiler(configured: str | None) -> list[str]:
+    """The compiler command: ``CC`` as the shell would split it (``ccache gcc``), else the
+    first of cc, gcc, clang on the PATH."""
+    for command in [shlex.split(configured)] if configured else [["cc"], ["gcc"], ["clang"]]:
+        found = shutil.which(command[0]) if command else None
         if found:
-            return found
+            return [found, *command[1:]]
     raise KernelBuildError(f"no C compiler found ({configured or 'cc, gcc, clang'})")
 
 
@@ -121,11 +132,11 @@ class TinyAttention:
             return _TinyAttentionFunction.apply(qkv, n_head, block, self)  # type: ignore[no-untyped-call]
         return self.forward(qkv, n_head, block, probs=None)
 
-    def _check(self, qkv: torch.Tensor, n_head: int, block: int) -> int:
-        """The batch size; raises on any layout the C code would read out of bounds."""
+    def batch_size(self, qkv: torch.Tensor, n_head: int, block: int) -> int:
+        """The number of blocks in ``qkv``; raises on any layout the C code would read out of
+        bounds."""
+        _require_float32_rows(qkv, "qkv")
         rows, width = qkv.shape
-        if not (qkv.dtype == torch.float32 and qkv.device.type == "cpu" and qkv.is_contiguous()):
-            raise ValueError("the attention kernel takes contiguous float32 CPU tensors")
         if width != 3 * n_head * self.head_size or not 0 < block <= MAX_BLOCK or rows % block:
             raise ValueError(
                 f"qkv rows {tuple(qkv.shape)} do not fit {n_head} heads of {self.head_size} "
@@ -137,10 +148,10 @@ class TinyAttention:
         self, qkv: torch.Tensor, n_head: int, block: int, probs: torch.Tensor | None
     ) -> torch.Tensor:
         """Heads concatenated as rows; fills ``probs`` (B * n_head, T, T) if one is given."""
-        batch = self._check(qkv, n_head, block)
-        out = qkv.new_empty(qkv.size(0), n_head * self.head_size)
+        batch = self.batch_size(qkv, n_head, block)
         if probs is not None:
-            assert probs.shape == (batch * n_head, block, block) and probs.is_contiguous()
+            _require_shape(probs, (batch * n_head, block, block), "probs")
+        out = qkv.new_empty(qkv.size(0), n_head * self.head_size)
         self._forward(
             qkv.data_ptr(),
             out.data_ptr(),
@@ -155,10 +166,12 @@ class TinyAttention:
     def backward(
         self, qkv: torch.Tensor, probs: torch.Tensor, dout: torch.Tensor, n_head: int
     ) -> torch.Tensor:
-        block = probs.size(-1)
-        batch = self._check(qkv, n_head, block)
+        """The gradient of ``qkv``, given the forward's ``probs`` and the outputs' gradient."""
+        block = probs.size(-1) if probs.dim() == 3 else 0
+        batch = self.batch_size(qkv, n_head, block)
+        _require_shape(probs, (batch * n_head, block, block), "probs")
         dout = dout.to(torch.float32).contiguous()
-        assert dout.shape == (qkv.size(0), n_head * self.head_size)
+        _require_shape(dout, (qkv.size(0), n_head * self.head_size), "dout")
         dqkv = torch.empty_like(qkv)
         self._backward(
             qkv.data_ptr(),
@@ -173,12 +186,39 @@ class TinyAttention:
         return dqkv
 
 
+def _require_float32_rows(tensor: torch.Tensor, name: str) -> None:
+    if not (
+        tensor.dim() == 2
+        and tensor.dtype == torch.float32
+        and tensor.device.type == "cpu"
+        and tensor.is_contiguous()
+    ):
+        raise ValueError(
+            f"the attention kernel takes {name} as contiguous float32 CPU rows, not "
+            f"{tensor.dtype} {tuple(tensor.shape)} on {tensor.device}"
+        )
+
+
+def _require_shape(tensor: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
+    if not (
+        tensor.shape == shape
+        and tensor.dtype == torch.float32
+        and tensor.device.type == "cpu"
+        and tensor.is_contiguous()
+    ):
+        raise ValueError(
+            f"the attention kernel needs {name} as contiguous float32 {shape} on the CPU, not "
+            f"{tensor.dtype} {tuple(tensor.shape)} on {tensor.device}"
+        )
+
+
 class _TinyAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, qkv: torch.Tensor, n_head: int, block: int, kernel: TinyAttention
     ) -> torch.Tensor:
-        probs = qkv.new_empty(qkv.size(0) // block * n_head, block, block)
+        batch = kernel.batch_size(qkv, n_head, block)  # checked before anything is allocated
+        probs = qkv.new_empty(batch * n_head, block, block)
         out = kernel.forward(qkv, n_head, block, probs)
         ctx.save_for_backward(qkv, probs)
         ctx.n_head, ctx.kernel = n_head, kernel
@@ -194,11 +234,14 @@ class _TinyAttentionFunction(torch.autograd.Function):
 @functools.cache
 def tiny_attention(head_size: int) -> TinyAttention | None:
     """The attention kernel for ``head_size``, built on first use; ``None`` (after one warning)
-    where it cannot be built, or where ``WORKBENCH_NATIVE=0`` turns native kernels off."""
-    settings = load_settings()
-    if not settings.native_kernels:
-        return None
+    where it cannot be built, and quietly for heads over ``MAX_HEAD`` or where
+    ``WORKBENCH_NATIVE=0`` turns native kernels off."""
     try:
+        settings = load_settings()
+        if not settings.native_kernels or head_size > MAX_HEAD:
+            return None
+        if settings.kernel_dir is None:
+            raise KernelBuildError("no cache directory (no home directory, and no XDG_CACHE_HOME)")
         path = build(head_size, settings.kernel_dir, _compiler(settings.c_compiler))
         return TinyAttention(ctypes.CDLL(str(path)), head_size)
     except (KernelBuildError, OSError, subprocess.SubprocessError) as error:

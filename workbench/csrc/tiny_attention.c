@@ -24,10 +24,13 @@
 #endif
 #define MAX_BLOCK 32 /* workbench.models.TINY_BLOCK */
 
-/* e^x for x <= 0, within 2 ulp of expf (Cephes' polynomial after reduction by ln 2); 0 below
-   -87, where expf's result is denormal or zero; NaN for NaN. Branch-free, so loops over it
-   vectorize. The exponent comes from x clamped to [-87, 0] (NaN counts as -87), so the integer
-   conversion is always defined; the remainder from x itself, which carries a NaN through. */
+/* e^x for x <= 0 (Cephes' polynomial after reduction by ln 2); 0 below -87, where expf's result
+   is denormal or zero; NaN for NaN. Branch-free, so loops over it vectorize. The exponent comes
+   from x clamped to [-87, 0] (NaN counts as -87), so the integer conversion is always defined;
+   the remainder from x itself, which carries a NaN through. Measured against exp in float64:
+   within 3 ulp on [-4, 0], 9 on [-16, -4], up to 61 (a relative 4e-6) toward -87, because
+   -fassociative-math merges the two-part ln 2. Below -4, e^x < 0.02 of the row's largest weight
+   (1), so those errors stay under a float's resolution in the row's sums. */
 static inline float exp_nonpositive(float x)
 {
     float clamped = x > -87.0f ? x : -87.0f;
@@ -58,7 +61,7 @@ void tiny_attention_forward(const float *qkv, float *out, float *probs, long bat
             const float *q = rows + h * HEAD, *k = q + out_width, *v = k + out_width;
             float *p = probs ? probs + (b * n_head + h) * block * block : scratch;
             for (long t = 0; t < block; t++) {
-                float *pt = p + t * block, top = -3.0e38f, sum = 0.0f;
+                float *pt = p + t * block, top = -__builtin_inff(), sum = 0.0f;
                 for (long s = 0; s <= t; s++) { /* scores = q . k * scale, causal */
                     float dot = 0.0f;
                     for (int d = 0; d < HEAD; d++) dot += q[t * width + d] * k[s * width + d];
