@@ -18,7 +18,7 @@ def small_net() -> nn.Module:
 
 def loss_of(net: nn.Module, step: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(step)
-    idx = torch.randint(0, 11, (16,), generator=generator)
+    idx = torch.randint(0, 11, (16,), generator=generator).to(next(net.parameters()).device)
     return nn.functional.cross_entropy(net(idx), torch.roll(idx, 1))
 
 

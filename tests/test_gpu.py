@@ -1,0 +1,177 @@
+"""The CUDA path: SDPA against the CPU kernels, bf16 autocast, TF32, fused AdamW on the GPU,
+checkpoints that move between devices, ``compile: true`` and per-worker GPUs.
+
+Skipped where there is no CUDA device (CI, the 2-core development machine); run on a GPU host
+with ``pytest -m gpu``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_optim import loss_of, small_net
+from test_run import Store, write_spec
+from test_trainer import TRANSFORMER, Recorder, make_config
+from typer.testing import CliRunner
+
+from workbench.cli import app
+from workbench.data import Corpus
+from workbench.models import build_model
+from workbench.optim import FlatAdamW
+from workbench.spec import ModelConfig
+from workbench.tracking import TAG
+from workbench.trainer import CHECKPOINT_NAME, Trainer, resolve_device
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+LADDER = [
+    {"kind": "single_head"},
+    {"kind": "multi_head", "n_head": 4},
+    {"kind": "transformer", "n_layer": 3},  # rung 6
+]
+
+
+@pytest.fixture
+def exact_float32() -> Iterator[None]:
+    """TF32 off for comparisons to float32 CPU math (the trainer turns it on globally)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_auto_picks_cuda():
+    assert resolve_device("auto").type == "cuda"
+
+
+@pytest.mark.parametrize("model", LADDER, ids=lambda m: m["kind"])
+@pytest.mark.parametrize("block_size", [8, 64])
+def test_cuda_sdpa_equals_the_cpu_path(model: dict[str, Any], block_size: int, exact_float32):
+    # On a CPU, blocks up to 32 go through the C kernel or TinyCausalAttention; on CUDA, SDPA.
+    torch.manual_seed(0)
+    config = ModelConfig.model_validate({"n_embd": 32, **model})
+    cpu = build_model(config, 65, block_size)
+    gpu = copy.deepcopy(cpu).cuda()
+    idx = torch.randint(0, 65, (4, block_size), generator=torch.Generator().manual_seed(1))
+    targets = torch.roll(idx, -1, dims=1)
+    logits_cpu, loss_cpu = cpu(idx, targets)
+    logits_gpu, loss_gpu = gpu(idx.cuda(), targets.cuda())
+    assert loss_cpu is not None and loss_gpu is not None
+    torch.testing.assert_close(logits_gpu.cpu(), logits_cpu, rtol=1e-4, atol=1e-5)
+    loss_cpu.backward()
+    loss_gpu.backward()
+    for (name, a), b in zip(cpu.named_parameters(), gpu.parameters(), strict=True):
+        assert a.grad is not None and b.grad is not None
+        torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_cuda_run_trains_in_bf16_with_float32_weights(shakespeare: Corpus):
+    config = make_config(
+        TRANSFORMER,
+        device="cuda",
+        max_iters=200,
+        eval_interval=100,
+        learning_rate=3e-3,
+    )
+    recorder = Recorder()
+    trainer = Trainer(config, shakespeare, recorder)
+    assert torch.backends.cuda.matmul.allow_tf32
+    x, _ = trainer.eval_sets["val"]
+    with trainer.autocast():
+        assert trainer.model.logits(x[:4].cuda()).dtype == torch.bfloat16
+    result = trainer.fit()
+    assert result.status == "finished" and result.device.startswith("cuda")
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in trainer.model.parameters())
+    evals = recorder.evals()
+    assert evals[200]["val_loss"] < evals[0]["val_loss"] - 0.5
+    assert "attention.json" in recorder.artifacts
+    assert len(recorder.artifacts["sample.txt"]) == 501
+
+
+def test_cuda_sample_is_reproducible(shakespeare: Corpus):
+    config = make_config({"kind": "multi_head"}, device="cuda", max_iters=20, eval_interval=20)
+    a, b = Trainer(config, shakespeare), Trainer(config, shakespeare)
+    assert a.sample(200) == b.sample(200)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_flat_adamw_on_cuda_matches_torch_adamw(fused: bool):
+    ours, theirs = small_net().cuda(), small_net().cuda()
+    flat = FlatAdamW(list(ours.parameters()), lr=3e-2, weight_decay=0.1, fused=fused)
+    reference = torch.optim.AdamW(theirs.parameters(), lr=3e-2, weight_decay=0.1, fused=True)
+    for step in range(25):
+        flat.zero_grad()
+        loss_of(ours, step).backward()
+        reference.zero_grad()
+        loss_of(theirs, step).backward()
+        flat.step()
+        reference.step()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(ours[1].weight.cpu(), small_net()[1].weight)  # it did train
+
+
+def test_cuda_resume_continues_and_moves_to_cpu(shakespeare: Corpus, tmp_path: Path):
+    config = make_config(TRANSFORMER, device="cuda")
+    straight = Recorder()
+    Trainer(config, shakespeare, straight, tmp_path / "a").fit()
+
+    interrupted = Recorder(stop_after_step=20)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, shakespeare, interrupted, tmp_path / "b").fit()
+    saved = (tmp_path / "b" / CHECKPOINT_NAME).read_bytes()
+    resumed = Recorder()
+    Trainer(config, shakespeare, resumed, tmp_path / "b").fit()
+    assert min(resumed.evals()) == 40
+    # Not bit-exact as on a CPU: CUDA's embedding backward adds with atomics, in any order.
+    for step in (40, 60):
+        assert resumed.evals()[step]["val_loss"] == pytest.approx(
+            straight.evals()[step]["val_loss"], abs=1e-2
+        )
+
+    # The same checkpoint finishes on a CPU.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / CHECKPOINT_NAME).write_bytes(saved)
+    on_cpu = Recorder()
+    cpu_config = make_config(TRANSFORMER, device="cpu")
+    result = Trainer(cpu_config, shakespeare, on_cpu, tmp_path / "c").fit()
+    assert result.status == "finished" and result.device == "cpu"
+    assert on_cpu.evals()[60]["val_loss"] == pytest.approx(
+        straight.evals()[60]["val_loss"], abs=5e-2
+    )
+
+
+@pytest.mark.slow
+def test_compile_on_cuda_matches_eager(shakespeare: Corpus):
+    def run(compile: bool) -> dict[int, dict[str, float]]:
+        recorder = Recorder()
+        config = make_config(
+            {"kind": "transformer", "n_layer": 2}, device="cuda", compile=compile, max_iters=40
+        )
+        Trainer(config, shakespeare, recorder).fit()
+        return recorder.evals()
+
+    eager, compiled = run(False), run(True)
+    assert compiled[40]["val_loss"] == pytest.approx(eager[40]["val_loss"], abs=2e-2)
+    assert compiled[40]["val_loss"] < compiled[0]["val_loss"]
+
+
+@pytest.mark.slow
+def test_workbench_run_on_cuda_tags_the_device(tmp_path: Path):
+    spec = write_spec(tmp_path, train={"max_iters": 40, "eval_interval": 20, "eval_iters": 4})
+    store = Store(tmp_path)
+    result = CliRunner().invoke(app, ["run", str(spec), *store.args(), "--jobs-per-gpu", "2"])
+    assert result.exit_code == 0, result.output
+    runs = store.runs()
+    assert len(runs) == 2
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags[TAG + "device"].startswith("cuda")
