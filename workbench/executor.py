@@ -72,6 +72,15 @@ class _Worker:
     job: Job | None = None
 
 
+def worker_gpu(slot: int, gpus: int, jobs_per_gpu: int, visible: str | None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` of worker ``slot``: consecutive slots share a GPU
+    ``jobs_per_gpu`` at a time. The GPUs are the driver's own visible ones (a scheduler's
+    ``CUDA_VISIBLE_DEVICES=2,3``, UUIDs or MIG instances), not physical indices from 0."""
+    entries = [entry.strip() for entry in (visible or "").split(",") if entry.strip()]
+    index = (slot // jobs_per_gpu) % gpus
+    return entries[index] if index < len(entries) else str(index)
+
+
 @dataclass
 class LocalExecutor:
     """Runs jobs in ``jobs`` worker processes at once."""
@@ -101,7 +110,7 @@ class LocalExecutor:
         results: list[JobResult] = []
         slots = max(1, min(self.jobs, len(items)))
         threads = self.threads_per_job
-        if threads is None and not self.gpus:  # 1 run on 2 cores: 2 threads
+        if threads is None:  # the cores shared by the runs at once (1 run on 2 cores: 2 threads)
             threads = max(1, (os.cpu_count() or 1) // slots)
         try:
             self.workers = [self._start(ctx, slot, threads) for slot in range(slots)]
@@ -136,7 +145,8 @@ class LocalExecutor:
         if threads is not None:  # torch reads it when it is first imported
             env["OMP_NUM_THREADS"] = str(threads)
         if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str((slot // self.jobs_per_gpu) % self.gpus)
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            env["CUDA_VISIBLE_DEVICES"] = worker_gpu(slot, self.gpus, self.jobs_per_gpu, visible)
         parent_conn, child_conn = ctx.Pipe()
         process = ctx.Process(target=_worker_main, args=(env, child_conn), daemon=True)
         process.start()

@@ -130,14 +130,16 @@ def _train_and_record(
     run_dir = Path(job.checkpoint_dir)
     trainer = Trainer(config, corpus, callback, run_dir, checkpoint_every_s=job.checkpoint_every_s)
     device = str(trainer.device)
-    buffer.tags(
-        {
-            TAG + "pid": str(os.getpid()),
-            TAG + "host": socket.gethostname(),
-            TAG + "device": device,
-            TAG + "torch_version": torch.__version__,
-        }
-    )
+    tags = {
+        TAG + "pid": str(os.getpid()),
+        TAG + "host": socket.gethostname(),
+        TAG + "device": device,
+        TAG + "torch_version": torch.__version__,
+    }
+    if trainer.device.type == "cuda":  # which GPU, to find the runs that shared one
+        tags[TAG + "gpu_name"] = torch.cuda.get_device_name(trainer.device)
+        tags[TAG + "cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    buffer.tags(tags)
     result = trainer.fit()
 
     summary = {

@@ -372,7 +372,9 @@ class Trainer:
         path = self.checkpoint_path
         if path is None or not path.exists():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # Onto the CPU: the RNG states must stay CPU byte tensors; the model and optimizer
+        # states are copied onto the device by their load_state_dict.
+        state = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = state["step"]
