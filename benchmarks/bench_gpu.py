@@ -42,8 +42,19 @@ from workbench.spec import RunConfig
 from workbench.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-# Dense bf16 tensor-core peaks from NVIDIA's data sheets (no sparsity), by device name.
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L4": 121.0}
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets (no sparsity), matched in this order
+# against the device name, so that "H100 NVL" is not read as an H100 SXM nor "L40S" as an L4.
+PEAK_BF16_TFLOPS = (
+    ("H200 NVL", 835.0),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H200", 989.4),  # SXM
+    ("H100", 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+)
 
 
 def rung7_config(device: str, compile: bool, sets: list[str]) -> RunConfig:
@@ -66,10 +77,10 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():  # "H100 PCIe" is checked before "H100"
+    for key, tflops in PEAK_BF16_TFLOPS:
         if key in name:
             return tflops * 1e12
-    return None
+    return None  # unknown: no MFU unless --peak-tflops gives the peak
 
 
 def synchronize(device: torch.device) -> None:
@@ -157,7 +168,7 @@ def main() -> None:
         mfu = f"MFU {achieved / peak:.1%}" if peak else "MFU: unknown peak (--peak-tflops)"
         print(
             f"{mode}: {step_s * 1e3:.1f} ms/step, {tokens_per_sec:,.0f} tok/s, "
-            f"{achieved / 1e12:.1f} TFLOP/s, {mfu}",
+            f"{achieved / 1e12:.3g} TFLOP/s, {mfu}",
             flush=True,
         )
     if "eager" in samples and "compile" in samples:
