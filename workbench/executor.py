@@ -86,7 +86,7 @@ class LocalExecutor:
     """Runs jobs in ``jobs`` worker processes at once."""
 
     jobs: int
-    threads_per_job: int | None = None  # None on a CPU: the cores shared by the runs at once
+    threads_per_job: int | None = None  # None: the cores shared by the runs at once
     gpus: int = 0
     jobs_per_gpu: int = 1
     workers: list[_Worker] = field(default_factory=list)
