@@ -28,3 +28,13 @@ def shakespeare(shakespeare_path: Path):  # type: ignore[no-untyped-def]
     from workbench.data import Corpus
 
     return Corpus.from_file(shakespeare_path)
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A real SQLite store in the test's folder, which is also the working folder (MLflow puts
+    artifacts under it)."""
+    from runs import Store
+
+    monkeypatch.chdir(tmp_path)
+    return Store(tmp_path)

@@ -166,3 +166,24 @@ def test_auto_device_is_cpu_without_accelerators():
     if torch.cuda.is_available() or torch.backends.mps.is_available():
         pytest.skip("an accelerator is present")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_a_checkpoint_that_is_not_plain_data_is_refused(shakespeare: Corpus, tmp_path: Path):
+    """Only tensors and plain values are loaded; anything else is one line, never executed."""
+    from workbench.trainer import CheckpointError
+
+    config = make_config({"kind": "bigram"})
+    path = tmp_path / CHECKPOINT_NAME
+    cases: list[tuple[bytes | object, str]] = [
+        (b"not a zip file at all", "refused"),
+        ({"model": {}, "note": Path("x")}, "other than tensors"),  # a class, not plain data
+        ({"model": {}}, "not a workbench checkpoint"),
+        (b"\0" * (64 << 20), "bytes, over"),
+    ]
+    for content, words in cases:
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)
+        with pytest.raises(CheckpointError, match=words):
+            Trainer(config, shakespeare, run_dir=tmp_path).load_checkpoint()

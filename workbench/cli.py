@@ -94,8 +94,9 @@ def _tracking_uri(explicit: str | None) -> str:
     from workbench.settings import load_settings
     from workbench.tracking import tracking_uri
 
-    # "Creating initial MLflow database tables..." is noise on a terminal.
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # "Creating initial MLflow database tables..." is noise on a terminal, and a store error
+    # reaches the user as one line (workbench.tracking.store_errors), not as MLflow's traceback.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
     return tracking_uri(explicit, load_settings().tracking_uri)
 
@@ -229,13 +230,15 @@ def run(
         if executor == "ray":
             from workbench.ray_executor import RayExecutor
 
-            threads: int | None = max(1, int(cpus_per_run))
+            threads = max(1, int(cpus_per_run))
             chosen = RayExecutor(address, cpus_per_run, gpus_per_run, max_retries)
         else:
             default_jobs, gpus = _default_jobs()
             n_jobs = jobs or default_jobs * (jobs_per_gpu if gpus else 1)
-            threads = None  # the executor shares the cores among the runs it starts
-            chosen = LocalExecutor(n_jobs, None, gpus, jobs_per_gpu)
+            # The cores shared by the slots, not by the runs left: a run's numbers must not
+            # depend on what else is in the sweep (the count is recorded with each run).
+            threads = max(1, (os.cpu_count() or 1) // n_jobs)
+            chosen = LocalExecutor(n_jobs, threads, gpus, jobs_per_gpu)
         options = Options(
             tracking_uri=_tracking_uri(tracking_uri),
             checkpoint_dir=checkpoint_dir.resolve(),

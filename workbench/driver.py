@@ -3,6 +3,7 @@ MLflow runs created before their job starts; progress; the summary and the exit 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from workbench.claims import Claims
 from workbench.grid import Plan, Run
 from workbench.jobs import Job, JobResult
 from workbench.tracking import (
@@ -21,9 +23,11 @@ from workbench.tracking import (
     client,
     ensure_experiment,
     existing_runs,
+    experiment_slug,
     flatten,
     git_state,
     sqlite_path,
+    store_error_types,
     store_errors,
 )
 
@@ -45,7 +49,10 @@ class Options:
     data_dir: Path
     force: bool = False
     rerun_failed: bool = False
-    threads_per_job: int | None = None
+    # torch threads of a run that sets no train.threads. A run's float sums depend on it, so it
+    # comes from the executor's slots (never from how many runs are left), is recorded with
+    # the run and reused by its resume.
+    threads_per_job: int = 1
     checkpoint_every_s: float = 10.0
 
 
@@ -53,7 +60,9 @@ class Options:
 class Decision:
     run: Run
     action: str  # new | resume | skip
-    state: str  # what the store says: to do | done | failed | diverged | killed | running | ghost
+    # What the store says: to do | done | failed | diverged | killed | running | ghost; or
+    # claimed: another live workbench process holds the run.
+    state: str
     record: RunRecord | None = None
 
 
@@ -90,12 +99,21 @@ def plan_states(plan: Plan, tracking_uri: str) -> dict[str, str]:
     return {key: record.state for key, record in records.items()}
 
 
-def decide(plan: Plan, records: dict[str, RunRecord], options: Options) -> list[Decision]:
+def decide(
+    plan: Plan,
+    records: dict[str, RunRecord],
+    options: Options,
+    claimed_elsewhere: frozenset[str] = frozenset(),
+) -> list[Decision]:
     decisions = []
     for run in plan.runs:
         record = records.get(run.key)
         state = record.state if record is not None else "to do"
-        if (options.force and state != "running") or state in ("to do",):
+        if run.key in claimed_elsewhere:
+            state = "claimed"
+        if state == "claimed":
+            action = "skip"
+        elif (options.force and state != "running") or state in ("to do",):
             action = "new"
         elif state in ("killed", "ghost"):
             action = "resume"
@@ -115,22 +133,47 @@ def run_sweep(
     on_start: Callable[[list[Decision]], None] | None = None,
 ) -> Summary:
     """Train what the store does not have yet; returns what happened to every run."""
+    uri = options.tracking_uri
+    experiment_id = ensure_experiment(uri, plan.experiment)  # store and experiment first
+    # Claim first, then read the store: a run another process finished is seen as done.
+    experiment_dir = options.checkpoint_dir / experiment_slug(plan.experiment)
+    claims = Claims(experiment_dir)
+    try:
+        claimed_elsewhere = frozenset(r.key for r in plan.runs if not claims.claim(r.key))
+        with store_errors(uri):
+            records = existing_runs(uri, experiment_id)
+        decisions = decide(plan, records, options, claimed_elsewhere)
+        for decision in decisions:
+            if decision.action == "skip":
+                claims.release(decision.run.key)
+        summary = Summary(experiment_id, uuid.uuid4().hex[:12], decisions)
+        _train(plan, executor, options, summary, experiment_dir, on_event, on_start)
+    finally:
+        claims.release_all()
+    return summary
+
+
+def _train(
+    plan: Plan,
+    executor: Executor,
+    options: Options,
+    summary: Summary,
+    experiment_dir: Path,
+    on_event: Callable[[tuple[Any, ...]], None] | None,
+    on_start: Callable[[list[Decision]], None] | None,
+) -> None:
+    """Hand the runs ``summary.decisions`` asks for to the executor."""
     from mlflow.entities import RunTag
 
     from workbench.datasets import resolve_text_path
     from workbench.plan_view import parameter_counts
 
-    uri = options.tracking_uri
-    experiment_id = ensure_experiment(uri, plan.experiment)  # store and experiment first
-    with store_errors(uri):
-        records = existing_runs(uri, experiment_id)
-    decisions = decide(plan, records, options)
-    summary = Summary(experiment_id, uuid.uuid4().hex[:12], decisions)
+    uri, experiment_id, decisions = options.tracking_uri, summary.experiment_id, summary.decisions
     todo = [d for d in decisions if d.action != "skip"]
     if on_start is not None:
         on_start(decisions)
     if not todo:
-        return summary
+        return
     for data in {(d.run.config.data.dataset, d.run.config.data.path) for d in todo}:
         resolve_text_path(*data, options.data_dir)  # download once, here, not in every worker
 
@@ -156,20 +199,26 @@ def run_sweep(
 
     def prepare(decision: Decision) -> Job:
         run = decision.run
-        run_dir = options.checkpoint_dir / plan.experiment / run.key
+        run_dir = experiment_dir / run.key
         attempt = 1
         previous = decision.record if decision.action == "resume" else None
         resumed = previous is not None
+        # The run's own thread count, whatever else is in this sweep: float sums depend on it.
+        threads = run.config.train.threads or options.threads_per_job
         if previous is not None:
             run_id = previous.run_id
             attempt = previous.attempt + 1
+            threads = previous.threads or threads  # the run's own, recorded when it started
             mlflow_client.update_run(run_id, status="RUNNING")
-            tags = {**sweep_tags, TAG + "attempt": str(attempt),
+            tags = {**sweep_tags, TAG + "attempt": str(attempt), TAG + "threads": str(threads),
                     TAG + "heartbeat": f"{time.time():.0f}"}  # fmt: skip
             mlflow_client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            if TAG + "reason" in previous.tags:  # why it stopped last time; no longer true
+                mlflow_client.delete_tag(run_id, TAG + "reason")
         else:
             shutil.rmtree(run_dir, ignore_errors=True)  # a fresh start, not someone's leftovers
-            run_id = _create_run(mlflow_client, experiment_id, run, sweep_tags, params[run.key])
+            tags = {**sweep_tags, TAG + "threads": str(threads)}
+            run_id = _create_run(mlflow_client, experiment_id, run, tags, params[run.key])
         return Job(
             name=run.name,
             key=run.key,
@@ -178,17 +227,19 @@ def run_sweep(
             tracking_uri=uri,
             checkpoint_dir=str(run_dir),
             data_dir=str(options.data_dir),
-            threads=options.threads_per_job,
+            threads=threads,
             checkpoint_every_s=options.checkpoint_every_s,
             resumed=resumed,
             attempt=attempt,
         )
 
     def on_crash(job: Job, reason: str, status: str) -> JobResult:
-        mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
-        mlflow_client.set_terminated(
-            job.run_id, status="KILLED" if status == "killed" else "FAILED"
-        )
+        """A worker that died or never answered: ``killed`` leaves the run resumable."""
+        with contextlib.suppress(*store_error_types()):  # a store that is down: left RUNNING
+            mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
+            mlflow_client.set_terminated(
+                job.run_id, status="KILLED" if status == "killed" else "FAILED"
+            )
         return JobResult(job.key, job.run_id, status, reason=reason)
 
     def record(event: tuple[Any, ...]) -> None:
@@ -198,10 +249,10 @@ def run_sweep(
             on_event(event)
 
     try:
-        executor.run(todo, prepare, record, on_crash)
+        with store_errors(uri):
+            executor.run(todo, prepare, record, on_crash)
     except KeyboardInterrupt:
         summary.interrupted = True
-    return summary
 
 
 def _create_run(

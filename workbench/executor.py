@@ -8,7 +8,9 @@ importing torch and mlflow costs seconds per process.
 
 Signals: workers ignore SIGINT (a Ctrl-C reaches the whole process group); the driver forwards
 exactly one SIGTERM, which a worker turns into KeyboardInterrupt so its run is marked KILLED.
-A worker whose driver vanished (kill -9) notices and exits.
+A worker whose driver vanished (kill -9) notices at its next message or poll, marks its run
+KILLED (resumable) and exits. A worker that dies itself is a crash, not a verdict on the run:
+its run is marked KILLED too, and the next ``workbench run`` resumes it from its checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from workbench.jobs import Job, JobResult, describe_exit, execute_job
+from workbench.jobs import DriverLost, Job, JobResult, describe_exit, execute_job
 
 Event = tuple[Any, ...]
 """("started", key, pid) | ("progress", key, step, metrics) | ("done", key, JobResult)"""
@@ -55,14 +57,19 @@ def _worker_main(env: dict[str, str], conn: Connection) -> None:
         conn.send(("started", job.key, os.getpid()))
 
         def progress(key: str, step: int, metrics: dict[str, float]) -> None:
-            conn.send(("progress", key, step, metrics))
+            try:
+                conn.send(("progress", key, step, metrics))
+            except OSError:  # the driver is gone: stop here, resumable, like a Ctrl-C
+                raise DriverLost("the driver process is gone") from None
 
         try:
             result = execute_job(job, progress)
         except KeyboardInterrupt:
             result = JobResult(job.key, job.run_id, "killed", reason="interrupted")
-        with contextlib.suppress(OSError):
+        try:
             conn.send(("done", job.key, result))
+        except OSError:
+            return
 
 
 @dataclass
@@ -86,7 +93,7 @@ class LocalExecutor:
     """Runs jobs in ``jobs`` worker processes at once."""
 
     jobs: int
-    threads_per_job: int | None = None  # None: the cores shared by the runs at once
+    threads_per_job: int | None = None  # torch threads at a worker's start (each job sets its own)
     gpus: int = 0
     jobs_per_gpu: int = 1
     workers: list[_Worker] = field(default_factory=list)
@@ -110,8 +117,6 @@ class LocalExecutor:
         results: list[JobResult] = []
         slots = max(1, min(self.jobs, len(items)))
         threads = self.threads_per_job
-        if threads is None:  # the cores shared by the runs at once (1 run on 2 cores: 2 threads)
-            threads = max(1, (os.cpu_count() or 1) // slots)
         try:
             self.workers = [self._start(ctx, slot, threads) for slot in range(slots)]
             while pending or any(w.job is not None for w in self.workers):
@@ -127,7 +132,7 @@ class LocalExecutor:
                             self._crashed(
                                 worker,
                                 describe_exit(worker.process.exitcode),
-                                "failed",
+                                "killed",
                                 results,
                                 on_event,
                                 on_crash,

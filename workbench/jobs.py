@@ -8,6 +8,7 @@ trains, streams metrics in batches, logs the artifacts and ends the run with its
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from workbench.tracking import TAG, MetricBuffer, client
+from workbench.tracking import TAG, MetricBuffer, client, first_line, store_error_types
 
 PROGRESS_KEYS = ("train_loss_smooth", "lr", "tokens_per_sec")
 EVAL_KEYS = ("train_loss", "val_loss")
@@ -29,6 +30,10 @@ SUMMARY_KEYS = ("best_val_loss", "final_val_loss", "wall_time_s")
 
 ProgressFn = Callable[[str, int, dict[str, float]], None]
 """Called with (run key, step, metrics) as training goes."""
+
+
+class DriverLost(KeyboardInterrupt):
+    """Raised in a worker whose driver process is gone: an interruption, never a verdict."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,13 @@ class _MlflowCallback:
 
 
 def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
-    """Train one run and record it; exceptions become a FAILED run, Ctrl-C a KILLED one."""
+    """Train one run and record it.
+
+    Only what training itself raises is a verdict on the run (FAILED). An interruption (Ctrl-C,
+    SIGTERM, the driver gone), the tracking store going away and a full disk are not: the run
+    is marked KILLED where the store still answers (else left RUNNING, which the next sweep
+    recognises as a ghost), its checkpoint is kept, and the next ``workbench run`` resumes it.
+    """
     mlflow_client = client(job.tracking_uri)
     buffer = MetricBuffer(job.tracking_uri, job.run_id, every_step_keys=EVAL_KEYS + SUMMARY_KEYS)
     callback = _MlflowCallback(buffer, job.key, progress)
@@ -96,20 +107,55 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
         if job.resumed:  # points after the last checkpoint may be stored already
             buffer.skip_stored(list(PROGRESS_KEYS + EVAL_KEYS))
         return _train_and_record(job, mlflow_client, buffer, callback)
-    except KeyboardInterrupt:
-        with _signals_ignored():  # a second signal must not leave the run RUNNING
-            # Unflushed points come after the last checkpoint: the resume recomputes them.
-            mlflow_client.set_terminated(job.run_id, status="KILLED")
-        return JobResult(
-            job.key, job.run_id, "killed", step=callback.last_step, reason="interrupted"
-        )
+    except KeyboardInterrupt as exc:
+        reason = str(exc) or "interrupted"
     except BaseException as exc:
-        reason = f"{type(exc).__name__}: {exc}".strip()[:500]
+        if not is_environment_failure(exc):
+            return _failed(job, mlflow_client, buffer, callback, exc)
+        reason = describe_environment_failure(exc)
+    # A second signal must not leave the run RUNNING. Unflushed points come after the last
+    # checkpoint: the resume recomputes them.
+    with _signals_ignored(), contextlib.suppress(*store_error_types()):
+        mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
+        mlflow_client.set_terminated(job.run_id, status="KILLED")
+    return JobResult(job.key, job.run_id, "killed", step=callback.last_step, reason=reason)
+
+
+def is_environment_failure(exc: BaseException) -> bool:
+    """The tracking store failing, or a full disk: the machine's trouble, not the run's."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return isinstance(exc, MlflowException | RequestException | SQLAlchemyError)
+
+
+def describe_environment_failure(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"no space left on device{where}"
+    return f"tracking store unavailable: {type(exc).__name__}: {first_line(exc, 400)}"
+
+
+def _failed(
+    job: Job,
+    mlflow_client: Any,
+    buffer: MetricBuffer,
+    callback: _MlflowCallback,
+    exc: BaseException,
+) -> JobResult:
+    """Training raised: the run is FAILED, with the reason and the traceback."""
+    reason = f"{type(exc).__name__}: {exc}".strip()[:500]
+    try:
         buffer.tags({TAG + "reason": reason, TAG + "stopped_step": str(callback.last_step)})
         buffer.flush(heartbeat=False)
         mlflow_client.log_text(job.run_id, traceback.format_exc(), "error.txt")
         mlflow_client.set_terminated(job.run_id, status="FAILED")
-        return JobResult(job.key, job.run_id, "failed", step=callback.last_step, reason=reason)
+    except store_error_types():  # the store went too: left RUNNING, resumed next time
+        return JobResult(job.key, job.run_id, "killed", step=callback.last_step, reason=reason)
+    return JobResult(job.key, job.run_id, "failed", step=callback.last_step, reason=reason)
 
 
 def _train_and_record(

@@ -46,8 +46,16 @@ class SweepProgress:
             self.names[d.run.key] = d.run.name
             self.max_iters[d.run.key] = d.run.config.train.max_iters
         self.task = self.bar.add_task("grid", total=len(todo), counts=self._counts())
-        if self.counts["skipped"]:
-            self.console.print(f"{self.counts['skipped']} runs already done or failed: skipped")
+        claimed = sum(d.state == "claimed" for d in decisions)
+        if self.counts["skipped"] - claimed:
+            self.console.print(
+                f"{self.counts['skipped'] - claimed} runs already done or failed: skipped"
+            )
+        if claimed:
+            self.console.print(
+                f"{claimed} runs are being trained by another workbench process: skipped "
+                "(run again once it ends to pick up any it could not finish)"
+            )
         if self.live_enabled and todo:
             self.live = Live(self._render(), console=self.console, refresh_per_second=4)
             self.live.start()

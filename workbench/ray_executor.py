@@ -122,9 +122,9 @@ class RayExecutor:
                             retry = replace(job, attempt=job.attempt + 1, resumed=True)
                             self._tag_attempt(retry)
                             pending[remote.remote(retry, queue)] = retry
-                        else:
+                        else:  # still a crash, not a verdict: the next sweep resumes it
                             reason = f"worker died {job.attempt} times: {type(exc).__name__}"
-                            finish(job, on_crash(job, reason, "failed"))
+                            finish(job, on_crash(job, reason, "killed"))
         except KeyboardInterrupt:
             self._interrupt(ray, pending, finish, on_crash)
             raise

@@ -9,9 +9,12 @@ before any worker touches it; experiments are created by the driver, never by wo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
+import re
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -40,34 +43,161 @@ def tracking_uri(explicit: str | None, from_env: str | None) -> str:
     return explicit or from_env or DEFAULT_TRACKING_URI
 
 
+_OPENED: set[str] = set()  # stores this process has checked (and created) already
+
+
 def client(uri: str) -> MlflowClient:
+    """An MLflow client; the first one of a process for ``uri`` checks the store first (see
+    :func:`open_store`)."""
     from mlflow.tracking import MlflowClient
 
+    if uri not in _OPENED:
+        open_store(uri)
+        _OPENED.add(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def store_error_types() -> tuple[type[BaseException], ...]:
+    """What the store raises when it is unreachable, locked, full or broken."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return (MlflowException, RequestException, SQLAlchemyError, sqlite3.Error, OSError)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 @contextlib.contextmanager
 def store_errors(uri: str) -> Iterator[None]:
     """A store that cannot be reached or read is one line for the user, not a traceback."""
-    from mlflow.exceptions import MlflowException
-
     try:
         yield
-    except (MlflowException, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WorkbenchError(f"tracking store {uri}: {first_line}") from None
+    except store_error_types() as exc:
+        raise WorkbenchError(f"tracking store {uri}: {first_line(exc)}") from None
+
+
+def open_store(uri: str) -> None:
+    """Check a store before MLflow touches it, failing in seconds with one line.
+
+    SQLite: the folder must exist; the file, if there is one, must be a complete MLflow
+    database; the first process to open a new file creates and migrates it while holding
+    ``<file>.lock``, so commands started at once on a fresh folder never race MLflow's schema
+    setup (which otherwise leaves a half-made database behind). A server: it must answer within
+    seconds, not after MLflow's minutes of retries.
+    """
+    database = sqlite_path(uri)
+    if database is not None:
+        _open_sqlite(uri, database)
+    elif uri.startswith(("http://", "https://")):
+        _probe_server(uri)
+
+
+STORE_LOCK_TIMEOUT_S = 300.0  # a first migration takes ~6 s; a held lock longer is a stuck one
+SERVER_PROBE_TIMEOUT_S = 5.0
+
+
+def _open_sqlite(uri: str, database: Path) -> None:
+    from filelock import FileLock, Timeout
+
+    folder = database.parent if str(database.parent) else Path(".")
+    if not folder.is_dir():
+        raise WorkbenchError(f"tracking store {uri}: folder {folder} does not exist")
+    lock = FileLock(f"{database}.lock", timeout=STORE_LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise WorkbenchError(
+            f"tracking store {uri}: another process has held {lock.lock_file} for "
+            f"{STORE_LOCK_TIMEOUT_S:.0f} s (a stuck first setup of the store?)"
+        ) from None
+    except OSError as exc:
+        if not database.exists():
+            raise WorkbenchError(
+                f"tracking store {uri}: cannot create a store in {folder} ({first_line(exc)})"
+            ) from None
+        _check_sqlite(uri, database)  # a read-only folder: reading a store needs no lock
+        return
+    try:
+        _check_sqlite(uri, database)
+        with store_errors(uri):
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri=uri)._tracking_client.store  # noqa: B018  (creates it)
+    finally:
+        lock.release()
+
+
+def _check_sqlite(uri: str, database: Path) -> None:
+    """Refuse a file that is not an MLflow database, or one whose setup was cut short."""
+    if not database.exists() or database.stat().st_size == 0:
+        return  # MLflow creates it
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)
+        ) as connection:
+            tables = {row[0] for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}  # fmt: skip
+    except sqlite3.Error as exc:
+        raise WorkbenchError(
+            f"tracking store {uri}: {database} is not a readable SQLite database "
+            f"({first_line(exc)})"
+        ) from None
+    half_made = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+    if half_made or (tables and "alembic_version" not in tables):
+        what = f"leftover table {half_made[0]}" if half_made else "no alembic_version table"
+        raise WorkbenchError(
+            f"tracking store {uri}: {database} is a half-made or foreign MLflow database "
+            f"({what}; its setup was probably interrupted): move it away and run again"
+        )
+
+
+def _probe_server(uri: str) -> None:
+    """Any HTTP answer will do; no answer within seconds is one line, not minutes of retries."""
+    import requests
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name"
+    try:
+        requests.get(url, params={"experiment_name": "Default"}, timeout=SERVER_PROBE_TIMEOUT_S)
+    except requests.RequestException as exc:
+        raise WorkbenchError(f"tracking store {uri}: unreachable ({first_line(exc)})") from None
 
 
 def ensure_experiment(uri: str, name: str) -> str:
     """Create (and migrate) the store and the experiment, once, before any worker starts."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(uri)
+    database = sqlite_path(uri)
+    if database is not None and not (
+        os.access(database, os.W_OK) and os.access(database.parent, os.W_OK)
+    ):  # SQLite writes a journal beside the file
+        raise WorkbenchError(f"tracking store {uri}: read-only: runs cannot be recorded there")
     with store_errors(uri):
-        mlflow_client = client(uri)
-        experiment = mlflow_client.get_experiment_by_name(name)
-        if experiment is not None:
-            if experiment.lifecycle_stage == "deleted":
-                mlflow_client.restore_experiment(experiment.experiment_id)
-            return str(experiment.experiment_id)
-        return str(mlflow_client.create_experiment(name))
+        for _ in range(2):  # a second try: another process created it in between
+            experiment = mlflow_client.get_experiment_by_name(name)
+            if experiment is not None:
+                if experiment.lifecycle_stage == "deleted":
+                    mlflow_client.restore_experiment(experiment.experiment_id)
+                return str(experiment.experiment_id)
+            try:
+                return str(mlflow_client.create_experiment(name))
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        raise WorkbenchError(f"tracking store {uri}: experiment {name!r} could not be created")
+
+
+def experiment_slug(name: str) -> str:
+    """A folder name for an experiment: its safe characters, then a hash of the whole name, so
+    that no name (``../x``, ``/abs``, ``a/b``) is ever a path and two names never share one."""
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:40] or "experiment"
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{readable}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -86,17 +216,22 @@ class RunRecord:
 
     @property
     def attempt(self) -> int:
-        return int(self.tags.get(TAG + "attempt", "1"))
+        return int_tag(self.tags, TAG + "attempt") or 1
+
+    @property
+    def threads(self) -> int | None:
+        """The torch threads the run was started with (its resume must use the same)."""
+        return int_tag(self.tags, TAG + "threads")
 
     def is_ghost(self, now: float | None = None) -> bool:
         """A RUNNING run whose process is gone (kill -9, power loss) or silent for too long."""
         if self.status != "RUNNING":
             return False
-        if self.tags.get(TAG + "host") == socket.gethostname():  # this machine: ask the OS
-            pids = [self.tags.get(TAG + "pid"), self.tags.get(TAG + "driver_pid")]
-            return not any(pid and _pid_alive(int(pid)) for pid in pids)
+        pids = [int_tag(self.tags, TAG + name) for name in ("pid", "driver_pid")]
+        if self.tags.get(TAG + "host") == socket.gethostname() and any(pids):  # ask the OS
+            return not any(pid and _pid_alive(pid) for pid in pids)
         now = time.time() if now is None else now  # elsewhere: silent for too long
-        heartbeat = float(self.tags.get(TAG + "heartbeat", self.start_time / 1000))
+        heartbeat = int_tag(self.tags, TAG + "heartbeat") or self.start_time // 1000
         return now - heartbeat > STALE_AFTER_S
 
     @property
@@ -111,10 +246,21 @@ class RunRecord:
         return "killed"
 
 
+def int_tag(tags: dict[str, str], name: str) -> int | None:
+    """A tag's positive integer value; None when absent or malformed (a shared store may hold
+    runs that another tool, or a hand, tagged)."""
+    value = tags.get(name, "")
+    try:
+        number = int(float(value)) if value.strip() else None
+    except (ValueError, OverflowError):
+        return None
+    return number if number is not None and number > 0 else None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True

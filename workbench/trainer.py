@@ -9,9 +9,11 @@ exactly (model, optimizer, step, every RNG state).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -364,17 +366,17 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
+        buffer = io.BytesIO()
+        torch.save(state, buffer)  # in memory: a full disk fails in write(), saying so
+        write_atomically(path, buffer.getvalue())
 
     def load_checkpoint(self) -> bool:
         path = self.checkpoint_path
         if path is None or not path.exists():
             return False
-        # Onto the CPU: the RNG states must stay CPU byte tensors; the model and optimizer
-        # states are copied onto the device by their load_state_dict.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # Model, two optimizer moments, RNG states and the eval history: a file many times that
+        # size is not one this run wrote.
+        state = load_checkpoint_file(path, max_bytes=64 * 4 * self.model.num_params() + (8 << 20))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = state["step"]
@@ -386,6 +388,58 @@ class Trainer:
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         return True
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that is not one workbench wrote: refused, never executed."""
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "best_val_loss", "smoothed_loss", "history",
+                   "sampler_rng", "torch_rng", "cuda_rng")  # fmt: skip
+
+
+def load_checkpoint_file(path: Path, max_bytes: int | None = None) -> dict[str, Any]:
+    """Tensors and plain values only (``weights_only=True``): a pickle that would run code when
+    loaded (dropped into a shared checkpoint folder, say) is refused with one line, and so is a
+    file over ``max_bytes``.
+
+    Onto the CPU: the RNG states must stay CPU byte tensors; the model and optimizer states are
+    copied onto the device by their ``load_state_dict``.
+    """
+    import pickle
+
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise CheckpointError(f"checkpoint {path} refused: {size:,} bytes, over {max_bytes:,}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"checkpoint {path} refused: it holds objects other than tensors and plain values "
+            "(loading it could run code)"
+        ) from None
+    except (RuntimeError, ValueError, EOFError) as exc:
+        problem = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "empty"
+        raise CheckpointError(f"checkpoint {path} refused: unreadable ({problem})") from None
+    if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
+        raise CheckpointError(f"checkpoint {path} refused: not a workbench checkpoint")
+    return state
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write a new file beside ``path``, then rename it over: a crash mid-write never leaves a
+    torn file, and a full disk leaves the previous file and no partial one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _before_checkpoint(callback: Callback | NullCallback, step: int) -> None:

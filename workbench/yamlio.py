@@ -1,5 +1,9 @@
 """Safe YAML loading with two fixes users expect: ``3e-4`` is a float, and a key that appears
-twice in one mapping is an error instead of silently keeping the last value."""
+twice in one mapping is an error instead of silently keeping the last value.
+
+Bounded, too: a spec is small, so a file over ``MAX_SPEC_BYTES``, or one whose aliases expand
+to more than ``MAX_NODES`` values (a "billion laughs" bomb fits in 600 bytes), is refused before
+anything walks it."""
 
 from __future__ import annotations
 
@@ -48,17 +52,60 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+MAX_SPEC_BYTES = 1 << 20
+MAX_NODES = 100_000  # values after alias expansion; the lecture's specs have a few hundred
+MAX_DEPTH = 64
+
+
+def _expanded_size(root: yaml.Node, source: str) -> None:
+    """Count the values ``root`` stands for with every alias expanded, without expanding."""
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in in_progress:
+            raise SpecError([f"{source}: line {node.start_mark.line + 1}: recursive alias"])
+        if depth > MAX_DEPTH:
+            raise SpecError([f"{source}: nested deeper than {MAX_DEPTH} levels"])
+        in_progress.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        in_progress.discard(id(node))
+        if total > MAX_NODES:
+            raise SpecError(
+                [f"{source}: more than {MAX_NODES:,} values once aliases are expanded: refused"]
+            )
+        sizes[id(node)] = total
+        return total
+
+    size(root, 0)
+
+
 def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML text safely; problems raise SpecError naming ``source``."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(
+            [f"{source}: {len(text):,} characters; a spec is at most {MAX_SPEC_BYTES:,}"]
+        )
     loader = _Loader(text)
     loader.duplicates = []
     try:
-        data = loader.get_single_data()
+        node = loader.get_single_node()
+        if node is not None:
+            _expanded_size(node, source)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError([f"{source}: {where}invalid YAML: {problem}"]) from None
+    except RecursionError:
+        raise SpecError([f"{source}: nested too deeply"]) from None
     finally:
         loader.dispose()
     if loader.duplicates:
@@ -68,6 +115,8 @@ def parse_yaml(text: str, source: str) -> Any:
 
 def load_yaml_file(path: Path) -> Any:
     try:
+        if path.is_file() and path.stat().st_size > 4 * MAX_SPEC_BYTES:  # never read it whole
+            raise SpecError([f"{path}: {path.stat().st_size:,} bytes; a spec is at most 1 MiB"])
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError([f"{path}: no such file"]) from None

@@ -1,0 +1,96 @@
+"""Helpers for tests that drive `workbench run` end to end: a real SQLite store in a test's
+folder, the CLI in-process or in a subprocess, and waiting on what it does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from workbench.cli import app
+
+
+def write_spec(folder: Path, name: str = "spec.yaml", **overrides: Any) -> Path:
+    spec: dict[str, Any] = {
+        "experiment": "t",
+        "data": {"dataset": "tinyshakespeare"},
+        "train": {"max_iters": 40, "eval_interval": 20, "eval_iters": 4, "device": "cpu"},
+        "model": {"n_embd": 16, "n_head": 2},
+        "variants": {
+            "bigram": {"model": {"kind": "bigram"}},
+            "multi_head": {"model": {"kind": "multi_head"}},
+        },
+        "seeds": [1],
+    }
+    for key, value in overrides.items():
+        spec[key] = value
+    path = folder / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+class Store:
+    """A tracking store (by default a SQLite file in ``folder``) and a checkpoint folder."""
+
+    def __init__(self, folder: Path, uri: str | None = None) -> None:
+        self.uri = uri or f"sqlite:///{folder / 'mlflow.db'}"
+        self.checkpoints = folder / "checkpoints"
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:  # opened on first use: it creates a missing store
+        if self._client is None:
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def args(self) -> list[str]:
+        return [
+            "--tracking-uri",
+            self.uri,
+            "--checkpoint-dir",
+            str(self.checkpoints),
+            "--no-progress",
+            "--checkpoint-every",
+            "0",
+        ]
+
+    def runs(self, experiment: str = "t") -> list[Any]:
+        exp = self.client.get_experiment_by_name(experiment)
+        return [] if exp is None else self.client.search_runs([exp.experiment_id])
+
+    def by_name(self, experiment: str = "t") -> dict[str, Any]:
+        return {r.info.run_name: r for r in self.runs(experiment)}
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
+
+
+def invoke(*args: str) -> Any:
+    return CliRunner().invoke(app, list(args))
+
+
+def start(spec: Path, store: Store, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "workbench", "run", str(spec), *store.args(), *extra],
+        cwd=spec.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(predicate: Any, timeout: float = 120.0) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out")

@@ -1,0 +1,65 @@
+"""Which process trains which run: one lock file per run key, held for a whole sweep.
+
+Two ``workbench run`` of one spec at once must never train a run twice, nor write and delete
+the same checkpoint folder. MLflow has no atomic compare-and-set, so the claim is an OS file lock
+(``flock``) on ``<checkpoint folder>/<experiment>/<key>.lock``: the kernel releases it when its
+process dies, however it dies, so a crash never leaves a run claimed. Runs are claimed *before*
+the store is read, so whatever another process finished before it let go is seen as done.
+
+The locks only reach as far as the folder is shared: one machine, or a cluster whose nodes
+share ``--checkpoint-dir``, as the README's cluster recipe has it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from workbench.errors import WorkbenchError
+
+
+class Claims:
+    """The run keys this process holds."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.held: dict[str, FileLock] = {}
+        _raise_open_file_limit()  # each held claim keeps a file open
+
+    def claim(self, key: str) -> bool:
+        """Take ``key`` unless another process holds it (never waits)."""
+        if key in self.held:
+            return True
+        lock = FileLock(self.folder / f"{key}.lock", timeout=0, thread_local=False)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except Timeout:
+            return False
+        except OSError as exc:
+            raise WorkbenchError(f"--checkpoint-dir {self.folder.parent}: {exc}") from None
+        self.held[key] = lock
+        return True
+
+    def release(self, key: str) -> None:
+        lock = self.held.pop(key, None)
+        if lock is not None:
+            lock.release()
+
+    def release_all(self) -> None:
+        for key in list(self.held):
+            self.release(key)
+
+
+def _raise_open_file_limit() -> None:
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
