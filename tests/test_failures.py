@@ -159,7 +159,6 @@ def test_a_run_alone_gives_the_numbers_it_gives_in_a_sweep(
 
 def test_a_resume_uses_the_runs_own_thread_count(store: Store, tmp_path: Path) -> None:
     spec = sweep_spec(tmp_path, seeds=[1])
-    (tmp_path / "own").mkdir()
     own = Store(tmp_path / "own")  # uninterrupted, -j 1
     done = invoke("run", str(spec), "--jobs", "1", *own.args())
     assert done.exit_code == 0, done.output
@@ -235,8 +234,9 @@ def test_a_half_made_or_corrupt_store_is_one_line(tmp_path: Path) -> None:
     one_line_error(invoke("run", str(spec), *store.args()), "not a readable SQLite database")
     assert database.stat().st_size == 8192  # left as it was
 
-    missing = f"sqlite:///{tmp_path / 'no' / 'such' / 'mlflow.db'}"
-    one_line_error(invoke("run", str(spec), "--tracking-uri", missing), "does not exist")
+    (tmp_path / "a-file").write_text("")
+    impossible = f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"  # under a file, not a folder
+    one_line_error(invoke("run", str(spec), "--tracking-uri", impossible), "cannot create")
 
 
 # --- 6. checkpoints are data, never code -------------------------------------------------

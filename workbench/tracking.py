@@ -84,7 +84,7 @@ def store_errors(uri: str) -> Iterator[None]:
 def open_store(uri: str) -> None:
     """Check a store before MLflow touches it, failing in seconds with one line.
 
-    SQLite: the folder must exist; the file, if there is one, must be a complete MLflow
+    SQLite: the folder is made if missing; the file, if there is one, must be a complete MLflow
     database; the first process to open a new file creates and migrates it while holding
     ``<file>.lock``, so commands started at once on a fresh folder never race MLflow's schema
     setup (which otherwise leaves a half-made database behind). A server: it must answer within
@@ -105,8 +105,12 @@ def _open_sqlite(uri: str, database: Path) -> None:
     from filelock import FileLock, Timeout
 
     folder = database.parent if str(database.parent) else Path(".")
-    if not folder.is_dir():
-        raise WorkbenchError(f"tracking store {uri}: folder {folder} does not exist")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # as MLflow itself does
+    except OSError as exc:
+        raise WorkbenchError(
+            f"tracking store {uri}: cannot create a store in {folder} ({first_line(exc)})"
+        ) from None
     lock = FileLock(f"{database}.lock", timeout=STORE_LOCK_TIMEOUT_S)
     try:
         lock.acquire()
