@@ -13,6 +13,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,17 @@ from workbench.spec import (
     RunConfig,
     Spec,
     check_dotted_key,
+    clip,
     describe_error,
     format_problem,
     section_keys,
+    shown,
     spec_problems,
 )
 from workbench.yamlio import load_yaml_file, parse_value
 
 RUN_KEY_LENGTH = 16
+MAX_RUNS = 100_000  # a grid larger than this is refused before it is expanded
 EXECUTION_ONLY = ("train.threads",)  # left out of run keys
 
 
@@ -97,7 +101,7 @@ def parse_overrides(items: list[str]) -> list[Override]:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_iters=200")
+            problems.append(f"--set {shown(item)}: expected KEY=VALUE, e.g. train.max_iters=200")
             continue
         overrides.append(Override(key=key, value=parse_value(text), text=item))
     if problems:
@@ -115,7 +119,7 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
     origin = str(spec_path)
     raw = load_yaml_file(spec_path)
     if not isinstance(raw, dict):
-        raise SpecError([f"{origin}: expected a mapping at the top level (got {raw!r})"])
+        raise SpecError([f"{origin}: expected a mapping at the top level (got {shown(raw)})"])
     raw = _apply_top_level_overrides(raw, overrides)
     overrides = [o for o in overrides if "." in o.key]
     problems = _structure_problems(raw, origin, overrides)
@@ -134,6 +138,7 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
         raise SpecError(problems)
 
     axes = _axes(raw, origin)
+    _check_size(raw, axes, origin)
     points = _grid_points(axes)
     varying = [k for k in _varying_keys(axes) if k not in {o.key for o in overrides}]
     runs: list[Run] = []
@@ -162,7 +167,7 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
     if only:
         runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, g) for g in only)]
         if not runs:
-            raise SpecError([f"--only {' '.join(only)}: no run name matches"])
+            raise SpecError([f"--only {clip(' '.join(only))}: no run name matches"])
     if not runs:
         raise SpecError([f"{origin}: exclude: every run is excluded"])
     return Plan(spec_path, spec, runs, varying, duplicates, excluded)
@@ -197,6 +202,20 @@ def _apply_top_level_overrides(raw: dict[str, Any], overrides: list[Override]) -
 
 
 Axis = list[tuple[str, list[Any], Source]]  # keys that vary together, their values, sources
+
+
+def _check_size(raw: dict[str, Any], axes: list[Axis], origin: str) -> None:
+    """Refuse a grid of more than MAX_RUNS runs before expanding it (a few keys of ten values
+    each multiply into millions)."""
+    variants = len(raw.get("variants") or {}) or 1
+    seeds = len(raw.get("seeds", DEFAULT_SEEDS))
+    size = variants * seeds * math.prod(len(axis[0][1]) for axis in axes)
+    if size > MAX_RUNS:
+        message = (
+            f"{size:,} runs (variants x grid x zip x seeds) is more than {MAX_RUNS:,}; "
+            "split the spec or narrow the grid"
+        )
+        raise SpecError([format_problem(origin, "grid", message)])
 
 
 def _axes(raw: dict[str, Any], origin: str) -> list[Axis]:
@@ -240,6 +259,11 @@ def _structure_problems(raw: dict[str, Any], origin: str, overrides: list[Overri
                 problems.append(format_problem(origin, where, problem))
             if isinstance(values, list) and not values:
                 problems.append(format_problem(origin, where, "empty list of values"))
+            for i, value in enumerate(values if isinstance(values, list) else []):
+                if isinstance(value, (list, dict)):  # every config value is a single one
+                    problems.append(
+                        format_problem(origin, f"{where}[{i}]", "expected a single value", value)
+                    )
             if key in seen:
                 problems.append(format_problem(origin, where, f"also varied by {seen[key]}"))
             seen[key] = where
@@ -250,7 +274,8 @@ def _structure_problems(raw: dict[str, Any], origin: str, overrides: list[Overri
                 format_problem(origin, prefix[:-1], f"lists differ in length ({sizes})")
             )
     seeds = raw.get("seeds")
-    if isinstance(seeds, list) and len(seeds) != len({repr(s) for s in seeds}):
+    integers = [s for s in seeds if type(s) is int] if isinstance(seeds, list) else []
+    if len(integers) != len(set(integers)):
         problems.append(format_problem(origin, "seeds", "repeated seed", seeds))
     names = set(_mapping(raw.get("variants")))
     excludes = raw.get("exclude")
@@ -260,15 +285,15 @@ def _structure_problems(raw: dict[str, Any], origin: str, overrides: list[Overri
         for key, value in _mapping(entry).items():
             where = f"exclude[{i}].{key}"
             if key == "variant":
-                if value not in names:
-                    allowed = ", ".join(sorted(names)) or "none defined"
+                if not isinstance(value, str) or value not in names:
+                    allowed = clip(", ".join(sorted(names))) or "none defined"
                     message = f"no such variant (allowed: {allowed})"
                     problems.append(format_problem(origin, where, message, value))
             elif key != "seed" and (problem := check_dotted_key(str(key))):
                 problems.append(format_problem(origin, where, problem))
     for name in _mapping(raw.get("reference")):
         if names and name not in names:
-            allowed = ", ".join(sorted(names)) or "none defined"
+            allowed = clip(", ".join(sorted(names))) or "none defined"
             problems.append(
                 format_problem(origin, f"reference.{name}", f"no such variant (allowed: {allowed})")
             )
