@@ -171,8 +171,8 @@ def test_plan_with_set_and_only(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "demo: 2 runs" in result.stdout
-    assert "multi_head-block_size=8-seed=5" in result.stdout
-    assert "multi_head-block_size=16-seed=5" in result.stdout
+    assert "multi_head-block_size=8-max_iters=200-seed=5" in result.stdout
+    assert "multi_head-block_size=16-max_iters=200-seed=5" in result.stdout
     assert "bigram-" not in result.stdout
     assert "2 runs, 154k tokens to train" in result.stdout  # 200 x 32 x (8 + 16)
 

@@ -63,6 +63,8 @@ class Run:
     varying: dict[str, Any]
     data_sha256: str
     reference_val_loss: float | None = None  # a published figure for this variant, if any
+    changed: dict[str, Any] = field(default_factory=dict)  # --set values unlike the spec's
+    variant_index: int = 0  # the variant's position in the spec's ``variants``
 
     @property
     def tokens(self) -> int:
@@ -144,10 +146,13 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
     runs: list[Run] = []
     excluded = 0
     checksums: dict[tuple[str | None, str | None], str] = {}  # each file hashed once per expand
-    for variant, layers in _variants(raw):
+    shown_keys = varying + [k for k in dict.fromkeys(o.key for o in overrides) if k not in varying]
+    labels = short_names(shown_keys)
+    for index, (variant, layers) in enumerate(_variants(raw)):
         for point in points:
             for seed in raw.get("seeds", DEFAULT_SEEDS):
                 config_raw, sources = _merge(raw, origin, layers, point, overrides)
+                as_written, _ = _merge(raw, origin, layers, point, [])
                 config_raw["seed"] = seed
                 if _excluded(raw.get("exclude") or [], variant, config_raw):
                     excluded += 1  # before validation: exclude can drop invalid combinations
@@ -157,13 +162,16 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
                     problems.extend(errors)
                     continue
                 assert config is not None
-                runs.append(_make_run(variant, seed, config, varying, checksums))
+                changed = _changed_by_set(as_written, overrides)
+                run = _make_run(variant, seed, config, varying, checksums)
+                runs.append(_named(run, changed, labels, index))
     if problems:
         raise SpecError(problems)
     assert spec is not None
     references = spec.reference or {}
     runs = [replace(run, reference_val_loss=references.get(run.variant)) for run in runs]
     runs, duplicates = _drop_duplicates(runs)
+    runs = _unique_names(runs)
     if only:
         runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, g) for g in only)]
         if not runs:
@@ -548,23 +556,56 @@ def _make_run(
     varying: list[str],
     checksums: dict[tuple[str | None, str | None], str],
 ) -> Run:
-    names = short_names(varying)
-    shown = {key: _lookup(config, key) for key in varying}
-    parts = [variant] + [f"{names[k]}={format_value(v)}" for k, v in shown.items()]
-    parts.append(f"seed={seed}")
     source = (config.data.dataset, config.data.path)
     if source not in checksums:
         checksums[source] = data_checksum(*source)
     checksum = checksums[source]
     return Run(
-        name="-".join(parts),
+        name="",  # see _named
         variant=variant,
         seed=seed,
         key=run_key(config, checksum),
         config=config,
-        varying=shown,
+        varying={key: _lookup(config, key) for key in varying},
         data_sha256=checksum,
     )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as config values: 1 and 1.0 are, true and 1 are not."""
+    return bool(a == b) and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _changed_by_set(as_written: dict[str, Any], overrides: list[Override]) -> dict[str, Any]:
+    """The ``--set`` values of one run that differ from what its spec gives it (as YAML values;
+    the last ``--set`` of a key wins)."""
+    final = {o.key: o.value for o in overrides}
+    changed = {}
+    for key, value in final.items():
+        section, _, name = key.partition(".")
+        written = as_written.get(section) or {}
+        before = written[name] if name in written else SECTIONS[section].model_fields[name].default
+        if not _same(before, value):
+            changed[key] = value
+    return changed
+
+
+def _named(run: Run, changed: dict[str, Any], labels: dict[str, str], index: int) -> Run:
+    """The run named variant, grid values, then ``--set`` values unlike the spec's, then seed:
+    two runs of different configs in one plan never share a name."""
+    values = [f"{labels[k]}={format_value(v)}" for k, v in run.varying.items()]
+    values += [f"{labels[k]}={format_value(v)}" for k, v in changed.items()]
+    name = "-".join([run.variant, *values, f"seed={run.seed}"])
+    return replace(run, name=name, changed=changed, variant_index=index)
+
+
+def _unique_names(runs: list[Run]) -> list[Run]:
+    """A guard: runs of different keys that format to one name (``true`` and ``'true'``) get
+    their key appended, so a name never stands for two configs."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.name] = counts.get(run.name, 0) + 1
+    return [replace(r, name=f"{r.name}-{r.key[:8]}") if counts[r.name] > 1 else r for r in runs]
 
 
 def run_key(config: RunConfig, data_sha256: str) -> str:
