@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from workbench.cli import app
-from workbench.tracking import TAG
+from workbench.tracking import TAG, flatten
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,8 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     runs = store.by_name()
     assert set(runs) == {"bigram-seed=1", "multi_head-seed=1"}
-    run = runs["multi_head-seed=1"]
+    name = "multi_head-seed=1"
+    run = runs[name]
     assert run.info.status == "FINISHED"
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     for tag in (
@@ -92,7 +93,7 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
         "sweep",
         "variant",
         "seed",
-        "kind",
+        "variant_index",
         "version",
         "device",
         "torch_version",
@@ -101,6 +102,8 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
         assert tags.get(TAG + tag), tag
     assert tags[TAG + "variant"] == "multi_head" and tags[TAG + "device"] == "cpu"
     assert params["train.max_iters"] == "40" and params["model.kind"] == "multi_head"
+    assert TAG + "kind" not in tags  # model.kind says it
+    assert [runs[n].data.tags[TAG + "variant_index"] for n in ("bigram-seed=1", name)] == ["0", "1"]
     assert int(params["num_params"]) > 0 and len(params["data_sha256"]) == 64
     for key in (
         "best_val_loss",
@@ -108,10 +111,10 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
         "wall_time_s",
         "val_loss",
         "train_loss",
-        "lr",
         "tokens_per_sec",
     ):
         assert key in metrics, key
+    assert "lr" not in metrics  # a constant rate: a param, not a curve
     assert [s for s, _ in store.history(run.info.run_id, "val_loss")] == [0, 20, 40]
     artifacts = {a.path for a in store.client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "tokenizer.json", "sample.txt", "attention.json", "model.pt"} <= (
@@ -131,6 +134,10 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
     assert forced.exit_code == 0, forced.output
     assert [r.info.run_name for r in store.runs()].count("bigram-seed=1") == 2
 
+    shorter = invoke("run", str(spec), "--set", "train.max_iters=20", "--only", "b*", *store.args())
+    assert shorter.exit_code == 0, shorter.output
+    assert "bigram-max_iters=20-seed=1" in store.by_name()  # not another "bigram-seed=1"
+
     sample = invoke(
         "sample",
         "multi_head-seed=1",
@@ -143,6 +150,36 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
     )
     assert sample.exit_code == 0, sample.output
     assert sample.output.startswith("ROMEO:") and len(sample.output.rstrip("\n")) >= 50
+
+
+MODEL_PARAMS = {  # what each kind logs of the spec's model section (n_embd 16, n_head 2)
+    "bigram": {"model.kind": "bigram"},
+    "multi_head": {
+        "model.kind": "multi_head",
+        "model.n_embd": "16",
+        "model.n_head": "2",
+        "model.dropout": "0.0",
+    },
+}
+
+
+def test_params_and_config_yaml_say_only_what_applies(store: Store, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path)
+    result = invoke("run", str(spec), *store.args())
+    assert result.exit_code == 0, result.output
+    for variant, model_params in MODEL_PARAMS.items():
+        run = store.by_name()[f"{variant}-seed=1"]
+        params = run.data.params
+        assert {k: v for k, v in params.items() if k.startswith("model.")} == model_params
+        assert "None" not in params.values()
+        for absent in ("data.path", "train.threads", "train.min_lr", "model.head_size"):
+            assert absent not in params, absent
+        assert params["data.dataset"] == "tinyshakespeare" and params["train.device"] == "cpu"
+        folder = store.client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+        logged = yaml.safe_load(Path(folder).read_text())
+        expected = set(params) - {"num_params", "data_sha256"}
+        assert set(flatten(logged)) == expected  # config.yaml holds what the params hold
+        assert logged["seed"] == 1
 
 
 def test_four_workers_lose_and_duplicate_no_metric_point(store: Store, tmp_path: Path) -> None:
@@ -161,7 +198,6 @@ def test_four_workers_lose_and_duplicate_no_metric_point(store: Store, tmp_path:
             ("val_loss", range(0, 101, 20)),
             ("train_loss", range(0, 101, 20)),
             ("train_loss_smooth", range(50, 101, 50)),  # progress: one point per 50 steps
-            ("lr", [100]),  # every 500 steps, and the last
             ("tokens_per_sec", [100]),
             ("best_val_loss", [100]),
         ):

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from workbench.grid import Plan, Run
 from workbench.jobs import Job, JobResult
+from workbench.spec import applicable_config
 from workbench.tracking import (
     TAG,
     RunRecord,
@@ -215,7 +216,7 @@ def _create_run(
         TAG + "run_key": run.key,
         TAG + "variant": run.variant,
         TAG + "seed": str(run.seed),
-        TAG + "kind": str(config.model.kind),
+        TAG + "variant_index": str(run.variant_index),  # the spec's order of the ladder
         TAG + "attempt": "1",
         TAG + "heartbeat": f"{time.time():.0f}",
         **{TAG + "grid." + k: str(v) for k, v in run.varying.items()},
@@ -224,7 +225,7 @@ def _create_run(
         tags[TAG + "reference_val_loss"] = str(run.reference_val_loss)
     created = mlflow_client.create_run(experiment_id, run_name=run.name, tags=tags)
     run_id: str = created.info.run_id
-    values = flatten(config.model_dump(mode="json"))
+    values = flatten(applicable_config(config))  # what the run was, nothing that does not apply
     values.update({"num_params": n_params, "data_sha256": run.data_sha256})
     mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
     return run_id

@@ -133,6 +133,40 @@ class Spec(Section):
     )
 
 
+# The model keys each kind reads (workbench/models.py); the others do not change its model.
+MODEL_FIELDS: dict[str, tuple[str, ...]] = {
+    "bigram": ("kind",),
+    "uniform_avg": ("kind", "n_embd"),
+    "softmax_avg": ("kind", "n_embd", "learnable"),
+    "single_head": ("kind", "n_embd", "head_size", "dropout"),
+    "multi_head": ("kind", "n_embd", "n_head", "proj", "dropout"),
+    "transformer": (
+        "kind", "n_embd", "n_head", "n_layer", "ffwd", "residual", "layernorm", "proj", "dropout",
+        "init",
+    ),
+}  # fmt: skip
+
+
+def lr_varies(train: TrainConfig) -> bool:
+    """Whether the learning rate changes during training (warmup or a decaying schedule)."""
+    return train.lr_schedule != "constant" or train.warmup_iters > 0
+
+
+def applicable_config(config: RunConfig) -> dict[str, Any]:
+    """The config as it says what the run was: only the model keys its kind reads, no unset
+    (None) value, no cosine floor under a constant schedule. For params and ``config.yaml``;
+    training always uses the full config."""
+    full = config.model_dump(mode="json")
+    kind = config.model.kind
+    if kind is not None:
+        full["model"] = {k: v for k, v in full["model"].items() if k in MODEL_FIELDS[kind]}
+    if config.train.lr_schedule == "constant":
+        del full["train"]["min_lr"]
+    for section in SECTIONS:
+        full[section] = {k: v for k, v in full[section].items() if v is not None}
+    return full
+
+
 SECTIONS: dict[str, type[Section]] = {
     "data": DataConfig,
     "train": TrainConfig,
