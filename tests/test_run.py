@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -150,6 +151,56 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
     )
     assert sample.exit_code == 0, sample.output
     assert sample.output.startswith("ROMEO:") and len(sample.output.rstrip("\n")) >= 50
+
+
+class Unsafe:
+    """A pickle that would create a file when unpickled without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_sample_takes_a_name_id_or_key_and_never_guesses(store: Store, tmp_path: Path) -> None:
+    short = {"max_iters": 20, "eval_interval": 10, "eval_iters": 2, "device": "cpu"}
+    bigram = {"bigram": {"model": {"kind": "bigram"}}}
+    spec = write_spec(tmp_path, train=short, variants=bigram)
+    assert invoke("run", str(spec), *store.args()).exit_code == 0
+    write_spec(tmp_path, train={**short, "max_iters": 30}, variants=bigram)  # the spec edited
+    assert invoke("run", str(spec), *store.args()).exit_code == 0
+    assert invoke("run", str(spec), "--force", *store.args()).exit_code == 0
+    runs = sorted(store.runs(), key=lambda r: r.info.start_time)
+    assert {r.info.run_name for r in runs} == {"bigram-seed=1"}
+    old_key, new_key = runs[0].data.tags[TAG + "run_key"], runs[2].data.tags[TAG + "run_key"]
+    assert old_key != new_key == runs[1].data.tags[TAG + "run_key"]
+
+    def sample(run: str) -> Any:
+        return invoke("sample", run, "--tokens", "5", "--tracking-uri", store.uri)
+
+    ambiguous = sample("bigram-seed=1")
+    assert ambiguous.exit_code == 2 and "Traceback" not in ambiguous.output
+    lines = ambiguous.stderr.splitlines()
+    assert "'bigram-seed=1' names 3 finished runs of 2 different configs" in lines[0]
+    assert len(lines) == 4
+    for line, run in zip(lines[1:], reversed(runs), strict=True):  # newest first
+        assert run.info.run_id in line and run.data.tags[TAG + "run_key"] in line
+        assert "experiment t" in line and "started 20" in line
+    assert ambiguous.stdout == ""
+    for ok in (old_key, new_key, runs[0].info.run_id):  # the same key twice: the newest
+        assert sample(ok).exit_code == 0, sample(ok).output
+
+    marker = tmp_path / "unpickled"
+    payload = tmp_path / "unsafe" / "model.pt"
+    payload.parent.mkdir()
+    payload.write_bytes(pickle.dumps({"config": Unsafe(marker)}))
+    store.client.log_artifact(runs[0].info.run_id, str(payload))
+    refused = sample(runs[0].info.run_id)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith(f"run {runs[0].info.run_id}: model.pt refused: not a weights-only")
+    assert not marker.exists()
 
 
 MODEL_PARAMS = {  # what each kind logs of the spec's model section (n_embd 16, n_head 2)

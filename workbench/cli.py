@@ -260,7 +260,13 @@ def run(
 
 @app.command()
 def sample(
-    run: Annotated[str, typer.Argument(help="A run name (newest finished) or an MLflow run id.")],
+    run: Annotated[
+        str,
+        typer.Argument(
+            help="A run name, run key or MLflow run id (a name or key of several configs is "
+            "refused, listing them)."
+        ),
+    ],
     prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")] = "\n",
     tokens: Annotated[int, typer.Option("--tokens", min=1, help="Characters to generate.")] = 500,
     temperature: Annotated[
