@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -151,6 +152,38 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
     )
     assert sample.exit_code == 0, sample.output
     assert sample.output.startswith("ROMEO:") and len(sample.output.rstrip("\n")) >= 50
+
+
+def totals(result: Any) -> list[str]:
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip().splitlines()[-2:]
+
+
+def test_plan_and_dry_run_say_what_is_left(store: Store, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, seeds=[1, 2])
+    assert invoke("run", str(spec), "--only", "bigram*", *store.args()).exit_code == 0
+    plan = ["plan", str(spec), "--tracking-uri", store.uri]
+    dry = ["run", str(spec), "--dry-run", *store.args()]
+    first, left = totals(invoke(*plan))
+    assert first == "4 runs: 2 done, 0 to resume, 2 to train"
+    assert re.fullmatch(
+        r"left: 20.5k tokens, about \d+s one run at a time \(from 2 finished runs\)", left
+    )
+    assert totals(invoke(*dry)) == [first, left]  # --dry-run reads the store as plan does
+    assert "0 done, 0 to resume, 4 to train" in totals(invoke(*dry, "--force"))[0]
+
+    killed = store.by_name()["bigram-seed=2"]
+    store.client.set_terminated(killed.info.run_id, status="KILLED")  # as Ctrl-C leaves it
+    first, left = totals(invoke(*plan))
+    assert first == "4 runs: 1 done, 1 to resume, 2 to train"
+    assert left.startswith("left: 20.5k tokens, about")  # its steps are all stored already
+    assert len(store.runs()) == 2  # plan and --dry-run wrote nothing
+
+    assert invoke("run", str(spec), *store.args()).exit_code == 0
+    assert totals(invoke(*dry)) == [
+        "4 runs: 4 done, 0 to resume, 0 to train",
+        "nothing left to train",
+    ]
 
 
 class Unsafe:

@@ -75,7 +75,12 @@ class Summary:
 
 
 def plan_states(plan: Plan, tracking_uri: str) -> dict[str, str]:
-    """Run key → done | failed | diverged | killed | running | ghost, for ``workbench plan``.
+    """Run key → done | failed | diverged | killed | running | ghost, for ``workbench plan``."""
+    return {key: record.state for key, record in plan_records(plan, tracking_uri).items()}
+
+
+def plan_records(plan: Plan, tracking_uri: str) -> dict[str, RunRecord]:
+    """Run key → the newest run of it in the store, for ``plan`` and ``run --dry-run``.
 
     Reads the store without creating anything: a store or experiment that does not exist yet
     means every run is still to do.
@@ -87,8 +92,7 @@ def plan_states(plan: Plan, tracking_uri: str) -> dict[str, str]:
         experiment = client(tracking_uri).get_experiment_by_name(plan.experiment)
         if experiment is None:
             return {}
-        records = existing_runs(tracking_uri, experiment.experiment_id)
-    return {key: record.state for key, record in records.items()}
+        return existing_runs(tracking_uri, experiment.experiment_id)
 
 
 def decide(plan: Plan, records: dict[str, RunRecord], options: Options) -> list[Decision]:
