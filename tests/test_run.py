@@ -130,7 +130,8 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
     assert len(store.runs()) == 2  # nothing trained twice
 
     plan = invoke("plan", str(spec), "--tracking-uri", store.uri)
-    assert plan.output.count("done") == 2
+    assert plan.output.count("│ done") == 2  # the status column
+    assert "2 runs: 2 done, 0 to resume, 0 to train" in plan.output
 
     forced = invoke("run", str(spec), "--force", "--only", "bigram*", *store.args())
     assert forced.exit_code == 0, forced.output

@@ -182,8 +182,7 @@ def left_lines(plan: Plan, left: Left | None) -> list[str]:
         time = "time unknown until a run has finished"
     else:
         time = (
-            f"about {duration(left.seconds)} one run at a time "
-            f"(from {left.measured} finished runs)"
+            f"about {duration(left.seconds)} one run at a time (from {left.measured} finished runs)"
         )
     return [f"{len(plan.runs)} runs: {counts}", f"left: {human(left.tokens)} tokens, {time}"]
 
