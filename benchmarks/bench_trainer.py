@@ -1,7 +1,7 @@
 """workbench's trainer against a lecture-style baseline, side by side in one process.
 
 Same config, same steps, same eval sample size (``eval_iters`` batches per split: random batches
-in the baseline, a fixed set in workbench) for LECTURE.md rungs 0, 2, 3, 4 and 6, one torch
+in the baseline, a fixed set in workbench) for docs/lecture.md rungs 0, 2, 3, 4 and 6, one torch
 thread each by default (one run per core is how workbench runs grids on a CPU). The two are
 interleaved and repeated; medians are reported.
 

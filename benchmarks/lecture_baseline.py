@@ -1,7 +1,7 @@
 """Baseline trainer in the style of the "Let's build GPT" lecture scripts.
 
 A re-implementation (written from the lecture, not copied) of ``bigram.py`` and the intermediate
-commits of ``gpt.py`` from the lecture, parametrised by rung (see ``shared/LECTURE.md``). It is
+commits of ``gpt.py`` from the lecture, parametrised by rung (see ``docs/lecture.md``). It is
 deliberately *not* optimised: per-head ``Head`` modules looped in Python inside
 ``MultiHeadAttention``, batches built with a list comprehension and ``torch.stack``, eval by
 ``eval_iters`` random batches per split, plain AdamW. It is the speed baseline that the faster
@@ -10,7 +10,7 @@ trainer is benchmarked against, so the lecture's style is the point.
 Usage (smoke test)::
 
     python benchmarks/lecture_baseline.py --rung 3 --max-iters 200 \\
-        --data ../shared/data/tinyshakespeare.txt
+        --data "$WORKBENCH_DATA_DIR/tinyshakespeare.txt"
 
 Torch threads are only set under ``__main__`` (``--threads``, default 1), never at import.
 """

@@ -1,5 +1,5 @@
 """Shared fixtures. Tests never reach the network: the data set comes from WORKBENCH_DATA_DIR
-(CI sets it to ../shared/data; a checkout beside shared/ finds it there too)."""
+(CI sets it to ../shared/data; a checkout beside that folder finds it there too)."""
 
 from __future__ import annotations
 

@@ -130,8 +130,10 @@ def test_plan_prints_the_table_and_totals(tmp_path: Path) -> None:
                 assert f"{variant}-block_size={block}-seed={seed}" in out
     assert "4,225" in out  # the bigram: a 65 x 65 table
     assert "25.6k" in out and "51.2k" in out  # 100 iters x 32 batch x 8 or 16 characters
-    last = out.strip().splitlines()[-1]
-    assert last == "8 runs, 307k tokens to train"
+    assert out.strip().splitlines()[-2:] == [
+        "8 runs: 0 done, 0 to resume, 8 to train",
+        "left: 307k tokens, time unknown until a run has finished",
+    ]
 
 
 def test_plan_totals_mention_excluded_and_identical_runs(tmp_path: Path) -> None:
@@ -150,7 +152,10 @@ def test_plan_totals_mention_excluded_and_identical_runs(tmp_path: Path) -> None
     result = runner.invoke(app, ["plan", str(path)])
     assert result.exit_code == 0, result.output
     assert "demo: 1 runs" in result.stdout
-    assert "1 runs, 25.6k tokens to train, 1 excluded, 1 identical runs dropped" in result.stdout
+    assert "1 runs: 0 done, 0 to resume, 1 to train, 1 excluded, 1 identical runs dropped" in (
+        result.stdout
+    )
+    assert "left: 25.6k tokens" in result.stdout
     assert "identical: b-seed=1337 = a-seed=1337" in result.stdout
 
 
@@ -171,10 +176,10 @@ def test_plan_with_set_and_only(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "demo: 2 runs" in result.stdout
-    assert "multi_head-block_size=8-seed=5" in result.stdout
-    assert "multi_head-block_size=16-seed=5" in result.stdout
+    assert "multi_head-block_size=8-max_iters=200-seed=5" in result.stdout
+    assert "multi_head-block_size=16-max_iters=200-seed=5" in result.stdout
     assert "bigram-" not in result.stdout
-    assert "2 runs, 154k tokens to train" in result.stdout  # 200 x 32 x (8 + 16)
+    assert "left: 154k tokens" in result.stdout  # 200 x 32 x (8 + 16)
 
 
 def test_plan_on_a_bad_spec_prints_one_line_per_problem_and_exits_2(tmp_path: Path) -> None:
@@ -237,7 +242,11 @@ def test_run_dry_run_prints_the_plan_and_exits_0(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "demo: 8 runs" in result.stdout
     assert "bigram-block_size=8-seed=1" in result.stdout
-    assert result.stdout.strip().splitlines()[-1] == "8 runs, 307k tokens to train"
+    assert result.stdout.strip().splitlines()[-2:] == [
+        "8 runs: 0 done, 0 to resume, 8 to train",
+        "left: 307k tokens, time unknown until a run has finished",
+    ]
+    assert not (tmp_path / "mlflow.db").exists()  # read, never created
     assert result.stderr == ""
 
 

@@ -326,13 +326,78 @@ def test_set_over_a_grid_key_makes_the_grid_points_identical(tmp_path: Path) -> 
     spec = spec_dict(grid={"train.block_size": [8, 16, 32], "train.batch_size": [4, 8]})
     plan = expand(write_spec(tmp_path, spec), ["train.block_size=64"])
     assert plan.varying_keys == ["train.batch_size"]
-    assert names(plan) == ["bigram-batch_size=4-seed=1337", "bigram-batch_size=8-seed=1337"]
+    assert names(plan) == [
+        "bigram-batch_size=4-block_size=64-seed=1337",
+        "bigram-batch_size=8-block_size=64-seed=1337",
+    ]
     assert [r.config.train.block_size for r in plan.runs] == [64, 64]
     assert len(plan.duplicates) == 4
-    assert ("bigram-batch_size=4-seed=1337", "bigram-batch_size=4-seed=1337") in plan.duplicates
+    same = "bigram-batch_size=4-block_size=64-seed=1337"
+    assert (same, same) in plan.duplicates
 
 
 # --- --set --------------------------------------------------------------------------------------
+
+
+def test_set_values_unlike_the_spec_are_in_the_name(tmp_path: Path) -> None:
+    spec = spec_dict(
+        model={"kind": None},
+        variants={"a": {"model": {"kind": "bigram"}}, "b": {"model": {"kind": "uniform_avg"}}},
+        grid={"train.block_size": [8, 16]},
+    )
+    path = write_spec(tmp_path, spec)
+    plain = expand(path)
+    sets = ["train.max_iters=200", "train.eval_interval=10", "train.weight_decay=0.01"]
+    changed = expand(path, sets)  # eval_interval and weight_decay: as the spec already has them
+    assert names(changed) == [
+        "a-block_size=8-max_iters=200-seed=1337",
+        "a-block_size=16-max_iters=200-seed=1337",
+        "b-block_size=8-max_iters=200-seed=1337",
+        "b-block_size=16-max_iters=200-seed=1337",
+    ]
+    assert [r.changed for r in changed.runs] == [{"train.max_iters": 200}] * 4
+    assert not set(names(changed)) & set(names(plain))  # never the name of another config
+    assert expand(path, ["train.max_iters=100"]).runs == plain.runs  # the spec's own value
+    assert keys(changed) == keys(
+        expand(
+            write_spec(
+                tmp_path,
+                spec_dict(**{**spec, "train": {"max_iters": 200, "eval_interval": 10}}),
+                "edited.yaml",
+            )
+        )
+    )
+
+
+def test_a_set_value_shows_only_in_the_runs_it_changes(tmp_path: Path) -> None:
+    spec = spec_dict(
+        model={"kind": None, "n_embd": 32},
+        variants={
+            "a": {"model": {"kind": "uniform_avg"}},
+            "b": {"model": {"kind": "softmax_avg", "n_embd": 16}},
+        },
+    )
+    plan = expand(write_spec(tmp_path, spec), ["model.n_embd=16", "model.n_embd=32"])
+    assert names(plan) == ["a-seed=1337", "b-n_embd=32-seed=1337"]  # the last --set wins
+
+
+def test_names_are_unique_per_config_and_deterministic(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, BIG)
+    sets = ["train.max_iters=50", "model.n_embd=64", "train.batch_size=8"]
+    plan = expand(path, sets)
+    assert len(set(names(plan))) == len(set(keys(plan))) == len(plan.runs)
+    assert names(expand(path, sets)) == names(plan)
+    assert "bigram-block_size=8-learning_rate=0.001-max_iters=50-n_embd=64-seed=1" in names(plan)
+
+
+def test_the_variant_index_is_its_position_in_the_spec(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, BIG)
+    assert {(r.variant, r.variant_index) for r in expand(path).runs} == {
+        ("bigram", 0),
+        ("multi_head", 1),
+    }
+    only_second = expand(path, [], ["multi_head-*"])
+    assert {r.variant_index for r in only_second.runs} == {1}
 
 
 def test_set_values_are_typed_by_yaml(tmp_path: Path) -> None:

@@ -644,3 +644,51 @@ def test_transformer_attention_weights_match_what_forward_uses() -> None:
             assert attention.proj is not None
             assert torch.allclose(attention.proj(y), on_blocks(attention, h), atol=1e-5)
             x = on_blocks(block, x)
+
+
+# --- which keys each kind reads (what its runs log as params) -----------------------------------
+
+OTHER_VALUES = {
+    "n_embd": 16,
+    "n_head": 2,
+    "head_size": 16,
+    "n_layer": 1,
+    "ffwd": "linear",
+    "residual": False,
+    "layernorm": False,
+    "proj": True,
+    "dropout": 0.5,
+    "init": "normal",
+    "learnable": False,
+}
+
+
+def _outputs(config: ModelConfig) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = build_model(config, 65, 8)
+    torch.manual_seed(1)
+    idx = torch.randint(0, 65, (2, 8))
+    model.train()  # dropout active, if the model has any
+    logits, loss = model(idx, idx)
+    assert loss is not None
+    loss.backward()
+    grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+    return torch.cat([logits.flatten(), *grads])
+
+
+def test_other_values_cover_every_model_key() -> None:
+    assert set(OTHER_VALUES) == set(ModelConfig.model_fields) - {"kind"}
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_keys_a_kind_does_not_read_do_not_change_its_model(kind: str) -> None:
+    from workbench.spec import MODEL_FIELDS
+
+    base = ModelConfig(kind=kind)  # type: ignore[arg-type]
+    reference = _outputs(base)
+    for key, value in OTHER_VALUES.items():
+        if key == "proj" and kind == "transformer":  # unset means on there
+            value = False
+        changed = _outputs(base.model_copy(update={key: value}))
+        same = changed.shape == reference.shape and torch.equal(changed, reference)
+        assert same == (key not in MODEL_FIELDS[kind]), (kind, key)

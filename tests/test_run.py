@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from runs import Store, invoke, start, wait_for, write_spec
 
-from workbench.tracking import TAG
+from workbench.tracking import TAG, flatten
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +26,8 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     runs = store.by_name()
     assert set(runs) == {"bigram-seed=1", "multi_head-seed=1"}
-    run = runs["multi_head-seed=1"]
+    name = "multi_head-seed=1"
+    run = runs[name]
     assert run.info.status == "FINISHED"
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     for tag in (
@@ -30,7 +35,7 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
         "sweep",
         "variant",
         "seed",
-        "kind",
+        "variant_index",
         "version",
         "device",
         "torch_version",
@@ -39,6 +44,8 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
         assert tags.get(TAG + tag), tag
     assert tags[TAG + "variant"] == "multi_head" and tags[TAG + "device"] == "cpu"
     assert params["train.max_iters"] == "40" and params["model.kind"] == "multi_head"
+    assert TAG + "kind" not in tags  # model.kind says it
+    assert [runs[n].data.tags[TAG + "variant_index"] for n in ("bigram-seed=1", name)] == ["0", "1"]
     assert int(params["num_params"]) > 0 and len(params["data_sha256"]) == 64
     for key in (
         "best_val_loss",
@@ -46,10 +53,10 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
         "wall_time_s",
         "val_loss",
         "train_loss",
-        "lr",
         "tokens_per_sec",
     ):
         assert key in metrics, key
+    assert "lr" not in metrics  # a constant rate: a param, not a curve
     assert [s for s, _ in store.history(run.info.run_id, "val_loss")] == [0, 20, 40]
     artifacts = {a.path for a in store.client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "tokenizer.json", "sample.txt", "attention.json", "model.pt"} <= (
@@ -63,11 +70,16 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
     assert len(store.runs()) == 2  # nothing trained twice
 
     plan = invoke("plan", str(spec), "--tracking-uri", store.uri)
-    assert plan.output.count("done") == 2
+    assert plan.output.count("│ done") == 2  # the status column
+    assert "2 runs: 2 done, 0 to resume, 0 to train" in plan.output
 
     forced = invoke("run", str(spec), "--force", "--only", "bigram*", *store.args())
     assert forced.exit_code == 0, forced.output
     assert [r.info.run_name for r in store.runs()].count("bigram-seed=1") == 2
+
+    shorter = invoke("run", str(spec), "--set", "train.max_iters=20", "--only", "b*", *store.args())
+    assert shorter.exit_code == 0, shorter.output
+    assert "bigram-max_iters=20-seed=1" in store.by_name()  # not another "bigram-seed=1"
 
     sample = invoke(
         "sample",
@@ -81,6 +93,118 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
     )
     assert sample.exit_code == 0, sample.output
     assert sample.output.startswith("ROMEO:") and len(sample.output.rstrip("\n")) >= 50
+
+
+def totals(result: Any) -> list[str]:
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip().splitlines()[-2:]
+
+
+def test_plan_and_dry_run_say_what_is_left(store: Store, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, seeds=[1, 2])
+    assert invoke("run", str(spec), "--only", "bigram*", *store.args()).exit_code == 0
+    plan = ["plan", str(spec), "--tracking-uri", store.uri]
+    dry = ["run", str(spec), "--dry-run", *store.args()]
+    first, left = totals(invoke(*plan))
+    assert first == "4 runs: 2 done, 0 to resume, 2 to train"
+    assert re.fullmatch(
+        r"left: 20.5k tokens, about \d+s one run at a time \(from 2 finished runs\)", left
+    )
+    assert totals(invoke(*dry)) == [first, left]  # --dry-run reads the store as plan does
+    assert "0 done, 0 to resume, 4 to train" in totals(invoke(*dry, "--force"))[0]
+
+    killed = store.by_name()["bigram-seed=2"]
+    store.client.set_terminated(killed.info.run_id, status="KILLED")  # as Ctrl-C leaves it
+    first, left = totals(invoke(*plan))
+    assert first == "4 runs: 1 done, 1 to resume, 2 to train"
+    assert left.startswith("left: 20.5k tokens, about")  # its steps are all stored already
+    assert len(store.runs()) == 2  # plan and --dry-run wrote nothing
+
+    assert invoke("run", str(spec), *store.args()).exit_code == 0
+    assert totals(invoke(*dry)) == [
+        "4 runs: 4 done, 0 to resume, 0 to train",
+        "nothing left to train",
+    ]
+
+
+class Unsafe:
+    """A pickle that would create a file when unpickled without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_sample_takes_a_name_id_or_key_and_never_guesses(store: Store, tmp_path: Path) -> None:
+    short = {"max_iters": 20, "eval_interval": 10, "eval_iters": 2, "device": "cpu"}
+    bigram = {"bigram": {"model": {"kind": "bigram"}}}
+    spec = write_spec(tmp_path, train=short, variants=bigram)
+    assert invoke("run", str(spec), *store.args()).exit_code == 0
+    write_spec(tmp_path, train={**short, "max_iters": 30}, variants=bigram)  # the spec edited
+    assert invoke("run", str(spec), *store.args()).exit_code == 0
+    assert invoke("run", str(spec), "--force", *store.args()).exit_code == 0
+    runs = sorted(store.runs(), key=lambda r: r.info.start_time)
+    assert {r.info.run_name for r in runs} == {"bigram-seed=1"}
+    old_key, new_key = runs[0].data.tags[TAG + "run_key"], runs[2].data.tags[TAG + "run_key"]
+    assert old_key != new_key == runs[1].data.tags[TAG + "run_key"]
+
+    def sample(run: str) -> Any:
+        return invoke("sample", run, "--tokens", "5", "--tracking-uri", store.uri)
+
+    ambiguous = sample("bigram-seed=1")
+    assert ambiguous.exit_code == 2 and "Traceback" not in ambiguous.output
+    lines = ambiguous.stderr.splitlines()
+    assert "'bigram-seed=1' names 3 finished runs of 2 different configs" in lines[0]
+    assert len(lines) == 4
+    for line, run in zip(lines[1:], reversed(runs), strict=True):  # newest first
+        assert run.info.run_id in line and run.data.tags[TAG + "run_key"] in line
+        assert "experiment t" in line and "started 20" in line
+    assert ambiguous.stdout == ""
+    for ok in (old_key, new_key, runs[0].info.run_id):  # the same key twice: the newest
+        assert sample(ok).exit_code == 0, sample(ok).output
+
+    marker = tmp_path / "unpickled"
+    payload = tmp_path / "unsafe" / "model.pt"
+    payload.parent.mkdir()
+    payload.write_bytes(pickle.dumps({"config": Unsafe(marker)}))
+    store.client.log_artifact(runs[0].info.run_id, str(payload))
+    refused = sample(runs[0].info.run_id)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith(f"run {runs[0].info.run_id}: model.pt refused: not a weights-only")
+    assert not marker.exists()
+
+
+MODEL_PARAMS = {  # what each kind logs of the spec's model section (n_embd 16, n_head 2)
+    "bigram": {"model.kind": "bigram"},
+    "multi_head": {
+        "model.kind": "multi_head",
+        "model.n_embd": "16",
+        "model.n_head": "2",
+        "model.dropout": "0.0",
+    },
+}
+
+
+def test_params_and_config_yaml_say_only_what_applies(store: Store, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path)
+    result = invoke("run", str(spec), *store.args())
+    assert result.exit_code == 0, result.output
+    for variant, model_params in MODEL_PARAMS.items():
+        run = store.by_name()[f"{variant}-seed=1"]
+        params = run.data.params
+        assert {k: v for k, v in params.items() if k.startswith("model.")} == model_params
+        assert "None" not in params.values()
+        for absent in ("data.path", "train.threads", "train.min_lr", "model.head_size"):
+            assert absent not in params, absent
+        assert params["data.dataset"] == "tinyshakespeare" and params["train.device"] == "cpu"
+        folder = store.client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+        logged = yaml.safe_load(Path(folder).read_text())
+        expected = set(params) - {"num_params", "data_sha256"}
+        assert set(flatten(logged)) == expected  # config.yaml holds what the params hold
+        assert logged["seed"] == 1
 
 
 def test_four_workers_lose_and_duplicate_no_metric_point(store: Store, tmp_path: Path) -> None:
@@ -99,7 +223,6 @@ def test_four_workers_lose_and_duplicate_no_metric_point(store: Store, tmp_path:
             ("val_loss", range(0, 101, 20)),
             ("train_loss", range(0, 101, 20)),
             ("train_loss_smooth", range(50, 101, 50)),  # progress: one point per 50 steps
-            ("lr", [100]),  # every 500 steps, and the last
             ("tokens_per_sec", [100]),
             ("best_val_loss", [100]),
         ):

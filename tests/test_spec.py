@@ -834,3 +834,59 @@ def test_data_path_that_is_not_utf8_or_too_short(tmp_path: Path) -> None:
         f"{path}: data.path: too short: a split has 5 characters, not more than "
         "train.block_size (8) (got 'short.txt')"
     ]
+
+
+# --- hostile input: unhashable values, enormous grids, huge values ------------------------------
+
+
+@pytest.mark.parametrize("value", [["a"], {"a": 1}])
+def test_exclude_with_an_unhashable_variant_is_one_line(tmp_path: Path, value: Any) -> None:
+    spec = spec_dict(variants={"a": {"model": {"kind": "bigram"}}}, exclude=[{"variant": value}])
+    path = write_spec(tmp_path, spec)
+    assert only_problem(path) == (
+        f"{path}: exclude[0].variant: no such variant (allowed: a) (got {value!r})"
+    )
+
+
+def test_an_enormous_grid_is_refused_before_it_is_expanded(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from workbench.grid import MAX_RUNS
+
+    grid = {f"train.{key}": list(range(1, 11)) for key in section_keys("train")[:5]}
+    grid.update({f"model.{key}": list(range(1, 11)) for key in ("n_embd", "n_head", "n_layer")})
+    grid["train.learning_rate"] = [0.1 * i for i in range(1, 11)]
+    grid["model.dropout"] = [0.05 * i for i in range(10)]
+    path = write_spec(tmp_path, spec_dict(grid=grid))  # 10 keys x 10 values: 1e10 runs
+    done = subprocess.run(  # in a subprocess: expanding it would never end
+        [sys.executable, "-m", "workbench", "plan", str(path), "--no-store"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"{path}: grid: 10,000,000,000 runs (variants x grid x zip x seeds) is more than "
+        f"{MAX_RUNS:,}; split the spec or narrow the grid"
+    ]
+
+
+def test_a_grid_at_the_bound_is_not_refused_for_its_size(tmp_path: Path) -> None:
+    spec = spec_dict(grid={"train.max_iters": list(range(100, 120))}, seeds=[1, 2])
+    assert len(expand(write_spec(tmp_path, spec)).runs) == 40
+
+
+def test_huge_values_in_messages_are_clipped(tmp_path: Path) -> None:
+    anchors = ["x_a: &a [" + ", ".join(["x"] * 10) + "]"]  # 10**7 leaves once expanded
+    for prev, cur in zip("abcdef", "bcdefg", strict=True):
+        anchors.append(f"x_{cur}: &{cur} [" + ", ".join([f"*{prev}"] * 10) + "]")
+    text = "\n".join(anchors) + "\nexperiment: t\nmodel: {kind: *g}\n"
+    text += "train: {device: '" + "c" * 100_000 + "'}\n"
+    problems = problems_of(write_spec(tmp_path, text))
+    kind = next(p for p in problems if ": model.kind:" in p)
+    device = next(p for p in problems if ": train.device:" in p)
+    for line in (kind, device):
+        assert len(line) < 300, line[:400]
+        assert "..." in line, line
+    assert "unknown key" in problems[-1]  # the x_* anchors themselves

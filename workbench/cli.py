@@ -112,17 +112,29 @@ def plan(
     ] = False,
 ) -> None:
     """Show the runs a spec expands to (names, what varies, parameters, tokens) and, from the
-    tracking store, which are done, failed, killed, running or still to do."""
+    tracking store, which are done, failed, killed, running or still to do, and the tokens and
+    estimated time of what is left."""
     with user_errors():
         expanded = _expand(spec, set_, only)
-        from workbench.plan_view import print_plan
+        if offline:
+            from workbench.plan_view import print_plan
 
-        status = None
-        if not offline:
-            from workbench.driver import plan_states
+            print_plan(expanded)
+        else:
+            _print_plan_from_store(expanded, _tracking_uri(tracking_uri))
 
-            status = plan_states(expanded, _tracking_uri(tracking_uri))
-        print_plan(expanded, status)
+
+def _print_plan_from_store(
+    expanded: Plan, uri: str, force: bool = False, rerun_failed: bool = False
+) -> None:
+    """The plan with each run's state in the store and what a ``workbench run`` would do."""
+    from workbench.driver import plan_records
+    from workbench.plan_view import print_plan, what_is_left
+
+    records = plan_records(expanded, uri)
+    left = what_is_left(expanded, records, uri, force, rerun_failed)
+    status = {key: record.state for key, record in records.items()}
+    print_plan(expanded, status, left=left)
 
 
 def _fetch_data(plan: Plan, data_dir: Path) -> None:
@@ -160,7 +172,8 @@ def run(
     set_: SetOpt = None,
     only: OnlyOpt = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the plan and train nothing.")
+        bool,
+        typer.Option("--dry-run", help="Print the plan and what is left to train; train nothing."),
     ] = False,
     jobs: Annotated[
         int | None,
@@ -213,11 +226,11 @@ def run(
     interrupted ones resume from their checkpoint."""
     with user_errors():
         expanded = _expand(spec, set_, only)
-        from workbench.plan_view import make_console, print_plan
+        from workbench.plan_view import make_console
 
         console = make_console()
-        if dry_run:
-            print_plan(expanded)
+        if dry_run:  # what this command would do: the store is read, nothing written
+            _print_plan_from_store(expanded, _tracking_uri(tracking_uri), force, rerun_failed)
             return
         from workbench.driver import Executor, Options, run_sweep
         from workbench.executor import LocalExecutor, raise_keyboard_interrupt
@@ -263,7 +276,13 @@ def run(
 
 @app.command()
 def sample(
-    run: Annotated[str, typer.Argument(help="A run name (newest finished) or an MLflow run id.")],
+    run: Annotated[
+        str,
+        typer.Argument(
+            help="A run name, run key or MLflow run id (a name or key of several configs is "
+            "refused, listing them)."
+        ),
+    ],
     prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")] = "\n",
     tokens: Annotated[int, typer.Option("--tokens", min=1, help="Characters to generate.")] = 500,
     temperature: Annotated[

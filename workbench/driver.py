@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from workbench.claims import Claims
 from workbench.grid import Plan, Run
 from workbench.jobs import Job, JobResult
+from workbench.spec import applicable_config
 from workbench.tracking import (
     TAG,
     RunRecord,
@@ -83,7 +84,12 @@ class Summary:
 
 
 def plan_states(plan: Plan, tracking_uri: str) -> dict[str, str]:
-    """Run key → done | failed | diverged | killed | running | ghost, for ``workbench plan``.
+    """Run key → done | failed | diverged | killed | running | ghost, for ``workbench plan``."""
+    return {key: record.state for key, record in plan_records(plan, tracking_uri).items()}
+
+
+def plan_records(plan: Plan, tracking_uri: str) -> dict[str, RunRecord]:
+    """Run key → the newest run of it in the store, for ``plan`` and ``run --dry-run``.
 
     Reads the store without creating anything: a store or experiment that does not exist yet
     means every run is still to do.
@@ -95,8 +101,7 @@ def plan_states(plan: Plan, tracking_uri: str) -> dict[str, str]:
         experiment = client(tracking_uri).get_experiment_by_name(plan.experiment)
         if experiment is None:
             return {}
-        records = existing_runs(tracking_uri, experiment.experiment_id)
-    return {key: record.state for key, record in records.items()}
+        return existing_runs(tracking_uri, experiment.experiment_id)
 
 
 def decide(
@@ -266,7 +271,7 @@ def _create_run(
         TAG + "run_key": run.key,
         TAG + "variant": run.variant,
         TAG + "seed": str(run.seed),
-        TAG + "kind": str(config.model.kind),
+        TAG + "variant_index": str(run.variant_index),  # the spec's order of the ladder
         TAG + "attempt": "1",
         TAG + "heartbeat": f"{time.time():.0f}",
         **{TAG + "grid." + k: str(v) for k, v in run.varying.items()},
@@ -275,7 +280,7 @@ def _create_run(
         tags[TAG + "reference_val_loss"] = str(run.reference_val_loss)
     created = mlflow_client.create_run(experiment_id, run_name=run.name, tags=tags)
     run_id: str = created.info.run_id
-    values = flatten(config.model_dump(mode="json"))
+    values = flatten(applicable_config(config))  # what the run was, nothing that does not apply
     values.update({"num_params": n_params, "data_sha256": run.data_sha256})
     mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
     return run_id

@@ -1,7 +1,7 @@
 """Local execution: a few long-lived worker processes, one run at a time each.
 
 Why not ``ProcessPoolExecutor``: one crashed worker breaks the whole pool and every queued job
-fails with it (EXECUTOR-NOTES.md). Here each worker is a spawned process with its own pipe; a
+fails with it (docs/mlflow-notes.md). Here each worker is a spawned process with its own pipe; a
 worker that dies (segfault, ``os._exit``, kill -9) costs only the run it held and can garble only
 its own pipe, and a fresh worker takes its place. Workers are reused between runs, since
 importing torch and mlflow costs seconds per process.

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,17 @@ from workbench.spec import (
     RunConfig,
     Spec,
     check_dotted_key,
+    clip,
     describe_error,
     format_problem,
     section_keys,
+    shown,
     spec_problems,
 )
 from workbench.yamlio import load_yaml_file, parse_value
 
 RUN_KEY_LENGTH = 16
+MAX_RUNS = 100_000  # a grid larger than this is refused before it is expanded
 EXECUTION_ONLY = ("train.threads",)  # left out of run keys
 
 
@@ -59,6 +63,8 @@ class Run:
     varying: dict[str, Any]
     data_sha256: str
     reference_val_loss: float | None = None  # a published figure for this variant, if any
+    changed: dict[str, Any] = field(default_factory=dict)  # --set values unlike the spec's
+    variant_index: int = 0  # the variant's position in the spec's ``variants``
 
     @property
     def tokens(self) -> int:
@@ -97,7 +103,7 @@ def parse_overrides(items: list[str]) -> list[Override]:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_iters=200")
+            problems.append(f"--set {shown(item)}: expected KEY=VALUE, e.g. train.max_iters=200")
             continue
         overrides.append(Override(key=key, value=parse_value(text), text=item))
     if problems:
@@ -115,7 +121,7 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
     origin = str(spec_path)
     raw = load_yaml_file(spec_path)
     if not isinstance(raw, dict):
-        raise SpecError([f"{origin}: expected a mapping at the top level (got {raw!r})"])
+        raise SpecError([f"{origin}: expected a mapping at the top level (got {shown(raw)})"])
     raw = _apply_top_level_overrides(raw, overrides)
     overrides = [o for o in overrides if "." in o.key]
     problems = _structure_problems(raw, origin, overrides)
@@ -134,15 +140,19 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
         raise SpecError(problems)
 
     axes = _axes(raw, origin)
+    _check_size(raw, axes, origin)
     points = _grid_points(axes)
     varying = [k for k in _varying_keys(axes) if k not in {o.key for o in overrides}]
     runs: list[Run] = []
     excluded = 0
     checksums: dict[tuple[str | None, str | None], str] = {}  # each file hashed once per expand
-    for variant, layers in _variants(raw):
+    shown_keys = varying + [k for k in dict.fromkeys(o.key for o in overrides) if k not in varying]
+    labels = short_names(shown_keys)
+    for index, (variant, layers) in enumerate(_variants(raw)):
         for point in points:
             for seed in raw.get("seeds", DEFAULT_SEEDS):
                 config_raw, sources = _merge(raw, origin, layers, point, overrides)
+                as_written, _ = _merge(raw, origin, layers, point, [])
                 config_raw["seed"] = seed
                 if _excluded(raw.get("exclude") or [], variant, config_raw):
                     excluded += 1  # before validation: exclude can drop invalid combinations
@@ -152,17 +162,20 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
                     problems.extend(errors)
                     continue
                 assert config is not None
-                runs.append(_make_run(variant, seed, config, varying, checksums))
+                changed = _changed_by_set(as_written, overrides)
+                run = _make_run(variant, seed, config, varying, checksums)
+                runs.append(_named(run, changed, labels, index))
     if problems:
         raise SpecError(problems)
     assert spec is not None
     references = spec.reference or {}
     runs = [replace(run, reference_val_loss=references.get(run.variant)) for run in runs]
     runs, duplicates = _drop_duplicates(runs)
+    runs = _unique_names(runs)
     if only:
         runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, g) for g in only)]
         if not runs:
-            raise SpecError([f"--only {' '.join(only)}: no run name matches"])
+            raise SpecError([f"--only {clip(' '.join(only))}: no run name matches"])
     if not runs:
         raise SpecError([f"{origin}: exclude: every run is excluded"])
     return Plan(spec_path, spec, runs, varying, duplicates, excluded)
@@ -197,6 +210,20 @@ def _apply_top_level_overrides(raw: dict[str, Any], overrides: list[Override]) -
 
 
 Axis = list[tuple[str, list[Any], Source]]  # keys that vary together, their values, sources
+
+
+def _check_size(raw: dict[str, Any], axes: list[Axis], origin: str) -> None:
+    """Refuse a grid of more than MAX_RUNS runs before expanding it (a few keys of ten values
+    each multiply into millions)."""
+    variants = len(raw.get("variants") or {}) or 1
+    seeds = len(raw.get("seeds", DEFAULT_SEEDS))
+    size = variants * seeds * math.prod(len(axis[0][1]) for axis in axes)
+    if size > MAX_RUNS:
+        message = (
+            f"{size:,} runs (variants x grid x zip x seeds) is more than {MAX_RUNS:,}; "
+            "split the spec or narrow the grid"
+        )
+        raise SpecError([format_problem(origin, "grid", message)])
 
 
 def _axes(raw: dict[str, Any], origin: str) -> list[Axis]:
@@ -240,6 +267,11 @@ def _structure_problems(raw: dict[str, Any], origin: str, overrides: list[Overri
                 problems.append(format_problem(origin, where, problem))
             if isinstance(values, list) and not values:
                 problems.append(format_problem(origin, where, "empty list of values"))
+            for i, value in enumerate(values if isinstance(values, list) else []):
+                if isinstance(value, (list, dict)):  # every config value is a single one
+                    problems.append(
+                        format_problem(origin, f"{where}[{i}]", "expected a single value", value)
+                    )
             if key in seen:
                 problems.append(format_problem(origin, where, f"also varied by {seen[key]}"))
             seen[key] = where
@@ -250,7 +282,8 @@ def _structure_problems(raw: dict[str, Any], origin: str, overrides: list[Overri
                 format_problem(origin, prefix[:-1], f"lists differ in length ({sizes})")
             )
     seeds = raw.get("seeds")
-    if isinstance(seeds, list) and len(seeds) != len({repr(s) for s in seeds}):
+    integers = [s for s in seeds if type(s) is int] if isinstance(seeds, list) else []
+    if len(integers) != len(set(integers)):
         problems.append(format_problem(origin, "seeds", "repeated seed", seeds))
     names = set(_mapping(raw.get("variants")))
     excludes = raw.get("exclude")
@@ -260,15 +293,15 @@ def _structure_problems(raw: dict[str, Any], origin: str, overrides: list[Overri
         for key, value in _mapping(entry).items():
             where = f"exclude[{i}].{key}"
             if key == "variant":
-                if value not in names:
-                    allowed = ", ".join(sorted(names)) or "none defined"
+                if not isinstance(value, str) or value not in names:
+                    allowed = clip(", ".join(sorted(names))) or "none defined"
                     message = f"no such variant (allowed: {allowed})"
                     problems.append(format_problem(origin, where, message, value))
             elif key != "seed" and (problem := check_dotted_key(str(key))):
                 problems.append(format_problem(origin, where, problem))
     for name in _mapping(raw.get("reference")):
         if names and name not in names:
-            allowed = ", ".join(sorted(names)) or "none defined"
+            allowed = clip(", ".join(sorted(names))) or "none defined"
             problems.append(
                 format_problem(origin, f"reference.{name}", f"no such variant (allowed: {allowed})")
             )
@@ -523,23 +556,56 @@ def _make_run(
     varying: list[str],
     checksums: dict[tuple[str | None, str | None], str],
 ) -> Run:
-    names = short_names(varying)
-    shown = {key: _lookup(config, key) for key in varying}
-    parts = [variant] + [f"{names[k]}={format_value(v)}" for k, v in shown.items()]
-    parts.append(f"seed={seed}")
     source = (config.data.dataset, config.data.path)
     if source not in checksums:
         checksums[source] = data_checksum(*source)
     checksum = checksums[source]
     return Run(
-        name="-".join(parts),
+        name="",  # see _named
         variant=variant,
         seed=seed,
         key=run_key(config, checksum),
         config=config,
-        varying=shown,
+        varying={key: _lookup(config, key) for key in varying},
         data_sha256=checksum,
     )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as config values: 1 and 1.0 are, true and 1 are not."""
+    return bool(a == b) and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _changed_by_set(as_written: dict[str, Any], overrides: list[Override]) -> dict[str, Any]:
+    """The ``--set`` values of one run that differ from what its spec gives it (as YAML values;
+    the last ``--set`` of a key wins)."""
+    final = {o.key: o.value for o in overrides}
+    changed = {}
+    for key, value in final.items():
+        section, _, name = key.partition(".")
+        written = as_written.get(section) or {}
+        before = written[name] if name in written else SECTIONS[section].model_fields[name].default
+        if not _same(before, value):
+            changed[key] = value
+    return changed
+
+
+def _named(run: Run, changed: dict[str, Any], labels: dict[str, str], index: int) -> Run:
+    """The run named variant, grid values, then ``--set`` values unlike the spec's, then seed:
+    two runs of different configs in one plan never share a name."""
+    values = [f"{labels[k]}={format_value(v)}" for k, v in run.varying.items()]
+    values += [f"{labels[k]}={format_value(v)}" for k, v in changed.items()]
+    name = "-".join([run.variant, *values, f"seed={run.seed}"])
+    return replace(run, name=name, changed=changed, variant_index=index)
+
+
+def _unique_names(runs: list[Run]) -> list[Run]:
+    """A guard: runs of different keys that format to one name (``true`` and ``'true'``) get
+    their key appended, so a name never stands for two configs."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.name] = counts.get(run.name, 0) + 1
+    return [replace(r, name=f"{r.name}-{r.key[:8]}") if counts[r.name] > 1 else r for r in runs]
 
 
 def run_key(config: RunConfig, data_sha256: str) -> str:

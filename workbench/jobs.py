@@ -253,9 +253,12 @@ def _log_artifacts(
     """Every artifact written to one folder, then logged in one call (a call costs ~25 ms)."""
     import torch
 
+    from workbench.spec import RunConfig, applicable_config
+
+    logged = applicable_config(RunConfig.model_validate(job.config))  # the same as the params
     with tempfile.TemporaryDirectory(prefix="workbench-artifacts-") as folder:
         out = Path(folder)
-        (out / "config.yaml").write_text(yaml.safe_dump(job.config, sort_keys=False))
+        (out / "config.yaml").write_text(yaml.safe_dump(logged, sort_keys=False))
         (out / "tokenizer.json").write_text(corpus.tokenizer.to_json(), encoding="utf-8")
         for name, content in artifacts.items():
             if isinstance(content, str):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from workbench.datasets import vocab_size
+from workbench.driver import Decision, Options, decide
 from workbench.grid import Plan, Run, format_value, short_names
+from workbench.tracking import RunRecord, client, store_errors
 
 
 def make_console() -> Console:
@@ -70,14 +75,129 @@ def plan_table(
     return table
 
 
+@dataclass(frozen=True)
+class Left:
+    """What a ``workbench run`` would do now: runs per outcome, and what is left to train."""
+
+    done: int = 0
+    resume: int = 0
+    train: int = 0
+    failed: int = 0  # failed or diverged, skipped without --rerun-failed
+    running: int = 0  # held by another live process
+    tokens: int = 0
+    seconds: float | None = None  # estimated from finished runs; None: nothing to go by
+    measured: int = 0  # finished runs the estimate comes from
+
+
+def what_is_left(
+    plan: Plan,
+    records: Mapping[str, RunRecord],
+    tracking_uri: str,
+    force: bool = False,
+    rerun_failed: bool = False,
+) -> Left:
+    """The runs a ``workbench run`` with these flags would skip, resume and train, and the
+    tokens and estimated time of what it would train (a resume only the steps it lacks)."""
+    options = Options(tracking_uri, Path(), Path(), force=force, rerun_failed=rerun_failed)
+    decisions = decide(plan, dict(records), options)
+    counts = {"done": 0, "resume": 0, "train": 0, "failed": 0, "running": 0}
+    tokens: dict[str, int] = {}
+    for decision in decisions:
+        outcome = _outcome(decision)
+        counts[outcome] += 1
+        if outcome in ("train", "resume"):
+            tokens[decision.run.key] = _tokens_left(decision, tracking_uri)
+    rates, measured = _seconds_per_token(plan.runs, records)
+    seconds = None
+    if rates:
+        fallback = statistics.median(rates.values())
+        kinds = {run.key: str(run.config.model.kind) for run in plan.runs}
+        seconds = sum(n * rates.get(kinds[key], fallback) for key, n in tokens.items())
+    return Left(**counts, tokens=sum(tokens.values()), seconds=seconds, measured=measured)
+
+
+def _outcome(decision: Decision) -> str:
+    if decision.action == "new":
+        return "train"
+    if decision.action == "resume":
+        return "resume"
+    if decision.state == "done":
+        return "done"
+    return "running" if decision.state == "running" else "failed"
+
+
+def _tokens_left(decision: Decision, tracking_uri: str) -> int:
+    """A run's tokens; for a resume, those of the steps after its last stored evaluation."""
+    run, record = decision.run, decision.record
+    if decision.action != "resume" or record is None:
+        return run.tokens
+    with store_errors(tracking_uri):
+        history = client(tracking_uri).get_metric_history(record.run_id, "val_loss")
+    done = max((m.step for m in history), default=0)
+    train = run.config.train
+    return max(0, train.max_iters - done) * train.batch_size * train.block_size
+
+
+def _seconds_per_token(
+    runs: list[Run], records: Mapping[str, RunRecord]
+) -> tuple[dict[str, float], int]:
+    """Median seconds per token of each model kind over the plan's finished runs."""
+    per_kind: dict[str, list[float]] = {}
+    for run in runs:
+        record = records.get(run.key)
+        if record is None or record.status != "FINISHED":
+            continue
+        wall = record.metrics.get("wall_time_s")
+        if wall is not None and wall > 0:
+            per_kind.setdefault(str(run.config.model.kind), []).append(wall / run.tokens)
+    measured = sum(len(v) for v in per_kind.values())
+    return {kind: statistics.median(v) for kind, v in per_kind.items()}, measured
+
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def left_lines(plan: Plan, left: Left | None) -> list[str]:
+    """The plan's totals: what a run would do, then the tokens and time of what is left."""
+    if left is None:  # the store was not read
+        tokens = sum(run.tokens for run in plan.runs)
+        return [
+            f"{len(plan.runs)} runs, store not read: all counted as to train",
+            f"left: {human(tokens)} tokens, time unknown",
+        ]
+    counts = f"{left.done} done, {left.resume} to resume, {left.train} to train"
+    if left.failed:
+        counts += f", {left.failed} failed or diverged (skipped; --rerun-failed retries them)"
+    if left.running:
+        counts += f", {left.running} running in another process"
+    if not left.train and not left.resume:
+        return [f"{len(plan.runs)} runs: {counts}", "nothing left to train"]
+    if left.seconds is None:
+        time = "time unknown until a run has finished"
+    else:
+        time = (
+            f"about {duration(left.seconds)} one run at a time (from {left.measured} finished runs)"
+        )
+    return [f"{len(plan.runs)} runs: {counts}", f"left: {human(left.tokens)} tokens, {time}"]
+
+
 def print_plan(
-    plan: Plan, status: Mapping[str, str] | None = None, console: Console | None = None
+    plan: Plan,
+    status: Mapping[str, str] | None = None,
+    console: Console | None = None,
+    left: Left | None = None,
 ) -> None:
     console = console or make_console()
     params = parameter_counts(plan.runs)
     console.print(plan_table(plan, params, status))
-    total_tokens = sum(run.tokens for run in plan.runs)
-    notes = [f"{len(plan.runs)} runs", f"{human(total_tokens)} tokens to train"]
+    first, second = left_lines(plan, left)
+    notes = [first]
     if plan.excluded:
         notes.append(f"{plan.excluded} excluded")
     if plan.duplicates:
@@ -87,3 +207,4 @@ def print_plan(
         console.print(f"  identical: {dropped} = {kept}", style="dim")
     if len(plan.duplicates) > 5:
         console.print(f"  ... and {len(plan.duplicates) - 5} more", style="dim")
+    console.print(second)

@@ -9,6 +9,7 @@ spec into runs lives in :mod:`workbench.grid`; this module only knows the shapes
 from __future__ import annotations
 
 import difflib
+import reprlib
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -20,6 +21,7 @@ MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+|mps)$"
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 DEFAULT_SEEDS = (1337,)
+MAX_SHOWN = 80  # characters of a user's value quoted in a message (a spec may hold huge ones)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -131,6 +133,40 @@ class Spec(Section):
     )
 
 
+# The model keys each kind reads (workbench/models.py); the others do not change its model.
+MODEL_FIELDS: dict[str, tuple[str, ...]] = {
+    "bigram": ("kind",),
+    "uniform_avg": ("kind", "n_embd"),
+    "softmax_avg": ("kind", "n_embd", "learnable"),
+    "single_head": ("kind", "n_embd", "head_size", "dropout"),
+    "multi_head": ("kind", "n_embd", "n_head", "proj", "dropout"),
+    "transformer": (
+        "kind", "n_embd", "n_head", "n_layer", "ffwd", "residual", "layernorm", "proj", "dropout",
+        "init",
+    ),
+}  # fmt: skip
+
+
+def lr_varies(train: TrainConfig) -> bool:
+    """Whether the learning rate changes during training (warmup or a decaying schedule)."""
+    return train.lr_schedule != "constant" or train.warmup_iters > 0
+
+
+def applicable_config(config: RunConfig) -> dict[str, Any]:
+    """The config as it says what the run was: only the model keys its kind reads, no unset
+    (None) value, no cosine floor under a constant schedule. For params and ``config.yaml``;
+    training always uses the full config."""
+    full = config.model_dump(mode="json")
+    kind = config.model.kind
+    if kind is not None:
+        full["model"] = {k: v for k, v in full["model"].items() if k in MODEL_FIELDS[kind]}
+    if config.train.lr_schedule == "constant":
+        del full["train"]["min_lr"]
+    for section in SECTIONS:
+        full[section] = {k: v for k, v in full[section].items() if v is not None}
+    return full
+
+
 SECTIONS: dict[str, type[Section]] = {
     "data": DataConfig,
     "train": TrainConfig,
@@ -155,6 +191,8 @@ def check_dotted_key(key: str) -> str | None:
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
+    if len(word) > MAX_SHOWN:  # difflib's cost grows with the length of the word
+        return ""
     close = difflib.get_close_matches(word, choices, n=1)
     return f" (did you mean {close[0]}?)" if close else ""
 
@@ -210,12 +248,33 @@ def describe_error(error: Any, allowed: list[str] | None = None) -> str:
         return f"expected {types[kind]}"
     if kind in ("too_short", "string_too_short"):
         return "must not be empty"
-    return str(error["msg"])
+    return clip(str(error["msg"]))
+
+
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict, short.maxset = 3, 6, 6, 4, 6
+    short.maxstring = short.maxother = MAX_SHOWN
+    return short
+
+
+_SHORT_REPR = _short_repr()
+
+
+def clip(text: str, limit: int = MAX_SHOWN) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(value: Any) -> str:
+    """A user's value for a message: its repr, bounded in work and length whatever its size
+    (reprlib stops at a few items per level, so a huge nested value is never formatted)."""
+    return clip(_SHORT_REPR.repr(value))
 
 
 def format_problem(origin: str, key: str, message: str, value: Any = ..., show: bool = True) -> str:
-    where = f"{origin}: {key}" if key else origin
-    got = f" (got {value!r})" if show and value is not ... else ""
+    where = f"{origin}: {clip(key)}" if key else origin
+    got = f" (got {shown(value)})" if show and value is not ... else ""
     return f"{where}: {message}{got}"
 
 

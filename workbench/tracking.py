@@ -1,8 +1,8 @@
 """MLflow: the store, the runs of a sweep, and a metric logger that batches.
 
 mlflow is imported inside functions so that importing this module costs nothing.
-Facts this design rests on (measured, see MLFLOW-NOTES.md): a fresh SQLite store must be created
-before any worker touches it; experiments are created by the driver, never by workers; one
+Facts this design rests on (measured, see docs/mlflow-notes.md): a fresh SQLite store must be
+created before any worker touches it; experiments are created by the driver, never by workers; one
 ``log_batch`` per flush instead of a call per metric; MLflow never marks a run KILLED itself.
 """
 

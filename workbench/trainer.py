@@ -25,7 +25,7 @@ import torch
 from workbench.data import BatchSampler, Corpus, eval_set
 from workbench.models import LanguageModel, build_model
 from workbench.optim import FlatAdamW
-from workbench.spec import RunConfig, TrainConfig
+from workbench.spec import RunConfig, TrainConfig, lr_varies
 
 CHECKPOINT_NAME = "checkpoint.pt"
 SAMPLE_CHARS = 500
@@ -271,11 +271,10 @@ class Trainer:
             if self.smoothed_loss is None
             else beta * self.smoothed_loss + (1 - beta) * mean_loss
         )
-        lr = self.optimizer.lr
-        self.callback.on_metrics(
-            {"train_loss_smooth": self.smoothed_loss, "lr": lr, "tokens_per_sec": tokens_per_sec},
-            self.step_count,
-        )
+        metrics = {"train_loss_smooth": self.smoothed_loss, "tokens_per_sec": tokens_per_sec}
+        if lr_varies(self.train_config):  # a constant is a param, not a curve
+            metrics["lr"] = self.optimizer.lr
+        self.callback.on_metrics(metrics, self.step_count)
 
     def _eval_point(self) -> dict[str, float]:
         losses = self.evaluate()
