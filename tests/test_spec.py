@@ -878,10 +878,8 @@ def test_a_grid_at_the_bound_is_not_refused_for_its_size(tmp_path: Path) -> None
 
 
 def test_huge_values_in_messages_are_clipped(tmp_path: Path) -> None:
-    anchors = ["x_a: &a [" + ", ".join(["x"] * 10) + "]"]  # 10**7 leaves once expanded
-    for prev, cur in zip("abcdef", "bcdefg", strict=True):
-        anchors.append(f"x_{cur}: &{cur} [" + ", ".join([f"*{prev}"] * 10) + "]")
-    text = "\n".join(anchors) + "\nexperiment: t\nmodel: {kind: *g}\n"
+    # (An alias bomb is refused before validation: workbench.yamlio, tests/test_failures.py.)
+    text = "experiment: t\nmodel: {kind: [" + ", ".join(["x"] * 50_000) + "]}\n"
     text += "train: {device: '" + "c" * 100_000 + "'}\n"
     problems = problems_of(write_spec(tmp_path, text))
     kind = next(p for p in problems if ": model.kind:" in p)
@@ -889,4 +887,3 @@ def test_huge_values_in_messages_are_clipped(tmp_path: Path) -> None:
     for line in (kind, device):
         assert len(line) < 300, line[:400]
         assert "..." in line, line
-    assert "unknown key" in problems[-1]  # the x_* anchors themselves
