@@ -296,7 +296,7 @@ def test_an_experiment_named_like_a_path_stays_in_the_checkpoint_folder(
     )
     checkpoints = outside / "inner" / "ck"
     result = invoke("run", str(spec), "--tracking-uri", store.uri, "--checkpoint-dir",
-                    str(checkpoints), "--no-progress")  # fmt: skip
+                    str(checkpoints), "--checkpoint-every", "0", "--no-progress")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert not (outside / "escape").exists() and not (tmp_path / "escape").exists()
     assert [p.parent for p in checkpoints.glob("*/*.lock")] == [

@@ -239,8 +239,18 @@ def _train(
         )
 
     def on_crash(job: Job, reason: str, status: str) -> JobResult:
-        """A worker that died or never answered: ``killed`` leaves the run resumable."""
+        """A worker that died or never answered: ``killed`` leaves the run resumable. A worker
+        that died after ending its run (between its last store call and its last message)
+        leaves the verdict it wrote: a FINISHED run is never reopened."""
         with contextlib.suppress(*store_error_types()):  # a store that is down: left RUNNING
+            ended = mlflow_client.get_run(job.run_id)
+            if ended.info.status == "FINISHED":
+                shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
+                return JobResult(job.key, job.run_id, "finished")
+            if ended.info.status == "FAILED":
+                tags = ended.data.tags
+                verdict = "diverged" if tags.get(TAG + "diverged") == "true" else "failed"
+                return JobResult(job.key, job.run_id, verdict, reason=tags.get(TAG + "reason"))
             mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
             mlflow_client.set_terminated(
                 job.run_id, status="KILLED" if status == "killed" else "FAILED"

@@ -105,7 +105,7 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
     callback = _MlflowCallback(buffer, job.key, progress)
     try:
         if job.resumed:  # points after the last checkpoint may be stored already
-            buffer.skip_stored(list(PROGRESS_KEYS + EVAL_KEYS))
+            buffer.skip_stored(list(PROGRESS_KEYS + EVAL_KEYS + SUMMARY_KEYS))
         return _train_and_record(job, mlflow_client, buffer, callback)
     except KeyboardInterrupt as exc:
         reason = str(exc) or "interrupted"
