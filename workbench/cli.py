@@ -325,15 +325,24 @@ def report(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Write one self-contained HTML page per experiment (tables, plots, samples, attention
-    maps) and the tidy CSV beside it, read from MLflow."""
+    maps) and the tidy CSV beside it, read from MLflow. An experiment that cannot be reported
+    is one line on stderr and exit code 1; the others are written."""
     with user_errors():
         names = list(experiment or [])
         if spec is not None:
             names.append(_expand(spec, None, None).experiment)
-        from workbench.report import write_reports
+        from workbench.report import report_experiments
 
-        for path in write_reports(_tracking_uri(tracking_uri), names or None, out):
+        def warn(line: str) -> None:
+            typer.echo(line, err=True)
+
+        reports = report_experiments(_tracking_uri(tracking_uri), names or None, out, warn)
+        for path in reports.paths:
             typer.echo(str(path))
+        for line in reports.failures:
+            typer.echo(line, err=True)
+        if reports.failures:
+            raise typer.Exit(code=1)
 
 
 @app.command()

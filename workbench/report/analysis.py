@@ -98,10 +98,14 @@ def interval(values: Sequence[float]) -> tuple[float, float]:
 
 
 def finished(data: ExperimentData) -> pd.DataFrame:
+    """The finished runs with a finite best val loss (a NaN loss answers nothing)."""
+    import numpy as np
+
     runs = data.runs
     if LOSS not in runs:
         return runs.iloc[0:0]
-    return runs[(runs["state"] == "finished") & runs[LOSS].notna()]
+    loss = runs[LOSS].astype(float)
+    return runs[(runs["state"] == "finished") & np.isfinite(loss)]
 
 
 def point_label(row: pd.Series, axes: Sequence[str]) -> str:
@@ -119,6 +123,8 @@ def short_name(axis: str, axes: Sequence[str]) -> str:
 
 
 def format_value(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "unset"
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e6:
         return str(int(value))
     if isinstance(value, float):
@@ -257,6 +263,59 @@ def _variance(values: Sequence[float]) -> float:
 def seeds_per_point(points: pd.DataFrame) -> int:
     """The most seeds any grid point has (1: no intervals anywhere)."""
     return int(points["seeds"].max()) if not points.empty else 0
+
+
+@dataclass(frozen=True)
+class PointDifference:
+    """Two adjacent rungs at one grid point: later − earlier, over their seeds there."""
+
+    earlier: str
+    later: str
+    point: str
+    difference: float
+    half_width: float  # Welch, NaN with fewer than two seeds on a side
+    seeds: tuple[int, int]
+
+    @property
+    def resolved(self) -> bool:
+        return math.isfinite(self.half_width) and abs(self.difference) > self.half_width
+
+    def cell(self) -> str:
+        if not math.isfinite(self.half_width):
+            return f"{self.difference:+.3f}"
+        return f"{self.difference:+.3f} ± {self.half_width:.3f}" + ("" if self.resolved else " ~")
+
+
+def point_differences(data: ExperimentData, points: pd.DataFrame) -> list[PointDifference]:
+    """Each rung against the one before it at every grid point both have finished runs at."""
+    runs = finished(data)
+    if runs.empty:
+        return []
+    keys = ["grid." + a for a in data.axes]
+    losses: dict[tuple[str, tuple[Any, ...]], list[float]] = {}
+    for row in runs[["variant", *keys, LOSS]].itertuples(index=False):
+        values = tuple(_missing_as_none(v) for v in row[1:-1])
+        losses.setdefault((str(row[0]), values), []).append(float(row[-1]))
+    labels = {
+        tuple(_missing_as_none(row["grid." + a]) for a in data.axes): str(row["point"])
+        for _, row in points.iterrows()
+    }
+    ladder = [v for v in data.variants if v in set(points["variant"])]
+    differences = []
+    for earlier, later in itertools.pairwise(ladder):
+        for values, label in labels.items():
+            a, b = losses.get((earlier, values)), losses.get((later, values))
+            if a and b:
+                difference = sum(b) / len(b) - sum(a) / len(a)
+                width = _welch_half_width(a, b)
+                differences.append(
+                    PointDifference(earlier, later, label, difference, width, (len(a), len(b)))
+                )
+    return differences
+
+
+def _missing_as_none(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def final_gap(data: ExperimentData) -> pd.DataFrame:

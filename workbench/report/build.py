@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 import re
 import time
+import unicodedata
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from workbench.report import analysis, figures
 from workbench.report.analysis import LOSS, format_value, short_name
 from workbench.report.load import (
+    SEED_PARAMS,
     STATES,
     ExperimentData,
     ReportError,
@@ -22,6 +27,7 @@ from workbench.report.load import (
     load_experiment,
     tidy,
 )
+from workbench.tracking import TAG
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -29,6 +35,7 @@ if TYPE_CHECKING:
 SAMPLE_SHOWN_CHARS = 500
 ATTENTION_KINDS = ("single_head", "multi_head", "transformer")  # whose heads the report draws
 MAX_ATTENTION_FIGURES = 6
+MAX_SLUG = 80  # characters of an experiment's name kept in its file name
 
 
 @dataclass
@@ -40,32 +47,82 @@ class Table:
     numeric: list[bool] = field(default_factory=list)
 
 
-def write_reports(
-    tracking_uri: str, experiments: list[str] | None = None, out: Path | None = None
-) -> list[Path]:
-    """Write ``<experiment>.html`` and ``<experiment>.csv`` for each experiment (every experiment
-    with workbench runs when none is named); returns the paths written."""
+@dataclass
+class Reports:
+    """What one ``workbench report`` wrote, and one line per experiment it could not report."""
+
+    paths: list[Path] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def report_experiments(
+    tracking_uri: str,
+    experiments: list[str] | None = None,
+    out: Path | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Reports:
+    """Write ``<slug>.html`` and ``<slug>.csv`` for each experiment (every experiment with
+    workbench runs when none is named). An experiment that cannot be reported is one line in
+    ``failures`` and the others are still written; ``warn`` hears of runs left out."""
     names = list(dict.fromkeys(experiments or [])) or experiments_with_runs(tracking_uri)
     if not names:
         raise ReportError(f"{tracking_uri}: no experiment with workbench runs")
     targets = output_paths(out, names)
-    written: list[Path] = []
+    if experiments:
+        _check_named(tracking_uri, names)
+    reports = Reports()
     for name in names:
-        data = load_experiment(tracking_uri, name)
-        html_path = targets[name]
-        csv_path = html_path.with_suffix(".csv")
-        html_path.parent.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        tidy(data).to_csv(csv_path, index=False)
-        data.load_seconds["csv"] = time.perf_counter() - started
-        html_path.write_text(render_page(data, csv_name=csv_path.name), encoding="utf-8")
-        written += [html_path, csv_path]
-    return written
+        try:
+            reports.paths += _write_one(tracking_uri, name, targets[name], warn)
+        except ReportError as exc:
+            reports.failures.append(f"{name}: not reported: {exc}")
+        except Exception as exc:  # a bug must cost one page, not every page and a traceback
+            reports.failures.append(f"{name}: not reported: {type(exc).__name__}: {exc}")
+    return reports
+
+
+def write_reports(
+    tracking_uri: str, experiments: list[str] | None = None, out: Path | None = None
+) -> list[Path]:
+    """``report_experiments`` for callers that want every page or an error: the paths written,
+    or a ReportError naming each experiment that could not be reported."""
+    reports = report_experiments(tracking_uri, experiments, out)
+    if reports.failures:
+        raise ReportError("; ".join(reports.failures))
+    return reports.paths
+
+
+def _check_named(tracking_uri: str, names: list[str]) -> None:
+    """Every experiment named exists and has workbench runs, before anything is written."""
+    known = experiments_with_runs(tracking_uri)
+    missing = [n for n in names if n not in known]
+    if missing:
+        listed = ", ".join(repr(n) for n in missing)
+        raise ReportError(
+            f"{tracking_uri}: no experiment named {listed} "
+            f"(with workbench runs: {', '.join(known) or 'none'})"
+        )
+
+
+def _write_one(
+    tracking_uri: str, name: str, html_path: Path, warn: Callable[[str], None] | None
+) -> list[Path]:
+    data = load_experiment(tracking_uri, name)
+    for line in data.skipped:
+        if warn is not None:
+            warn(line)
+    csv_path = html_path.with_suffix(".csv")
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tidy(data).to_csv(csv_path, index=False)
+    data.load_seconds["csv"] = time.perf_counter() - started
+    html_path.write_text(render_page(data, csv_name=csv_path.name), encoding="utf-8")
+    return [html_path, csv_path]
 
 
 def output_paths(out: Path | None, names: list[str]) -> dict[str, Path]:
-    """``reports/<experiment>.html`` by default; ``out`` is the file itself if it ends with
-    ``.html`` (one experiment only), else a folder."""
+    """``reports/<slug>.html`` by default; ``out`` is the file itself if it ends with
+    ``.html`` (one experiment only), else a folder. A name is never a path: see ``slug``."""
     if out is not None and out.suffix.lower() == ".html":
         if len(names) != 1:
             raise ReportError(
@@ -74,17 +131,30 @@ def output_paths(out: Path | None, names: list[str]) -> dict[str, Path]:
             )
         return {names[0]: out}
     folder = Path("reports") if out is None else out
-    paths: dict[str, Path] = {}
-    used: set[str] = set()
-    for name in names:
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
-        candidate, n = stem, 1
-        while candidate.lower() in used:
-            n += 1
-            candidate = f"{stem}-{n}"
-        used.add(candidate.lower())
-        paths[name] = folder / f"{candidate}.html"
-    return paths
+    stems = {name: slug(name) for name in names}
+    clashes = Counter(stem.lower() for stem in stems.values())  # a.html and A.html: one file
+    return {
+        name: folder / f"{slug(name, hashed=clashes[stem.lower()] > 1)}.html"
+        for name, stem in stems.items()
+    }
+
+
+def slug(name: str, hashed: bool = False) -> str:
+    """A file name for an experiment: its name where that is already a safe, short file name
+    (``ablation``), else the readable part of it plus a hash of the whole name, so two names
+    never share a file (``../../x`` → ``x-1b2c3d4e``, ``/abs/path`` → ``abs_path-…``)."""
+    readable = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", readable).strip("._-")[:MAX_SLUG]
+    if readable == name and not hashed and not _reserved(name):
+        return name
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+    return f"{readable or 'experiment'}-{digest}"
+
+
+def _reserved(name: str) -> bool:
+    """Names that are safe characters but still not a file of their own on every system."""
+    windows = {"con", "prn", "aux", "nul", *(f"{d}{i}" for d in ("com", "lpt") for i in range(10))}
+    return name.split(".")[0].lower() in windows
 
 
 # --- the page ------------------------------------------------------------------------------------
@@ -123,6 +193,11 @@ def page_context(data: ExperimentData) -> dict[str, Any]:
         "no_intervals_reason": _no_intervals_reason(board, most_seeds),
         "board": None,
         "comparisons": [],
+        "differences": _differences_table(data, points),
+        "points": _points_table(data, points, intervals),
+        "mixed": _mixed_configs(data),
+        "fixed": _fixed(data),
+        "provenance": _provenance(data),
         "variant_figure": None,
         "has_reference": bool(board["reference_val_loss"].notna().any()) if len(board) else False,
     }
@@ -180,6 +255,100 @@ def _header(data: ExperimentData) -> dict[str, Any]:
     }
 
 
+def _mixed_configs(data: ExperimentData) -> str:
+    """A warning when runs of one variant differ in keys the spec's grid does not vary."""
+    extra = [a for a in data.axes if a not in data.declared]
+    if not extra:
+        return ""
+    finished = analysis.finished(data)
+    runs = finished if not finished.empty else data.runs
+    variants = [
+        v for v in data.variants
+        if any(runs.loc[runs["variant"] == v, "grid." + a].nunique(dropna=False) > 1 for a in extra)
+    ]  # fmt: skip
+    keys = ", ".join(short_name(a, data.axes) for a in extra)
+    return (
+        f"This experiment mixes configs: runs of {', '.join(variants) or 'some variants'} differ "
+        f"in {keys}, which the spec's grid does not vary (runs made with --set, or an edited "
+        f"spec). Each config is a separate grid point, labelled by these keys; runs are pooled "
+        f"as seeds only when every param but the seed is equal."
+    )
+
+
+def _fixed(data: ExperimentData) -> dict[str, str]:
+    """What was held fixed: params equal in every run, and those set by the variant alone."""
+    runs = data.runs
+    params = sorted(c for c in runs.columns if c.startswith("params."))
+    same, by_variant = [], []
+    for column in params:
+        key = column[len("params.") :]
+        if key in SEED_PARAMS or key in data.axes:
+            continue
+        values = runs[column].dropna().astype(str)
+        if values.nunique() == 1 and len(values) == len(runs):
+            if values.iloc[0] != "None":
+                same.append(f"{key}={_clip(values.iloc[0])}")
+        elif runs.groupby("variant")[column].nunique(dropna=False).max() <= 1:
+            by_variant.append(key)
+    return {"same": ", ".join(same), "by_variant": ", ".join(by_variant)}
+
+
+def _provenance(data: ExperimentData) -> dict[str, str]:
+    """Where the runs came from: spec files, commits, data set and checksum, torch."""
+    runs = data.runs
+
+    def distinct(column: str) -> list[str]:
+        return sorted(str(v) for v in runs[column].dropna().unique()) if column in runs else []
+
+    commits = []
+    for commit in distinct(f"tags.{TAG}git_commit"):
+        dirty = runs.loc[runs[f"tags.{TAG}git_commit"] == commit].get(f"tags.{TAG}git_dirty")
+        mark = " (uncommitted changes)" if dirty is not None and (dirty == "true").any() else ""
+        commits.append(commit[:12] + mark)
+    data_sets = distinct("params.data.dataset") + distinct("params.data.path")
+    return {
+        "spec": ", ".join(distinct(f"tags.{TAG}spec")),
+        "commit": ", ".join(commits),
+        "data": ", ".join(v for v in data_sets if v != "None"),
+        "checksum": ", ".join(_clip(v, 16) for v in distinct("params.data_sha256")),
+        "torch": ", ".join(distinct(f"tags.{TAG}torch_version")),
+    }
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _differences_table(data: ExperimentData, points: pd.DataFrame) -> Table | None:
+    """Rows: grid points; columns: adjacent rungs, later − earlier, ± the 95% interval."""
+    differences = analysis.point_differences(data, points)
+    if not differences:
+        return None
+    pairs = list(dict.fromkeys(f"{d.later} − {d.earlier}" for d in differences))
+    cells: dict[str, dict[str, str]] = {}
+    for d in differences:
+        cells.setdefault(d.point, {})[f"{d.later} − {d.earlier}"] = d.cell()
+    rows = [[point, *(by_pair.get(pair, "") for pair in pairs)] for point, by_pair in cells.items()]
+    return Table(["grid point", *pairs], rows, [False, *(True for _ in pairs)])
+
+
+def _points_table(data: ExperimentData, points: pd.DataFrame, intervals: bool) -> Table | None:
+    """Every grid point of every variant, in ladder order: the pooling laid open."""
+    if points.empty:
+        return None
+    rung = {v: i for i, v in enumerate(data.variants)}
+    ordered = points.assign(rung=points["variant"].map(rung)).sort_values("rung", kind="stable")
+    rows = []
+    for row in ordered.itertuples(index=False):
+        cells = [str(row.variant), str(row.point), str(row.seeds), f"{row.mean:.4f}"]
+        if intervals:
+            cells.append(f"± {row.half_width:.4f}" if math.isfinite(row.half_width) else "")
+        rows.append(cells)
+    columns = ["variant", "grid point", "seeds", "mean best val loss"]
+    columns += ["± 95% CI"] if intervals else []
+    return Table(columns, rows, [False, False, True, True, True][: len(columns)])
+
+
 def _no_intervals_reason(board: pd.DataFrame, most_seeds: int) -> str:
     if board.empty or most_seeds >= 2:
         return ""
@@ -193,7 +362,7 @@ def _no_intervals_reason(board: pd.DataFrame, most_seeds: int) -> str:
 def _board_table(
     data: ExperimentData, board: pd.DataFrame, intervals: bool, reference: bool
 ) -> Table:
-    columns = ["#", "variant", "best grid point", "seeds", "best val loss"]
+    columns = ["#", "variant", "best grid point", "seeds", "mean best val loss"]
     columns += ["± 95% CI"] if intervals else []
     columns += ["published"] if reference else []
     columns += ["parameters", "wall time", "tokens/s"]
@@ -220,6 +389,11 @@ def _curves(data: ExperimentData, done: pd.DataFrame) -> dict[str, Any]:
     if curves.empty:
         return {"curve_figures": [], "curves_note": "No run logged an evaluation yet."}
     note = "Mean over seeds at each eval step."
+    if figures.loss_range(curves) is not None:
+        note += (
+            " The y axis shows the losses after the first eval (up to their 98th percentile):"
+            " the step-0 loss is above it."
+        )
     if done.empty:
         note = "No run finished: these are the curves of the unfinished runs, as far as they got."
     return {

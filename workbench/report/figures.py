@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 DPI = 96
 PAGE_WIDTH_IN = 11.5  # the page's column is about 1120 px wide
 CURVE_SPLITS = {"val_loss": "val", "train_loss": "train"}
+BEST_MEAN = "mean over seeds of best val loss"  # best val loss: a run's min over its evals
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,12 @@ def variant_plot(
             color="black", label="published (lecture)", zorder=5, ax=ax,
         )  # fmt: skip
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
-    ax.set_xlabel("best val loss" + (" (mean ± 95% CI over seeds)" if intervals else ""))
+    ax.set_xlabel(
+        "best val loss of each run (min over its evals)"
+        + ("; mean ± 95% CI over seeds" if intervals else "")
+    )
     ax.set_ylabel("")
-    return render(figure, "Best val loss per variant", "best val loss per variant")
+    return render(figure, "Best val loss of each run, per variant", "best val loss per variant")
 
 
 def _runs_at(runs: pd.DataFrame, board: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
@@ -159,10 +163,27 @@ def curves_plot(data: ExperimentData, curves: pd.DataFrame, x: str) -> Figure:
         frameon=False,
     )  # fmt: skip
     grid.set_axis_labels("step" if x == "step" else "wall-clock time (s)", "loss")
+    limits = loss_range(curves)
+    if limits is not None:
+        grid.set(ylim=limits)
     if facets:
         grid.set_titles(**_title_templates(facets), size=9)
     title = "Loss against step" if x == "step" else "Loss against wall-clock time"
     return render(grid.figure, title, title.lower())
+
+
+def loss_range(curves: pd.DataFrame) -> tuple[float, float] | None:
+    """The y-range of the curves after the first eval (the step-0 loss, ~4.2-4.7, would squash
+    the endings that tell variants apart), with a margin; None when there is nothing after it."""
+    import numpy as np
+
+    later = curves.loc[curves["step"] > curves["step"].min(), "value"].to_numpy(dtype=float)
+    later = later[np.isfinite(later)]
+    if later.size == 0:
+        return None
+    low, high = float(later.min()), float(np.quantile(later, 0.98))
+    margin = max(0.05 * (high - low), 0.01)
+    return (low - margin, high + margin)
 
 
 def _facets(frame: pd.DataFrame, axes: Sequence[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -244,9 +265,12 @@ def heatmaps(
     figure, axs = plt.subplots(nrows, ncols, figsize=(4.1 * ncols, 3.4 * nrows), squeeze=False)
     for ax in axs.flat[len(panels) :]:
         ax.set_visible(False)
+    low = float(np.nanmin([np.nanmin(t.to_numpy()) for _, t in panels]))
+    high = float(np.nanmax([np.nanmax(t.to_numpy()) for _, t in panels]))
     for ax, (variant, table) in zip(axs.flat, panels, strict=False):
         sns.heatmap(
             table, annot=True, fmt=".3f", cmap="viridis_r", cbar=False, linewidths=0.5, ax=ax,
+            vmin=low, vmax=high if high > low else low + 1e-6,
             xticklabels=[format_value(v) for v in table.columns],
             yticklabels=[format_value(v) for v in table.index],
         )  # fmt: skip
@@ -257,9 +281,12 @@ def heatmaps(
         ax.set_ylabel(short_name(rows, data.axes))
         ax.tick_params(axis="y", rotation=0)
     figure.tight_layout()
+    shown = [ax for ax in axs.flat if ax.get_visible()]
+    figure.colorbar(shown[0].collections[0], ax=shown, shrink=0.8, label=BEST_MEAN)
     return render(
         figure,
-        f"Best val loss over {short_name(rows, data.axes)} × {short_name(cols, data.axes)}",
+        f"Mean over seeds of best val loss over {short_name(rows, data.axes)} × "
+        f"{short_name(cols, data.axes)} (one colour scale for every panel)",
         "heatmaps of best val loss per variant",
     )
 
@@ -309,19 +336,22 @@ def axis_lines(
             }
         )
         hue_order = [v for v in data.variants if v in set(chosen["variant"])]
+        dodge = 0.3 if intervals and len(hue_order) > 1 else False  # seaborn divides by hues − 1
         sns.pointplot(
             data=chosen, x=axis, y=LOSS, hue="variant", hue_order=hue_order, palette=colors,
-            errorbar=interval if intervals else None, dodge=0.3 if intervals else False,
+            errorbar=interval if intervals else None, dodge=dodge,
             capsize=0.1, markers="o", ax=ax,
         )  # fmt: skip
         ax.set_xlabel(short_name(axis, data.axes))
-        ax.set_ylabel("best val loss")
+        ax.set_ylabel(BEST_MEAN)
         if ax is not axs.flat[-1] and ax.get_legend() is not None:
             ax.get_legend().remove()
         elif ax.get_legend() is not None:
             sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     figure.tight_layout()
-    return render(figure, "Best val loss along each axis", "best val loss along each grid axis")
+    return render(
+        figure, f"{BEST_MEAN.capitalize()} along each axis", "best val loss along each grid axis"
+    )
 
 
 # --- generalisation ------------------------------------------------------------------------------

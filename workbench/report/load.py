@@ -35,6 +35,12 @@ HISTORY_COLUMNS = ["run_id", "metric", "step", "value", "timestamp"]
 BULK_RUNS_PER_REQUEST = 100  # the server's limit
 BULK_MAX_POINTS = 25_000  # the server truncates a bulk answer to this many points
 STATES = ("finished", "failed", "diverged", "killed", "running", "stale")
+SEED_PARAMS = ("seed", "train.seed")  # what repeats a grid point; every other param tells one apart
+DERIVED_PARAMS = ("num_params",)  # follow from the config: an axis only where they split points
+UNSET = "\x00unset"  # a param one run logs and another does not: a different point
+INT_TAGS = ("seed", "variant_index", "attempt", "pid", "driver_pid", "stopped_step")
+FLOAT_TAGS = ("heartbeat", "reference_val_loss")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 class ReportError(WorkbenchError):
@@ -45,10 +51,15 @@ class ReportError(WorkbenchError):
 class ExperimentData:
     """One experiment, as the report sees it.
 
-    ``runs``: one row per grid point (the newest MLflow run of each run key), indexed by run id,
-    with MLflow's ``params.*``, ``tags.*`` and ``metrics.*`` columns plus typed convenience
-    columns (``variant``, ``seed``, ``state``, ``grid.<key>`` for each axis, ...).
+    ``runs``: one row per run (the newest MLflow run of each run key), indexed by run id, with
+    MLflow's ``params.*``, ``tags.*`` and ``metrics.*`` columns plus typed convenience columns
+    (``variant``, ``seed``, ``state``, ``grid.<key>`` for each axis, ...).
     ``history``: one row per run × metric × step (run_id, metric, step, value, timestamp).
+
+    A grid point is a variant and its resolved config minus the seed: two runs of a variant are
+    one point iff every param but the seed is equal (a param logged by one and not the other
+    included). ``axes`` are the params that vary within some variant, so grouping by the
+    variant and the ``grid.*`` columns of the axes groups by exactly that.
     """
 
     name: str
@@ -56,9 +67,11 @@ class ExperimentData:
     tracking_uri: str
     runs: pd.DataFrame
     history: pd.DataFrame
-    axes: list[str]  # dotted grid keys that vary across the runs, e.g. train.block_size
-    variants: list[str]  # in ladder order: the order their first runs were created
+    axes: list[str]  # dotted keys that vary within a variant, e.g. train.block_size
+    variants: list[str]  # in ladder order: the spec's (workbench.variant_index), else history
+    declared: list[str] = field(default_factory=list)  # keys the spec's grid varies (tags)
     superseded: int = 0  # older MLflow runs of a run key that was rerun (not reported)
+    skipped: list[str] = field(default_factory=list)  # one line per run left out, and why
     load_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -91,11 +104,14 @@ def load_experiment(tracking_uri: str, name: str) -> ExperimentData:
     if every.empty:
         raise ReportError(f"{tracking_uri}: experiment {name!r} has no workbench runs")
     searched = time.perf_counter()
-    variants = _ladder_order(every)
+    every, skipped = _well_formed(every, name)
+    if every.empty:
+        raise ReportError(f"{tracking_uri}: experiment {name!r} has no well-formed workbench run")
     runs = every.drop_duplicates(subset=f"tags.{TAG}run_key", keep="first")  # newest first
     superseded = len(every) - len(runs)
     runs = _with_typed_columns(runs.set_index("run_id", drop=False))
-    axes = _grid_axes(runs)
+    variants = _ladder_order(runs)
+    axes, declared = _config_axes(runs)
     history = _histories(tracking_uri, str(experiment.experiment_id), runs)
     runs = _with_history_columns(runs, history)
     loaded = time.perf_counter()
@@ -107,22 +123,43 @@ def load_experiment(tracking_uri: str, name: str) -> ExperimentData:
         history=history,
         axes=axes,
         variants=variants,
+        declared=declared,
         superseded=superseded,
+        skipped=skipped,
         load_seconds={"runs": searched - started, "histories": loaded - searched},
     )
 
 
 def tidy(data: ExperimentData) -> pd.DataFrame:
-    """The CSV: one row per run × metric × step, every param and tag of the run as columns."""
+    """The CSV: one row per run × metric × step, every param and tag of the run as columns.
+
+    Text cells that a spreadsheet would run as a formula are neutralised (see ``safe_cell``)."""
     runs = data.runs
     meta = [c for c in runs.columns if c.startswith(("params.", "tags."))]
     per_run = runs[["run_id", "state", "status", *meta]].copy()
     per_run.insert(0, "run_name", runs["run_name"])
     per_run.insert(0, "experiment", data.name)
+    per_run = per_run.apply(lambda column: column.map(safe_cell))  # one row per run: cheap
     history = data.history.sort_values(["run_id", "metric", "step"], kind="stable")
+    history = history.assign(
+        metric=history["metric"].map({m: safe_cell(m) for m in history["metric"].unique()})
+    )
     table = history.merge(per_run.reset_index(drop=True), on="run_id", how="left")
     first = ["experiment", "run_id", "run_name", "state", "status", *HISTORY_COLUMNS[1:]]
     return table[first + meta]
+
+
+def safe_cell(value: object) -> object:
+    """OWASP's advice against CSV injection: text that starts with ``= + - @``, a tab or a
+    carriage return gets a leading ``'``, so a spreadsheet shows it instead of running it.
+    Numbers, and text that is a number (``-0.5``, ``+3``), are left alone."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+        return value
+    try:
+        float(value)
+    except ValueError:
+        return "'" + value
+    return value
 
 
 def artifact_text(tracking_uri: str, run_id: str, path: str) -> str | None:
@@ -173,9 +210,47 @@ def _search_runs(mlflow_client: Any, experiment_id: str) -> pd.DataFrame:
     return frame
 
 
-def _ladder_order(every: pd.DataFrame) -> list[str]:
-    """Variants in the order their first run was created: the spec's order, for a sweep."""
-    first = every.groupby(f"tags.{TAG}variant")["start_time"].min().sort_values(kind="stable")
+def _well_formed(every: pd.DataFrame, experiment: str) -> tuple[pd.DataFrame, list[str]]:
+    """The runs whose workbench tags make sense; one line for each run left out."""
+    problems = [_tag_problem(row) for row in every.to_dict("records")]
+    keep = [problem is None for problem in problems]
+    skipped = [
+        f"{experiment}: skipped run {row['run_id']} "
+        f"({row.get('tags.mlflow.runName') or 'no name'}): {problem}"
+        for row, problem in zip(every.to_dict("records"), problems, strict=True)
+        if problem is not None
+    ]
+    return every[keep], skipped
+
+
+def _tag_problem(row: dict[str, Any]) -> str | None:
+    """What is wrong with a run's workbench tags (a shared store holds anyone's runs), or None."""
+    variant = row.get(f"tags.{TAG}variant")
+    if not isinstance(variant, str) or not variant.strip():
+        return f"no {TAG}variant tag"
+    for names, kind in ((INT_TAGS, int), (FLOAT_TAGS, float)):
+        for name in names:
+            value = row.get(f"tags.{TAG}{name}")
+            if not isinstance(value, str):
+                continue
+            try:
+                kind(value)
+            except ValueError:
+                shown = value if len(value) <= 40 else value[:40] + "…"
+                return f"tag {TAG}{name}={shown!r} is not a number"
+    return None
+
+
+def _ladder_order(runs: pd.DataFrame) -> list[str]:
+    """Variants in the spec's order (the ``variant_index`` tag); runs of stores written before
+    that tag fall back to the order the variants' first runs were created."""
+    import pandas as pd
+
+    column = f"tags.{TAG}variant_index"
+    index = pd.to_numeric(runs[column], errors="coerce") if column in runs else math.nan
+    table = pd.DataFrame({"variant": runs["variant"], "index": index, "start": runs["start_time"]})
+    first = table.groupby("variant").agg(index=("index", "min"), start=("start", "min"))
+    first = first.sort_values(["index", "start"], na_position="last", kind="stable")
     return [str(v) for v in first.index]
 
 
@@ -218,24 +293,69 @@ def _state(row: dict[str, Any]) -> str:
     return {"done": "finished", "ghost": "stale"}.get(state, state)
 
 
-def _grid_axes(runs: pd.DataFrame) -> list[str]:
-    """The dotted keys the grid varies (``workbench.grid.*`` tags), with typed ``grid.*`` columns.
+def _config_axes(runs: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The keys that vary within a variant (the spec's grid keys first), and the grid keys the
+    spec declared; adds a typed ``grid.<key>`` column for each.
 
-    Values are numbers where every value parses as one, so axes sort 8 < 16 < 32.
+    Variation is measured over the finished runs (all runs when none finished), so a run left
+    half-made by hand does not invent axes. Values are numbers where every value parses as one,
+    so axes sort 8 < 16 < 32.
     """
+    tag_prefix = f"tags.{TAG}grid."
+    declared = sorted(c[len(tag_prefix) :] for c in runs.columns if c.startswith(tag_prefix))
+    values = _config_values(runs, declared)
+    finished = runs["state"] == "finished"
+    population = values[finished] if finished.any() else values
+    varying = _varying_within_variants(population, runs.loc[population.index, "variant"])
+    axes = [k for k in declared if k in varying] + [k for k in varying if k not in declared]
+    for key in dict.fromkeys([*declared, *axes]):
+        runs["grid." + key] = _typed(values[key].where(values[key] != UNSET))
+    return axes, declared
+
+
+def _config_values(runs: pd.DataFrame, declared: list[str]) -> pd.DataFrame:
+    """One column per config key (every param but the seed), as text; UNSET where not logged.
+
+    A grid key some old run has only as a ``workbench.grid.*`` tag is read from the tag."""
     import pandas as pd
 
-    prefix = f"tags.{TAG}grid."
-    axes = []
-    for column in sorted(c for c in runs.columns if c.startswith(prefix)):
-        key = column[len(prefix) :]
-        values = runs[column]
-        numbers = pd.to_numeric(values, errors="coerce")
-        typed = numbers if numbers.notna().sum() == values.notna().sum() else values
-        runs["grid." + key] = typed
-        if typed.nunique(dropna=True) > 1:
-            axes.append(key)
-    return axes
+    columns: dict[str, pd.Series] = {}
+    for column in runs.columns:
+        if column.startswith("params.") and column[7:] not in SEED_PARAMS:
+            columns[column[7:]] = runs[column]
+    for key in declared:
+        tag = runs[f"tags.{TAG}grid.{key}"]
+        columns[key] = columns[key].fillna(tag) if key in columns else tag
+    frame = pd.DataFrame(columns, index=runs.index)
+    return frame.astype(object).where(frame.notna(), UNSET)
+
+
+def _varying_within_variants(values: pd.DataFrame, variant: pd.Series) -> list[str]:
+    """Keys with two values or more inside one variant; a derived key (num_params) only where
+    the other keys leave points it tells apart."""
+    if values.empty:
+        return []
+    counts = values.groupby(variant.to_numpy()).nunique()
+    varying = [str(k) for k in counts.columns[(counts > 1).any()]]
+    for key in DERIVED_PARAMS:
+        if key not in varying:
+            continue
+        others = [k for k in varying if k != key]
+        if _partitions(values, variant, others) == _partitions(values, variant, varying):
+            varying.remove(key)
+    return varying
+
+
+def _partitions(values: pd.DataFrame, variant: pd.Series, keys: list[str]) -> int:
+    frame = values[keys].assign(__variant=variant.to_numpy())
+    return len(frame.drop_duplicates())
+
+
+def _typed(values: pd.Series) -> pd.Series:
+    import pandas as pd
+
+    numbers = pd.to_numeric(values, errors="coerce")
+    return numbers if numbers.notna().sum() == values.notna().sum() else values
 
 
 def _with_history_columns(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
