@@ -77,7 +77,8 @@ def report_experiments(
         except ReportError as exc:
             reports.failures.append(f"{name}: not reported: {exc}")
         except Exception as exc:  # a bug must cost one page, not every page and a traceback
-            reports.failures.append(f"{name}: not reported: {type(exc).__name__}: {exc}")
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            reports.failures.append(f"{name}: not reported: {type(exc).__name__}: {first}")
     return reports
 
 
