@@ -297,10 +297,11 @@ def sample(
     """Generate text from a finished run's weights and tokenizer, loaded from MLflow."""
     with user_errors():
         from workbench.sampling import generate_text
+        from workbench.tracking import store_errors
 
-        text = generate_text(
-            _tracking_uri(tracking_uri), run, prompt, tokens, temperature, seed, experiment
-        )
+        uri = _tracking_uri(tracking_uri)
+        with store_errors(uri, os_errors=False):
+            text = generate_text(uri, run, prompt, tokens, temperature, seed, experiment)
         typer.echo(text)
 
 
@@ -336,7 +337,11 @@ def report(
         def warn(line: str) -> None:
             typer.echo(line, err=True)
 
-        reports = report_experiments(_tracking_uri(tracking_uri), names or None, out, warn)
+        from workbench.tracking import store_errors
+
+        uri = _tracking_uri(tracking_uri)
+        with store_errors(uri, os_errors=False):
+            reports = report_experiments(uri, names or None, out, warn)
         for path in reports.paths:
             typer.echo(str(path))
         for line in reports.failures:

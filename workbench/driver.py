@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from workbench.claims import Claims
 from workbench.grid import Plan, Run
-from workbench.jobs import Job, JobResult
+from workbench.jobs import Job, JobResult, ended_result
 from workbench.spec import applicable_config
 from workbench.tracking import (
     TAG,
@@ -221,6 +221,9 @@ def _train(
             if TAG + "reason" in previous.tags:  # why it stopped last time; no longer true
                 mlflow_client.delete_tag(run_id, TAG + "reason")
         else:
+            if decision.record is not None and decision.state == "ghost":  # --force over it
+                mlflow_client.set_tag(decision.record.run_id, TAG + "reason", "superseded")
+                mlflow_client.set_terminated(decision.record.run_id, status="KILLED")
             shutil.rmtree(run_dir, ignore_errors=True)  # a fresh start, not someone's leftovers
             tags = {**sweep_tags, TAG + "threads": str(threads)}
             run_id = _create_run(mlflow_client, experiment_id, run, tags, params[run.key])
@@ -243,14 +246,9 @@ def _train(
         that died after ending its run (between its last store call and its last message)
         leaves the verdict it wrote: a FINISHED run is never reopened."""
         with contextlib.suppress(*store_error_types()):  # a store that is down: left RUNNING
-            ended = mlflow_client.get_run(job.run_id)
-            if ended.info.status == "FINISHED":
-                shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
-                return JobResult(job.key, job.run_id, "finished")
-            if ended.info.status == "FAILED":
-                tags = ended.data.tags
-                verdict = "diverged" if tags.get(TAG + "diverged") == "true" else "failed"
-                return JobResult(job.key, job.run_id, verdict, reason=tags.get(TAG + "reason"))
+            ended = ended_result(mlflow_client, job)
+            if ended is not None:
+                return ended
             mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
             mlflow_client.set_terminated(
                 job.run_id, status="KILLED" if status == "killed" else "FAILED"

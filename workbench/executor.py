@@ -123,7 +123,8 @@ class LocalExecutor:
                 for worker in self.workers:
                     if worker.job is None and pending:
                         worker.job = prepare(pending.popleft())
-                        worker.conn.send(worker.job)
+                        with contextlib.suppress(OSError):  # it died idle: handled just below
+                            worker.conn.send(worker.job)
                 self._drain(results, on_event, timeout=0.2)
                 for slot, worker in enumerate(self.workers):
                     if worker.job is not None and not worker.process.is_alive():

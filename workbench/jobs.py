@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from workbench.errors import WorkbenchError
 from workbench.tracking import TAG, MetricBuffer, client, first_line, store_error_types
 
 PROGRESS_KEYS = ("train_loss_smooth", "lr", "tokens_per_sec")
@@ -100,8 +101,12 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
     is marked KILLED where the store still answers (else left RUNNING, which the next sweep
     recognises as a ghost), its checkpoint is kept, and the next ``workbench run`` resumes it.
     """
-    mlflow_client = client(job.tracking_uri)
-    buffer = MetricBuffer(job.tracking_uri, job.run_id, every_step_keys=EVAL_KEYS + SUMMARY_KEYS)
+    unreachable: tuple[type[BaseException], ...] = (WorkbenchError, *store_error_types())
+    try:
+        mlflow_client = client(job.tracking_uri)
+        buffer = MetricBuffer(job.tracking_uri, job.run_id, EVAL_KEYS + SUMMARY_KEYS)
+    except unreachable as exc:  # no store to record anything in
+        return JobResult(job.key, job.run_id, "killed", reason=f"tracking store: {first_line(exc)}")
     callback = _MlflowCallback(buffer, job.key, progress)
     try:
         if job.resumed:  # points after the last checkpoint may be stored already
@@ -116,14 +121,34 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
     # A second signal must not leave the run RUNNING. Unflushed points come after the last
     # checkpoint: the resume recomputes them.
     with _signals_ignored(), contextlib.suppress(*store_error_types()):
+        ended = ended_result(mlflow_client, job)
+        if ended is not None:  # interrupted after it ended: the verdict stands
+            return ended
         mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
         mlflow_client.set_terminated(job.run_id, status="KILLED")
     return JobResult(job.key, job.run_id, "killed", step=callback.last_step, reason=reason)
 
 
+def ended_result(mlflow_client: Any, job: Job) -> JobResult | None:
+    """What the store says of a run that already ended (FINISHED or FAILED), else None: a run
+    stopped between its last store call and its last word keeps its verdict, and a FINISHED
+    run is never reopened."""
+    run = mlflow_client.get_run(job.run_id)
+    tags = run.data.tags
+    if run.info.status == "FINISHED":
+        shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
+        return JobResult(job.key, job.run_id, "finished")
+    if run.info.status == "FAILED":
+        verdict = "diverged" if tags.get(TAG + "diverged") == "true" else "failed"
+        return JobResult(job.key, job.run_id, verdict, reason=tags.get(TAG + "reason"))
+    return None
+
+
 def is_environment_failure(exc: BaseException) -> bool:
     """The tracking store failing, or a full disk: the machine's trouble, not the run's."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, WorkbenchError):  # the store refused at its first contact
         return True
     from mlflow.exceptions import MlflowException
     from requests.exceptions import RequestException
@@ -133,9 +158,10 @@ def is_environment_failure(exc: BaseException) -> bool:
 
 
 def describe_environment_failure(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
         where = f" writing {exc.filename}" if exc.filename else ""
-        return f"no space left on device{where}"
+        return f"{what}{where}"
     return f"tracking store unavailable: {type(exc).__name__}: {first_line(exc, 400)}"
 
 
@@ -171,6 +197,10 @@ def _train_and_record(
     if job.threads is not None:
         torch.set_num_threads(job.threads)
     config = RunConfig.model_validate(job.config)
+    if job.threads is not None:  # the run's own count (a resume's is the one it started with)
+        config = config.model_copy(
+            update={"train": config.train.model_copy(update={"threads": job.threads})}
+        )
     path = resolve_text_path(config.data.dataset, config.data.path, Path(job.data_dir))
     corpus = Corpus.from_file(path, config.data.val_fraction)
     run_dir = Path(job.checkpoint_dir)
@@ -186,6 +216,9 @@ def _train_and_record(
         tags[TAG + "gpu_name"] = torch.cuda.get_device_name(trainer.device)
         tags[TAG + "cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     buffer.tags(tags)
+    # Now, not with the first checkpoint: until this process's pid is in the store, a sweep
+    # started beside an orphaned worker (its driver killed) would take the run for a ghost.
+    buffer.flush(heartbeat=False)
     result = trainer.fit()
 
     summary = {

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from workbench import __version__
 from workbench.errors import WorkbenchError
@@ -73,11 +74,15 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 
 @contextlib.contextmanager
-def store_errors(uri: str) -> Iterator[None]:
-    """A store that cannot be reached or read is one line for the user, not a traceback."""
+def store_errors(uri: str, os_errors: bool = True) -> Iterator[None]:
+    """A store that cannot be reached or read is one line for the user, not a traceback
+    (``os_errors=False`` where an OSError would be about something else, a report's file)."""
+    types = store_error_types()
+    if not os_errors:
+        types = tuple(t for t in types if t is not OSError)
     try:
         yield
-    except store_error_types() as exc:
+    except types as exc:
         raise WorkbenchError(f"tracking store {uri}: {first_line(exc)}") from None
 
 
@@ -142,7 +147,7 @@ def _check_sqlite(uri: str, database: Path) -> None:
         return  # MLflow creates it
     try:
         with contextlib.closing(
-            sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)
+            sqlite3.connect(f"file:{quote(str(database))}?mode=ro", uri=True, timeout=30)
         ) as connection:
             tables = {row[0] for row in connection.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}  # fmt: skip
@@ -160,13 +165,25 @@ def _check_sqlite(uri: str, database: Path) -> None:
         )
 
 
+def _tls_verify() -> bool | str:
+    """MLflow's own TLS settings, so the probe reaches whatever MLflow reaches."""
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return False
+    return os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+
+
 def _probe_server(uri: str) -> None:
     """Any HTTP answer will do; no answer within seconds is one line, not minutes of retries."""
     import requests
 
     url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name"
     try:
-        requests.get(url, params={"experiment_name": "Default"}, timeout=SERVER_PROBE_TIMEOUT_S)
+        requests.get(
+            url,
+            params={"experiment_name": "Default"},
+            timeout=SERVER_PROBE_TIMEOUT_S,
+            verify=_tls_verify(),
+        )
     except requests.RequestException as exc:
         raise WorkbenchError(f"tracking store {uri}: unreachable ({first_line(exc)})") from None
 
@@ -316,8 +333,12 @@ def sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:"):
         return None
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    database = make_url(uri).database
+    try:
+        database = make_url(uri).database
+    except ArgumentError:
+        raise WorkbenchError(f"tracking store {uri}: not a valid sqlite URI") from None
     if not database or database == ":memory:":
         return None
     return Path(database)

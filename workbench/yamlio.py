@@ -42,8 +42,15 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if not isinstance(key, str | int | float | bool | type(None)):
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                "a key must be a plain value, not a list or mapping",
+                key_node.start_mark,
+            )
         if key in seen:
-            line = key_node.start_mark.line + 1
             loader.duplicates.append(f"line {line}: {key}: duplicate key")
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
@@ -88,7 +95,7 @@ def _expanded_size(root: yaml.Node, source: str) -> None:
 
 def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML text safely; problems raise SpecError naming ``source``."""
-    if len(text) > MAX_SPEC_BYTES:
+    if len(text) > MAX_SPEC_BYTES:  # characters, for --set values
         raise SpecError(
             [f"{source}: {len(text):,} characters; a spec is at most {MAX_SPEC_BYTES:,}"]
         )
@@ -115,9 +122,11 @@ def parse_yaml(text: str, source: str) -> Any:
 
 def load_yaml_file(path: Path) -> Any:
     try:
-        if path.is_file() and path.stat().st_size > 4 * MAX_SPEC_BYTES:  # never read it whole
-            raise SpecError([f"{path}: {path.stat().st_size:,} bytes; a spec is at most 1 MiB"])
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as spec:  # never more than the limit, whatever the file is
+            data = spec.read(MAX_SPEC_BYTES + 1)
+        if len(data) > MAX_SPEC_BYTES:
+            raise SpecError([f"{path}: over {MAX_SPEC_BYTES:,} bytes; a spec is at most 1 MiB"])
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise SpecError([f"{path}: no such file"]) from None
     except (OSError, UnicodeDecodeError) as exc:

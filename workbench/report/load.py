@@ -8,6 +8,7 @@ Metric histories come from the store in bulk: one SQL query on a SQLite store, t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sqlite3
 import tempfile
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from workbench.errors import WorkbenchError
+from workbench.grid import EXECUTION_ONLY
 from workbench.tracking import (
     TAG,
     WORKBENCH_RUNS,
@@ -321,7 +323,10 @@ def _config_values(runs: pd.DataFrame, declared: list[str]) -> pd.DataFrame:
 
     columns: dict[str, pd.Series] = {}
     for column in runs.columns:
-        if column.startswith("params.") and column[7:] not in SEED_PARAMS:
+        if column.startswith("params.") and column[7:] not in (
+            *SEED_PARAMS,
+            *EXECUTION_ONLY,
+        ):  # as run keys
             columns[column[7:]] = runs[column]
     for key in declared:
         tag = runs[f"tags.{TAG}grid.{key}"]
@@ -409,7 +414,7 @@ def _sqlite_histories(path: Path, experiment_id: str) -> pd.DataFrame:
         "WHERE r.experiment_id = ? ORDER BY m.run_uuid, m.key, m.step, m.timestamp"
     )
     uri = f"file:{quote(str(path.resolve()))}?mode=ro"
-    with sqlite3.connect(uri, uri=True, timeout=20) as connection:
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=20)) as connection:
         frame = pd.read_sql_query(query, connection, params=(int(experiment_id),))
     frame["value"] = np.where(frame["is_nan"].astype(bool), np.nan, frame["value"])
     return frame.drop(columns="is_nan")
