@@ -205,3 +205,24 @@ def test_a_changing_learning_rate_is_reported(
     assert len(rates) == 4
     assert all(lr == learning_rate_at(step - 1, config.train) for step, lr in rates)
     assert len({lr for _, lr in rates}) > 1
+
+
+def test_a_resume_between_progress_points_keeps_the_progress_mean(
+    shakespeare: Corpus, tmp_path: Path
+):
+    """A checkpoint at step 25 falls between progress points (every 10 steps): the resumed
+    run's step-30 mean must still cover steps 21-30, so its smoothed curve is the same."""
+    config = make_config({"kind": "bigram"}, max_iters=60, eval_interval=25)
+    straight = Recorder()
+    Trainer(config, shakespeare, straight, tmp_path / "a").fit()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, shakespeare, Recorder(stop_after_step=25), tmp_path / "b").fit()
+    resumed = Recorder()
+    Trainer(config, shakespeare, resumed, tmp_path / "b").fit()
+
+    def smooth(recorder: Recorder) -> dict[int, float]:
+        return {s: m["train_loss_smooth"] for s, m in recorder.metrics if "train_loss_smooth" in m}
+
+    after = {s: v for s, v in smooth(resumed).items() if s > 25}
+    assert sorted(after) == [30, 40, 50, 60]
+    assert after == pytest.approx({s: smooth(straight)[s] for s in after}, abs=1e-6)

@@ -161,6 +161,7 @@ class Trainer:
         self.best_val_loss = math.inf
         self.smoothed_loss: float | None = None
         self.history: list[dict[str, float]] = []
+        self.window_loss, self.window_steps = 0.0, 0  # the progress mean's steps so far
 
     # -- one step, one eval ------------------------------------------------------------
 
@@ -218,8 +219,10 @@ class Trainer:
         if not resumed:
             last_eval = self._eval_point()
         last_checkpoint = time.perf_counter()
-        window_start, window_steps = time.perf_counter(), 0
-        pending = torch.zeros((), device=self.device)
+        window_start, window_steps = time.perf_counter(), self.window_steps
+        # Losses of the steps since the last progress point, carried over a resume (a
+        # checkpoint between two progress points must not shorten the next mean).
+        pending = torch.tensor(self.window_loss, device=self.device)
         try:
             while self.step_count < train.max_iters:
                 loss = self.step()
@@ -243,6 +246,7 @@ class Trainer:
                         # Flush, then checkpoint: a crash between the two makes the resume
                         # redo points already stored (the tracker drops them), never lose any.
                         _before_checkpoint(self.callback, self.step_count)
+                        self.window_loss, self.window_steps = pending.item(), window_steps
                         self.save_checkpoint()
                         last_checkpoint = time.perf_counter()
                     window_start = time.perf_counter()
@@ -361,6 +365,7 @@ class Trainer:
             "best_val_loss": self.best_val_loss,
             "smoothed_loss": self.smoothed_loss,
             "history": self.history,
+            "window": [self.window_loss, self.window_steps],
             "sampler_rng": self.sampler.state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -382,6 +387,7 @@ class Trainer:
         self.best_val_loss = state["best_val_loss"]
         self.smoothed_loss = state["smoothed_loss"]
         self.history = state["history"]
+        self.window_loss, self.window_steps = state.get("window", [0.0, 0])
         self.sampler.set_state(state["sampler_rng"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
