@@ -52,3 +52,15 @@ def test_the_pattern_finds_what_it_should() -> None:
         assert OUTSIDE.search(bad), bad
     for good in ("../shared/data", "docs/lecture.md", "docs/mlflow-notes.md"):
         assert not OUTSIDE.search(good), good
+
+
+def test_what_users_read_names_no_team_folder() -> None:
+    """The README and docs/ are for users, who have no ../shared: not even its data folder."""
+    readable = [p for p in tracked_files() if p.name == "README.md" or "docs" in p.parts]
+    found = [
+        f"{path.relative_to(REPO)}:{number}"
+        for path in readable
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if "../shared" in line
+    ]
+    assert not found, found
