@@ -83,11 +83,6 @@ class Summary:
         return 1 if any(r.status in bad for r in self.results.values()) else 0
 
 
-def plan_states(plan: Plan, tracking_uri: str) -> dict[str, str]:
-    """Run key → done | failed | diverged | killed | running | ghost, for ``workbench plan``."""
-    return {key: record.state for key, record in plan_records(plan, tracking_uri).items()}
-
-
 def plan_records(plan: Plan, tracking_uri: str) -> dict[str, RunRecord]:
     """Run key → the newest run of it in the store, for ``plan`` and ``run --dry-run``.
 

@@ -23,3 +23,10 @@ class SpecError(WorkbenchError):
 
 class DataError(WorkbenchError):
     """The data set is missing, unreachable or corrupt."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one bounded line (its type where it says nothing)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"

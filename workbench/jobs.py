@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from workbench.errors import WorkbenchError
-from workbench.tracking import TAG, MetricBuffer, client, first_line, store_error_types
+from workbench.errors import WorkbenchError, first_line
+from workbench.tracking import TAG, MetricBuffer, client, store_error_types
 
 PROGRESS_KEYS = ("train_loss_smooth", "lr", "tokens_per_sec")
 EVAL_KEYS = ("train_loss", "val_loss")
@@ -148,13 +148,10 @@ def is_environment_failure(exc: BaseException) -> bool:
     """The tracking store failing, or a full disk: the machine's trouble, not the run's."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    if isinstance(exc, WorkbenchError):  # the store refused at its first contact
-        return True
-    from mlflow.exceptions import MlflowException
-    from requests.exceptions import RequestException
-    from sqlalchemy.exc import SQLAlchemyError
-
-    return isinstance(exc, MlflowException | RequestException | SQLAlchemyError)
+    # The store raised, or refused at its first contact (WorkbenchError); any other OSError
+    # is the run's own.
+    store = tuple(t for t in store_error_types() if t is not OSError)
+    return isinstance(exc, (WorkbenchError, *store))
 
 
 def describe_environment_failure(exc: BaseException) -> str:

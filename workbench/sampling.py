@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, first_line
 from workbench.spec import clip
 from workbench.tracking import TAG, WORKBENCH_RUNS, client
 
@@ -138,8 +138,7 @@ def _load_weights(path: Path, run: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # an unsafe pickle, a truncated or foreign file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WorkbenchError(
             f"run {clip(run)}: model.pt refused: not a weights-only file torch can load safely "
-            f"({clip(reason)})"
+            f"({clip(first_line(exc))})"
         ) from None

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from workbench import __version__
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, first_line
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -67,12 +67,6 @@ def store_error_types() -> tuple[type[BaseException], ...]:
     return (MlflowException, RequestException, SQLAlchemyError, sqlite3.Error, OSError)
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 @contextlib.contextmanager
 def store_errors(uri: str, os_errors: bool = True) -> Iterator[None]:
     """A store that cannot be reached or read is one line for the user, not a traceback
@@ -109,7 +103,7 @@ SERVER_PROBE_TIMEOUT_S = 5.0
 def _open_sqlite(uri: str, database: Path) -> None:
     from filelock import FileLock, Timeout
 
-    folder = database.parent if str(database.parent) else Path(".")
+    folder = database.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)  # as MLflow itself does
     except OSError as exc:

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import pickle
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from workbench.data import BatchSampler, Corpus, eval_set
+from workbench.errors import first_line
 from workbench.models import LanguageModel, build_model
 from workbench.optim import FlatAdamW
 from workbench.spec import RunConfig, TrainConfig, lr_varies
@@ -411,8 +413,6 @@ def load_checkpoint_file(path: Path, max_bytes: int | None = None) -> dict[str, 
     Onto the CPU: the RNG states must stay CPU byte tensors; the model and optimizer states are
     copied onto the device by their ``load_state_dict``.
     """
-    import pickle
-
     size = path.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise CheckpointError(f"checkpoint {path} refused: {size:,} bytes, over {max_bytes:,}")
@@ -424,8 +424,9 @@ def load_checkpoint_file(path: Path, max_bytes: int | None = None) -> dict[str, 
             "(loading it could run code)"
         ) from None
     except (RuntimeError, ValueError, EOFError) as exc:
-        problem = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "empty"
-        raise CheckpointError(f"checkpoint {path} refused: unreadable ({problem})") from None
+        raise CheckpointError(
+            f"checkpoint {path} refused: unreadable ({first_line(exc, 200)})"
+        ) from None
     if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
         raise CheckpointError(f"checkpoint {path} refused: not a workbench checkpoint")
     return state

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workbench.errors import first_line
 from workbench.report import analysis, figures
 from workbench.report.analysis import LOSS, format_value, short_name
 from workbench.report.load import (
@@ -77,8 +78,9 @@ def report_experiments(
         except ReportError as exc:
             reports.failures.append(f"{name}: not reported: {exc}")
         except Exception as exc:  # a bug must cost one page, not every page and a traceback
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            reports.failures.append(f"{name}: not reported: {type(exc).__name__}: {first}")
+            reports.failures.append(
+                f"{name}: not reported: {type(exc).__name__}: {first_line(exc)}"
+            )
     return reports
 
 
