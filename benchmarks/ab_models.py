@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_step import per_call_us
 from bench_trainer import workbench_config
 
-import workbench.trainer as trainer_module
-from workbench.data import Corpus
+import workbench.train.trainer as trainer_module
+from workbench.corpus import Corpus
 from workbench.datasets import fetch_known
 from workbench.settings import load_settings
 

@@ -34,12 +34,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.data import Corpus
+from workbench.corpus import Corpus
 from workbench.datasets import fetch_known
 from workbench.grid import expand
 from workbench.settings import load_settings
 from workbench.spec import RunConfig
-from workbench.trainer import Trainer
+from workbench.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (no sparsity), matched in this order

@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.data import Corpus
+from workbench.corpus import Corpus
 from workbench.datasets import fetch_known
 from workbench.settings import load_settings
 from workbench.spec import RunConfig
-from workbench.trainer import Trainer, torch_threads
+from workbench.train.trainer import Trainer, torch_threads
 
 
 def main() -> None:

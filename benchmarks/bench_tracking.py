@@ -21,13 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.data import Corpus
+from workbench.corpus import Corpus
 from workbench.datasets import resolve_text_path
-from workbench.jobs import Job, execute_job
 from workbench.settings import load_settings
 from workbench.spec import RunConfig
+from workbench.sweep.jobs import Job, execute_job
 from workbench.tracking import client, ensure_experiment
-from workbench.trainer import Trainer
+from workbench.train.trainer import Trainer
 
 
 def config(kind: str, max_iters: int) -> RunConfig:

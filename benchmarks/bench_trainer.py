@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lecture_baseline import RUNGS, train_lecture_rung
 
-from workbench.data import Corpus
+from workbench.corpus import Corpus
 from workbench.datasets import fetch_known
 from workbench.settings import load_settings
 from workbench.spec import RunConfig
-from workbench.trainer import Trainer
+from workbench.train.trainer import Trainer
 
 # The lecture rungs as workbench configs (the same as experiments/lecture.yaml).
 MODELS: dict[int, dict[str, Any]] = {

@@ -25,7 +25,7 @@ def shakespeare_path() -> Path:
 
 @pytest.fixture(scope="session")
 def shakespeare(shakespeare_path: Path):  # type: ignore[no-untyped-def]
-    from workbench.data import Corpus
+    from workbench.corpus import Corpus
 
     return Corpus.from_file(shakespeare_path)
 

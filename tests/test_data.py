@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.data import BatchSampler, CharTokenizer, Corpus, eval_set
+from workbench.corpus import BatchSampler, CharTokenizer, Corpus, eval_set
 from workbench.datasets import (
     KNOWN_DATASETS,
     data_checksum,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workbench.executor import worker_gpu
+from workbench.sweep.executors.local import worker_gpu
 
 
 @pytest.mark.parametrize(

@@ -19,14 +19,14 @@ from test_run import Store, write_spec
 from test_trainer import TRANSFORMER, Recorder, make_config
 from typer.testing import CliRunner
 
-from workbench import kernels
 from workbench.cli import app
-from workbench.data import Corpus
+from workbench.corpus import Corpus
 from workbench.models import build_model
-from workbench.optim import FlatAdamW
+from workbench.models import native as kernels
 from workbench.spec import ModelConfig
 from workbench.tracking import TAG
-from workbench.trainer import CHECKPOINT_NAME, Trainer, resolve_device
+from workbench.train.optim import FlatAdamW
+from workbench.train.trainer import CHECKPOINT_NAME, Trainer, resolve_device
 
 pytestmark = [
     pytest.mark.gpu,

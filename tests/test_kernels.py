@@ -1,4 +1,4 @@
-"""The compiled attention kernel (workbench.kernels): the same results as SDPA and as
+"""The compiled attention kernel (workbench.models.native): the same results as SDPA and as
 TinyCausalAttention, forward and backward; NaN and extreme scores as PyTorch handles them; the
 build cache; and the fallback to PyTorch ops where no kernel can be built."""
 
@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench import kernels
-from workbench.models import TINY_BLOCK, TinyCausalAttention, build_model, causal_bias
+from workbench.models import native as kernels
+from workbench.models.ladder import TINY_BLOCK, TinyCausalAttention, build_model, causal_bias
 from workbench.settings import load_settings
 from workbench.spec import ModelConfig
 
@@ -226,7 +226,7 @@ def test_concurrent_builds_into_one_cache_both_succeed(fresh_kernels: Path) -> N
     """Runs of a grid start together and share the cache: each may build, none may see a
     half-written library."""
     script = (
-        "from workbench.kernels import tiny_attention\n"
+        "from workbench.models.native import tiny_attention\n"
         "import torch\n"
         "k = tiny_attention(12)\n"
         "assert k is not None\n"

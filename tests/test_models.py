@@ -16,7 +16,7 @@ from reference import (
 )
 from torch import nn
 
-from workbench.models import (
+from workbench.models.ladder import (
     MODELS,
     TINY_BLOCK,
     CausalSelfAttention,
@@ -239,7 +239,7 @@ def test_attention_module_tiny_and_sdpa_paths_agree(T: int, monkeypatch: pytest.
     x = torch.randn(3, T, 16, requires_grad=True)
     tiny = on_blocks(attention, x)
     (tiny_grad,) = torch.autograd.grad(tiny.sum(), x)
-    monkeypatch.setattr("workbench.models.TINY_BLOCK", 0)  # every block to SDPA
+    monkeypatch.setattr("workbench.models.ladder.TINY_BLOCK", 0)  # every block to SDPA
     sdpa = on_blocks(attention, x)
     (sdpa_grad,) = torch.autograd.grad(sdpa.sum(), x)
     torch.testing.assert_close(tiny, sdpa, rtol=1e-5, atol=1e-5)

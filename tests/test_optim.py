@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from workbench.optim import FlatAdamW
+from workbench.train.optim import FlatAdamW
 
 
 def small_net() -> nn.Module:

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from workbench.data import Corpus
+from workbench.corpus import Corpus
 from workbench.spec import RunConfig, TrainConfig
-from workbench.trainer import CHECKPOINT_NAME, Trainer, learning_rate_at, resolve_device
+from workbench.train.trainer import CHECKPOINT_NAME, Trainer, learning_rate_at, resolve_device
 
 
 def make_config(model: dict[str, Any], **train: Any) -> RunConfig:
@@ -171,7 +171,7 @@ def test_auto_device_is_cpu_without_accelerators():
 
 def test_a_checkpoint_that_is_not_plain_data_is_refused(shakespeare: Corpus, tmp_path: Path):
     """Only tensors and plain values are loaded; anything else is one line, never executed."""
-    from workbench.trainer import CheckpointError
+    from workbench.train.trainer import CheckpointError
 
     config = make_config({"kind": "bigram"})
     path = tmp_path / CHECKPOINT_NAME

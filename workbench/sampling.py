@@ -97,7 +97,7 @@ def generate_text(
     import torch
     from pydantic import ValidationError
 
-    from workbench.data import CharTokenizer
+    from workbench.corpus import CharTokenizer
     from workbench.models import build_model
     from workbench.spec import RunConfig
 

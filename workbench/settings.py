@@ -24,7 +24,7 @@ def _default_cache_dir() -> Path | None:
 class Settings:
     data_dir: Path
     tracking_uri: str | None
-    kernel_dir: Path | None  # compiled CPU kernels (workbench.kernels); None: nowhere to cache
+    kernel_dir: Path | None  # compiled kernels (workbench.models.native); None: nowhere to cache
     native_kernels: bool  # WORKBENCH_NATIVE=0 keeps to PyTorch ops
     c_compiler: str | None  # CC; None: the first of cc, gcc, clang on the PATH
 

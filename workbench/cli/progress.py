@@ -10,8 +10,8 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from workbench.driver import Decision, Summary
-from workbench.jobs import JobResult
+from workbench.sweep.driver import Decision, Summary
+from workbench.sweep.jobs import JobResult
 
 
 def _loss(value: float | None) -> str:

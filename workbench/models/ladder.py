@@ -6,7 +6,7 @@ self-attention → many heads → transformer blocks. Each model is built from i
 Attention is computed the fast way, never one Python module per head: one fused QKV projection,
 then ``scaled_dot_product_attention(is_causal=True)``, or on a CPU for blocks of up to
 ``TINY_BLOCK`` positions (the lecture's 8, the ablation's 8-32) a C kernel compiled on first use
-(:mod:`workbench.kernels`), or where none can be built :class:`TinyCausalAttention`, the same
+(:mod:`workbench.models.native`), or where none can be built :class:`TinyCausalAttention`, the same
 math in batched matmuls with a hand-written backward.
 
 Between the embeddings and the head, activations are rows, one per position: ``(B * T, C)``,
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from workbench import kernels
+from workbench.models import native as kernels
 from workbench.spec import ModelConfig
 
 
@@ -182,8 +182,8 @@ def dropout_layer(p: float) -> nn.Module:
 
 
 # Up to this many positions, attention on a CPU goes through the compiled kernel of
-# workbench.kernels, or TinyCausalAttention where none can be built: both faster than SDPA's CPU
-# flash kernel there (benchmarks/bench_step.py), no faster on longer blocks.
+# workbench.models.native, or TinyCausalAttention where none can be built: both faster than
+# SDPA's CPU flash kernel there (benchmarks/bench_step.py), no faster on longer blocks.
 TINY_BLOCK = 32  # kernels.MAX_BLOCK is the C kernel's limit
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from workbench.jobs import DriverLost, Job, JobResult, describe_exit, execute_job
+from workbench.sweep.jobs import DriverLost, Job, JobResult, describe_exit, execute_job
 
 Event = tuple[Any, ...]
 """("started", key, pid) | ("progress", key, step, metrics) | ("done", key, JobResult)"""

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from workbench.claims import Claims
 from workbench.grid import Plan, Run
-from workbench.jobs import Job, JobResult, ended_result
 from workbench.spec import applicable_config
+from workbench.sweep.claims import Claims
+from workbench.sweep.jobs import Job, JobResult, ended_result
 from workbench.tracking import (
     TAG,
     RunRecord,
@@ -165,8 +165,8 @@ def _train(
     """Hand the runs ``summary.decisions`` asks for to the executor."""
     from mlflow.entities import RunTag
 
+    from workbench.cli.plan_view import parameter_counts
     from workbench.datasets import resolve_text_path
-    from workbench.plan_view import parameter_counts
 
     uri, experiment_id, decisions = options.tracking_uri, summary.experiment_id, summary.decisions
     todo = [d for d in decisions if d.action != "skip"]

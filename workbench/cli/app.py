@@ -117,7 +117,7 @@ def plan(
     with user_errors():
         expanded = _expand(spec, set_, only)
         if offline:
-            from workbench.plan_view import print_plan
+            from workbench.cli.plan_view import print_plan
 
             print_plan(expanded)
         else:
@@ -128,8 +128,8 @@ def _print_plan_from_store(
     expanded: Plan, uri: str, force: bool = False, rerun_failed: bool = False
 ) -> None:
     """The plan with each run's state in the store and what a ``workbench run`` would do."""
-    from workbench.driver import plan_records
-    from workbench.plan_view import print_plan, what_is_left
+    from workbench.cli.plan_view import print_plan, what_is_left
+    from workbench.sweep.driver import plan_records
 
     records = plan_records(expanded, uri)
     left = what_is_left(expanded, records, uri, force, rerun_failed)
@@ -226,22 +226,22 @@ def run(
     interrupted ones resume from their checkpoint."""
     with user_errors():
         expanded = _expand(spec, set_, only)
-        from workbench.plan_view import make_console
+        from workbench.cli.plan_view import make_console
 
         console = make_console()
         if dry_run:  # what this command would do: the store is read, nothing written
             _print_plan_from_store(expanded, _tracking_uri(tracking_uri), force, rerun_failed)
             return
-        from workbench.driver import Executor, Options, run_sweep
-        from workbench.executor import LocalExecutor, raise_keyboard_interrupt
-        from workbench.progress import SweepProgress, summary_table
+        from workbench.cli.progress import SweepProgress, summary_table
         from workbench.settings import load_settings
+        from workbench.sweep.driver import Executor, Options, run_sweep
+        from workbench.sweep.executors.local import LocalExecutor, raise_keyboard_interrupt
 
         if executor not in ("local", "ray"):
             raise WorkbenchError(f"--executor: must be local or ray (got {executor!r})")
         chosen: Executor
         if executor == "ray":
-            from workbench.ray_executor import RayExecutor
+            from workbench.sweep.executors.ray import RayExecutor
 
             threads = max(1, int(cpus_per_run))
             chosen = RayExecutor(address, cpus_per_run, gpus_per_run, max_retries)

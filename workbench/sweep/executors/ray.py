@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench.jobs import Job, JobResult, execute_job
+from workbench.sweep.jobs import Job, JobResult, execute_job
 from workbench.tracking import TAG, client
 
 PROGRESS_EVERY_S = 1.0

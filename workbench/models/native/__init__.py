@@ -1,6 +1,6 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler.
 
-One kernel so far: causal attention over short blocks (``csrc/tiny_attention.c``), the CPU path
+One kernel so far: causal attention over short blocks (``tiny_attention.c``), the CPU path
 of :class:`~workbench.models.CausalSelfAttention` for blocks of up to ``TINY_BLOCK`` positions.
 At 8 positions a head is a few hundred multiply-adds, so PyTorch's per-call cost, not arithmetic,
 sets the speed: one C call replaces the ~20 PyTorch calls of :class:`TinyCausalAttention`'s
@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from workbench.settings import load_settings
 
-SOURCE = Path(__file__).with_name("csrc") / "tiny_attention.c"
+SOURCE = Path(__file__).with_name("tiny_attention.c")
 MAX_BLOCK = 32  # the C file's MAX_BLOCK: its scratch space
 # Reassociation lets the dot products vectorize. Not -ffast-math: linking with it would flush
 # denormals for the whole process (crtfastmath), and it would drop NaN checks.

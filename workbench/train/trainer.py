@@ -23,11 +23,11 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from workbench.data import BatchSampler, Corpus, eval_set
+from workbench.corpus import BatchSampler, Corpus, eval_set
 from workbench.errors import first_line
 from workbench.models import LanguageModel, build_model
-from workbench.optim import FlatAdamW
 from workbench.spec import RunConfig, TrainConfig, lr_varies
+from workbench.train.optim import FlatAdamW
 
 CHECKPOINT_NAME = "checkpoint.pt"
 SAMPLE_CHARS = 500
@@ -42,7 +42,7 @@ class Callback(Protocol):
     def on_artifact(self, name: str, content: str | bytes) -> None: ...
 
     # Optional: ``on_checkpoint(step)``, called just before a checkpoint is written, the moment
-    # to store what was reported so far (see workbench.jobs).
+    # to store what was reported so far (see workbench.sweep.jobs).
 
 
 class NullCallback:

@@ -186,10 +186,10 @@ def _train_and_record(
 ) -> JobResult:
     import torch
 
-    from workbench.data import Corpus
+    from workbench.corpus import Corpus
     from workbench.datasets import resolve_text_path
     from workbench.spec import RunConfig
-    from workbench.trainer import Trainer
+    from workbench.train.trainer import Trainer
 
     if job.threads is not None:
         torch.set_num_threads(job.threads)

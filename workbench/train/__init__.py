@@ -1,0 +1,1 @@
+"""Training one run: the ``trainer`` loop and its flat fused AdamW (``optim``)."""
