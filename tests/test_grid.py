@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from specs import spec_dict, write_spec
 
-from workbench.grid import Plan, expand, format_value, run_key, short_names
+from workbench.grid import Plan, expand, run_key
+from workbench.naming import format_value, short_names
 from workbench.spec import all_dotted_keys
 
 
@@ -289,6 +290,8 @@ def test_format_value() -> None:
     assert format_value(1e-5) == "1e-05"
     assert format_value(16) == "16"
     assert format_value("cosine") == "cosine"
+    assert format_value(None) == format_value(float("nan")) == "null"  # as YAML writes it
+    assert format_value(0.1 + 0.2) != format_value(0.3)  # exact: two values, two spellings
 
 
 def test_short_names_keep_the_section_when_two_keys_clash() -> None:

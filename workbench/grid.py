@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from workbench.datasets import DEFAULT_DATASET, KNOWN_DATASETS, data_checksum
 from workbench.errors import SpecError
+from workbench.naming import format_value, short_names
 from workbench.spec import (
     DEFAULT_SEEDS,
     MODEL_KINDS,
@@ -531,22 +532,6 @@ def _excluded(excludes: list[dict[str, Any]], variant: str, config_raw: dict[str
         return SECTIONS[section].model_fields[name].default
 
     return any(all(value_of(key) == value for key, value in entry.items()) for entry in excludes)
-
-
-def format_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
-def short_names(keys: list[str]) -> dict[str, str]:
-    """``train.block_size`` → ``block_size`` unless two varying keys share the last part."""
-    last = [k.split(".")[-1] for k in keys]
-    return {k: (k.split(".")[-1] if last.count(k.split(".")[-1]) == 1 else k) for k in keys}
 
 
 def _make_run(

@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from workbench.datasets import vocab_size
-from workbench.grid import Plan, Run, format_value, short_names
+from workbench.grid import Plan, Run
+from workbench.naming import format_value, short_names
 from workbench.sweep.driver import Decision, Options, decide
 from workbench.tracking import RunRecord, client, store_errors
 

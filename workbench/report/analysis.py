@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from workbench.naming import format_value, short_name
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -21,55 +23,10 @@ LOSS = "metrics.best_val_loss"
 
 
 def t_quantile(df: float) -> float:
-    """The 0.975 quantile of Student's t with ``df`` (possibly fractional) degrees of freedom:
-    scipy's if installed, else found by bisection on the t distribution's CDF."""
-    try:
-        from scipy import stats
-    except ImportError:
-        return _t_quantile(df)
+    """The 0.975 quantile of Student's t with ``df`` (possibly fractional) degrees of freedom."""
+    from scipy import stats  # always there: mlflow depends on it
+
     return float(stats.t.ppf(0.975, df))
-
-
-def _t_quantile(df: float, p: float = 0.975) -> float:
-    low, high = 0.0, 1.0
-    while _t_cdf(high, df) < p:
-        high *= 2
-    for _ in range(100):
-        middle = (low + high) / 2
-        low, high = (middle, high) if _t_cdf(middle, df) < p else (low, middle)
-    return (low + high) / 2
-
-
-def _t_cdf(t: float, df: float) -> float:
-    """P(T ≤ t) for t ≥ 0: 1 − I_x(df/2, 1/2) / 2 with x = df / (df + t²)."""
-    return 1.0 - 0.5 * _incomplete_beta(df / (df + t * t), df / 2, 0.5)
-
-
-def _incomplete_beta(x: float, a: float, b: float) -> float:
-    """The regularised incomplete beta function I_x(a, b) (continued fraction, Lentz's method)."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    if x > (a + 1) / (a + b + 2):
-        return 1.0 - _incomplete_beta(1.0 - x, b, a)
-    log_front = a * math.log(x) + b * math.log1p(-x)
-    log_front -= math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    result = d
-    for m in range(1, 300):
-        for numerator in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            result *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return math.exp(log_front) * result / a
 
 
 def half_width(values: Sequence[float]) -> float:
@@ -113,23 +70,6 @@ def point_label(row: pd.Series, axes: Sequence[str]) -> str:
     if not axes:
         return "(no grid)"
     return ", ".join(f"{short_name(a, axes)}={format_value(row['grid.' + a])}" for a in axes)
-
-
-def short_name(axis: str, axes: Sequence[str]) -> str:
-    """The last part of a dotted key, unless another axis ends the same way."""
-    last = axis.rsplit(".", 1)[-1]
-    clash = sum(1 for a in axes if a.rsplit(".", 1)[-1] == last) > 1
-    return axis if clash else last
-
-
-def format_value(value: object) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "unset"
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e6:
-        return str(int(value))
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
 
 
 def grid_points(data: ExperimentData) -> pd.DataFrame:

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench.errors import first_line
+from workbench.naming import format_value, short_name
 from workbench.report import analysis, figures
-from workbench.report.analysis import LOSS, format_value, short_name
+from workbench.report.analysis import LOSS
 from workbench.report.load import (
     SEED_PARAMS,
     STATES,

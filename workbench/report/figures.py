@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from workbench.report.analysis import LOSS, format_value, interval, same_value, short_name
+from workbench.naming import format_value, short_name
+from workbench.report.analysis import LOSS, interval, same_value
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -357,10 +357,23 @@ def _partitions(values: pd.DataFrame, variant: pd.Series, keys: list[str]) -> in
 
 
 def _typed(values: pd.Series) -> pd.Series:
-    import pandas as pd
+    """Param text back to the value it was logged from (``8`` → 8, ``1.0`` → 1.0, ``True`` →
+    True), one Python object per cell: an int column with a missing cell stays ints, so a label
+    reads as the plan's run names do (``8``, not ``8.0``)."""
+    return values.map(_param_value, na_action="ignore").astype(object)
 
-    numbers = pd.to_numeric(values, errors="coerce")
-    return numbers if numbers.notna().sum() == values.notna().sum() else values
+
+def _param_value(text: object) -> object:
+    if not isinstance(text, str) or "_" in text or text != text.strip():
+        return text  # int() and float() would read "1_0" and " 8", which str() never writes
+    if text in ("True", "False"):  # MLflow writes a param with str()
+        return text == "True"
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _with_history_columns(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
