@@ -8,10 +8,21 @@ from pathlib import Path
 
 import pytest
 
+# One torch thread per test process and per worker it spawns: tests train tiny models, where
+# threads only contend (the 2-core CI machine runs them faster this way). Set before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 _SHARED_DATA = REPO.parent / "shared" / "data"
 if "WORKBENCH_DATA_DIR" not in os.environ and (_SHARED_DATA / "tinyshakespeare.txt").exists():
     os.environ["WORKBENCH_DATA_DIR"] = str(_SHARED_DATA)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
