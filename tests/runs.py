@@ -3,9 +3,15 @@ folder, the CLI in-process or in a subprocess, and waiting on what it does."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +100,38 @@ def wait_for(predicate: Any, timeout: float = 120.0) -> Any:
             return value
         time.sleep(0.2)
     raise AssertionError("timed out")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, folder: Path, port: int | None = None) -> Iterator[str]:
+    """A real loopback ``mlflow server`` over ``backend_uri``, its artifacts under ``folder``;
+    yields its URL once ``/health`` answers, and stops it on exit."""
+    port = port or free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+               str(port), "--backend-store-uri", backend_uri, "--artifacts-destination",
+               str(folder / "artifacts"), "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                assert proc.poll() is None, "mlflow server exited"
+                return False
+
+        wait_for(healthy, timeout=120)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -4,15 +4,11 @@ left RUNNING by hand, an experiment where every run failed, and a headless brows
 from __future__ import annotations
 
 import base64
-import os
 import re
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -389,27 +385,11 @@ def test_loads_the_same_through_a_tracking_server(
 ) -> None:
     """The server's bulk-history endpoint gives what one SQL query gives, also when its answers
     are truncated and have to be asked for again in smaller pieces."""
+    from runs import mlflow_server
+
     from workbench.report import load
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store.uri,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=store.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "no mlflow server"
-                time.sleep(0.5)
+    with mlflow_server(store.uri, store.folder) as url:
         expected = load.load_experiment(store.uri, "grid")
         for limit in (load.BULK_MAX_POINTS, 7):
             monkeypatch.setattr(load, "BULK_MAX_POINTS", limit)
@@ -419,9 +399,6 @@ def test_loads_the_same_through_a_tracking_server(
             keys = ["run_id", "metric", "step"]
             got = served.history.sort_values(keys).reset_index(drop=True)
             assert got.equals(expected.history.sort_values(keys).reset_index(drop=True)), limit
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 # --- in a real browser ---------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""Contracts with private APIs that workbench relies on. Each is checked here, in one named place,
+so that an upgrade of torch or MLflow that changes one fails here first and says which:
+
+- ``torch._fused_adamw_``: the fused AdamW kernel that ``FlatAdamW`` calls over one flat buffer.
+- MLflow's SQLite tables ``metrics`` and ``runs``: the report reads every curve of an experiment
+  in one SQL query instead of one request per run and metric.
+- MLflow's ``/ajax-api/2.0/mlflow/metrics/get-history-bulk``: the same through a tracking server.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+
+def test_torch_fused_adamw_kernel_takes_our_call() -> None:
+    """``FlatAdamW``'s call, keyword for keyword, against ``torch.optim.AdamW``'s own step."""
+    assert hasattr(torch, "_fused_adamw_"), "torch no longer has _fused_adamw_ (FlatAdamW uses it)"
+    torch.manual_seed(0)
+    param, grad = torch.randn(37), torch.randn(37)
+    reference = param.clone().requires_grad_()
+    reference.grad = grad.clone()
+    optimizer = torch.optim.AdamW([reference], lr=3e-3, weight_decay=0.1, foreach=False)
+    ours, exp_avg, exp_avg_sq = param.clone(), torch.zeros(37), torch.zeros(37)
+    steps = torch.zeros((), dtype=torch.float32)  # the kernel's step counter, as FlatAdamW keeps it
+    for _ in range(3):
+        optimizer.step()
+        steps.add_(1)
+        torch._fused_adamw_(
+            [ours], [grad], [exp_avg], [exp_avg_sq], [], [steps],
+            lr=3e-3, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8,
+            amsgrad=False, maximize=False,
+        )  # fmt: skip
+    torch.testing.assert_close(ours, reference.detach(), rtol=1e-6, atol=1e-7)
+
+
+def _log_curves(client: MlflowClient) -> tuple[str, dict[tuple[str, str], list[Any]]]:
+    """Two runs with a few points each, a NaN among them; returns the experiment and, per
+    (run, key), MLflow's own ``get_metric_history``."""
+    experiment_id = client.create_experiment("contract")
+    runs = [client.create_run(experiment_id).info.run_id for _ in range(2)]
+    for index, run_id in enumerate(runs):
+        points = [Metric("train_loss", 4.0 - step / 10 + index, 1000 + step, step)
+                  for step in range(0, 50, 10)]  # fmt: skip
+        points.append(Metric("val_loss", math.nan, 2000, 40))
+        client.log_batch(run_id, metrics=points)
+    history = {
+        (r, k): client.get_metric_history(r, k) for r in runs for k in ("train_loss", "val_loss")
+    }
+    return experiment_id, history
+
+
+def _as_rows(history: dict[tuple[str, str], list[Any]]) -> list[tuple[Any, ...]]:
+    rows = [(r, k, p.step, p.value, p.timestamp) for (r, k), ps in history.items() for p in ps]
+    return sorted(rows, key=lambda row: row[:3])
+
+
+def _frame_rows(frame: Any) -> list[tuple[Any, ...]]:
+    rows = [
+        tuple(row)
+        for row in frame[["run_id", "metric", "step", "value", "timestamp"]].itertuples(index=False)
+    ]
+    return sorted(
+        ((r, k, int(s), float(v), int(t)) for r, k, s, v, t in rows), key=lambda row: row[:3]
+    )
+
+
+def _same(got: list[tuple[Any, ...]], expected: list[tuple[Any, ...]]) -> None:
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected, strict=True):
+        assert a[:3] == b[:3] and a[4] == b[4]
+        assert (math.isnan(a[3]) and math.isnan(b[3])) or a[3] == b[3], (a, b)
+
+
+def test_mlflow_sqlite_tables_the_report_queries(tmp_path: Path) -> None:
+    from workbench.report.load import _sqlite_histories
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id, history = _log_curves(client)
+    _same(_frame_rows(_sqlite_histories(tmp_path / "mlflow.db", experiment_id)), _as_rows(history))
+
+
+@pytest.mark.slow
+def test_mlflow_get_history_bulk_endpoint(tmp_path: Path) -> None:
+    from runs import mlflow_server
+
+    from workbench.report.load import _server_histories
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id, history = _log_curves(MlflowClient(uri))
+    keys = {run_id: ["train_loss", "val_loss"] for run_id, _ in history}
+    with mlflow_server(uri, tmp_path) as url:
+        frame = _server_histories(url, keys)
+    assert experiment_id
+    _same(_frame_rows(frame), _as_rows(history))
