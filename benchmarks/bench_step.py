@@ -1,8 +1,9 @@
 """The two pieces of a training step that workbench writes itself, against PyTorch's own.
 
 1. Attention forward plus backward: ``TinyCausalAttention`` (PyTorch ops) and the compiled kernel
-   of ``workbench.models.native`` (the torch and native backends) against SDPA's CPU kernel, on the lecture's rungs and
-   the ablation's block sizes (batch 32); then the eval's forward alone (512 windows, no grad).
+   of ``workbench.models.native`` (the ``torch`` and ``native`` attention backends) against
+   SDPA's CPU kernel, on the lecture's rungs and the ablation's block sizes (batch 32); then the
+   eval's forward alone (512 windows, no grad).
 2. The optimizer, inside whole trainer steps: ``FlatAdamW`` (one fused kernel call on one flat
    buffer) against ``torch.optim.AdamW(fused=True)`` on the same model.
 
