@@ -296,10 +296,11 @@ def feed_forward(kind: str, n_embd: int, dropout: float) -> nn.Module | None:
     if kind == "none":
         return None
     if kind == "linear":
-        return nn.Sequential(nn.Linear(n_embd, n_embd), nn.ReLU(inplace=True))
+        return nn.Sequential(nn.Linear(n_embd, n_embd), nn.ReLU())
     return nn.Sequential(
         nn.Linear(n_embd, 4 * n_embd),
-        nn.ReLU(inplace=True),  # on the Linear's fresh output: one tensor fewer per call
+        nn.ReLU(),  # not in place: a Linear's (B, T, C) output is a view, and autograd copies
+        # a view changed in place (CopySlices)
         nn.Linear(4 * n_embd, n_embd),
         dropout_layer(dropout),
     )
