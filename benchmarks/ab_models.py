@@ -1,43 +1,33 @@
-"""A/B of model code: the working tree's ``workbench/models.py`` against another commit's, on
-the lecture's rungs, interleaved in one process (one torch thread).
+"""A/B of model code: the working tree's ``workbench`` package against another commit's, on the
+lecture's rungs, one torch thread each, timed alternately.
 
 This machine's speed drifts by 10% or more between runs minutes apart, more than most single
-changes to the model code gain; two trainers alternating in one process see the same drift.
-Both sides share the rest of the trainer (data, optimizer, loop); only the models differ. Their
-losses must agree (the same math), and the script checks that they do before timing.
+changes to the model code gain; two trainers timed in turn see the same drift. Each side is a
+worker process that imports its own whole ``workbench`` (the other commit's is unpacked with
+``git archive`` into a temporary folder) and builds ``Trainer(workbench_config(rung))``; the
+parent tells one worker at a time to run, so the two never compete for a core. Their losses must
+agree (the same math), and the script checks that they do before timing.
 
     python benchmarks/ab_models.py                 # uncommitted changes against HEAD
-    python benchmarks/ab_models.py --against HEAD~1  # the last commit against the one before
+    python benchmarks/ab_models.py --against 5974aa9 --repeats 9
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
-from typing import Any
-
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_step import per_call_us
-from bench_trainer import workbench_config
-
-import workbench.train.trainer as trainer_module
-from workbench.corpus import Corpus
-from workbench.datasets import fetch_known
-from workbench.settings import load_settings
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = Path(__file__).resolve().parent
 
 
 def git(*args: str) -> str:
@@ -46,86 +36,143 @@ def git(*args: str) -> str:
     ).stdout
 
 
-def models_at(revision: str, folder: Path) -> ModuleType:
-    """``workbench/models.py`` as it was at ``revision``, imported as a module of its own."""
-    source = git("show", f"{revision}:workbench/models.py")
-    if source == (ROOT / "workbench" / "models.py").read_text():
-        print(f"note: workbench/models.py is the same at {revision}: expect 1.00x")
-    path = folder / "models_other.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("models_other", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def package_at(revision: str, folder: Path) -> Path:
+    """The folder holding ``workbench/`` as it was at ``revision``."""
+    archive = subprocess.run(
+        ["git", "archive", revision, "workbench"], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    if not git("diff", "--stat", revision, "--", "workbench"):
+        print(f"note: workbench/ is the same at {revision}: expect 1.00x")
+    return folder
 
 
-def trainer_with(build_model: Any, rung: int, corpus: Corpus) -> trainer_module.Trainer:
-    own = trainer_module.build_model
-    trainer_module.build_model = build_model
-    try:
-        return trainer_module.Trainer(workbench_config(rung, None, 1337), corpus)
-    finally:
-        trainer_module.build_model = own
-
-
-def eval_ms(trainer: trainer_module.Trainer) -> float:
+def per_call_us(fn: Callable[[], Any], calls: int) -> float:
+    """As ``bench_step.per_call_us`` (not imported: it imports the tree's models)."""
+    for _ in range(calls // 10):
+        fn()
     start = time.perf_counter()
-    trainer.evaluate()
-    return (time.perf_counter() - start) * 1e3
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
 
 
-def compare(
-    other: ModuleType, rung: int, corpus: Corpus, repeats: int, steps: int
-) -> dict[str, Any]:
-    trainers = {
-        "other": trainer_with(other.build_model, rung, corpus),
-        "tree": trainer_with(trainer_module.build_model, rung, corpus),
-    }
-    losses = {name: [t.step().item() for _ in range(20)] for name, t in trainers.items()}
-    if not all(abs(a - b) < 1e-4 for a, b in zip(*losses.values(), strict=True)):
-        raise SystemExit(f"rung {rung}: the two models' losses differ: {losses}")
-    steps_taken: dict[str, list[float]] = {name: [] for name in trainers}
-    evals: dict[str, list[float]] = {name: [] for name in trainers}
-    for t in trainers.values():
-        per_call_us(t.step, steps // 3)  # warm-up
-    for repeat in range(repeats):
-        order = list(trainers.items())
-        for name, t in order if repeat % 2 else reversed(order):  # each side goes first in turn
-            steps_taken[name].append(per_call_us(t.step, steps))
-            evals[name].append(eval_ms(t))
+class Worker:
+    """One side: a process with ``root``'s ``workbench`` first on its path, answering requests."""
+
+    def __init__(self, root: Path, rung: int) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(BENCHMARKS)])}
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(root), "--rungs", str(rung)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def ask(self, **request: Any) -> Any:
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None and stdout is not None
+        stdin.write(json.dumps(request) + "\n")
+        stdin.flush()
+        line = stdout.readline()
+        if not line:
+            raise SystemExit(f"a worker died (exit {self.process.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def serve(root: Path, rung: int, requests: IO[str], answers: IO[str]) -> None:
+    """The worker's side: build the trainer from ``root``'s package, then step and time it."""
+    sys.path[:0] = [str(root), str(BENCHMARKS)]
+    # workbench first: the benchmark helpers put the working tree on sys.path, but a package
+    # already imported finds its submodules in its own folder.
+    import workbench  # isort: skip
+    import torch
+    from bench_trainer import workbench_config
+
+    from workbench.corpus import Corpus
+    from workbench.datasets import fetch_known
+    from workbench.settings import load_settings
+    from workbench.train.trainer import Trainer
+
+    assert Path(workbench.__file__).resolve().is_relative_to(root.resolve()), workbench.__file__
+    torch.set_num_threads(1)
+    corpus = Corpus.from_file(fetch_known("tinyshakespeare", load_settings().data_dir))
+    trainer = Trainer(workbench_config(rung, None, 1337), corpus)
+    for line in requests:
+        request = json.loads(line)
+        if request["do"] == "losses":
+            answer: Any = [trainer.step().item() for _ in range(request["steps"])]
+        elif request["do"] == "warm_up":
+            answer = per_call_us(trainer.step, request["steps"])
+        else:
+            step_us = per_call_us(trainer.step, request["steps"])
+            start = time.perf_counter()
+            trainer.evaluate()
+            answer = {"step_us": step_us, "eval_ms": (time.perf_counter() - start) * 1e3}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+
+
+def compare(other_root: Path, rung: int, repeats: int, steps: int) -> dict[str, Any]:
+    workers = {"other": Worker(other_root, rung), "tree": Worker(ROOT, rung)}
+    try:
+        losses = {name: w.ask(do="losses", steps=20) for name, w in workers.items()}
+        if not all(abs(a - b) < 1e-4 for a, b in zip(*losses.values(), strict=True)):
+            raise SystemExit(f"rung {rung}: the two models' losses differ: {losses}")
+        for w in workers.values():
+            w.ask(do="warm_up", steps=steps // 3)
+        step_us: dict[str, list[float]] = {name: [] for name in workers}
+        eval_ms: dict[str, list[float]] = {name: [] for name in workers}
+        for repeat in range(repeats):
+            order = list(workers.items())
+            for name, w in order if repeat % 2 else reversed(order):  # each goes first in turn
+                timing = w.ask(do="time", steps=steps)
+                step_us[name].append(timing["step_us"])
+                eval_ms[name].append(timing["eval_ms"])
+    finally:
+        for w in workers.values():
+            w.close()
     return {
         "rung": rung,
-        "other_step_us": statistics.median(steps_taken["other"]),
-        "tree_step_us": statistics.median(steps_taken["tree"]),
+        "other_step_us": statistics.median(step_us["other"]),
+        "tree_step_us": statistics.median(step_us["tree"]),
         "step_speedup": statistics.median(
-            a / b for a, b in zip(steps_taken["other"], steps_taken["tree"], strict=True)
+            a / b for a, b in zip(step_us["other"], step_us["tree"], strict=True)
         ),
-        "other_eval_ms": statistics.median(evals["other"]),
-        "tree_eval_ms": statistics.median(evals["tree"]),
+        "other_eval_ms": statistics.median(eval_ms["other"]),
+        "tree_eval_ms": statistics.median(eval_ms["tree"]),
         "eval_speedup": statistics.median(
-            a / b for a, b in zip(evals["other"], evals["tree"], strict=True)
+            a / b for a, b in zip(eval_ms["other"], eval_ms["tree"], strict=True)
         ),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--against", default="HEAD", help="the git revision to compare with")
     parser.add_argument("--rungs", type=int, nargs="+", default=[2, 3, 4, 6])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=300, help="steps per timing")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("ab_models.json"))
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: one side
     args = parser.parse_args()
+    if args.worker is not None:
+        serve(args.worker, args.rungs[0], sys.stdin, sys.stdout)
+        return
 
-    torch.set_num_threads(1)
-    corpus = Corpus.from_file(fetch_known("tinyshakespeare", load_settings().data_dir))
     commit = git("rev-parse", "--short", args.against).strip()
+    tree = git("rev-parse", "--short", "HEAD").strip() + ("+" if git("status", "--short") else "")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        other = models_at(args.against, Path(folder))
+        other_root = package_at(args.against, Path(folder))
         for rung in args.rungs:
-            row = compare(other, rung, corpus, args.repeats, args.steps)
+            row = compare(other_root, rung, args.repeats, args.steps)
             rows.append(row)
             print(
                 f"rung {rung}: step {row['other_step_us']:.0f} us at {commit}, "
@@ -134,7 +181,14 @@ def main() -> None:
                 f"({row['eval_speedup']:.3f}x)",
                 flush=True,
             )
-    report = {"against": commit, "threads": 1, "repeats": args.repeats, "rows": rows}
+    report = {
+        "against": commit,
+        "tree": tree,
+        "threads": 1,
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "rows": rows,
+    }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -1,8 +1,9 @@
 """The two pieces of a training step that workbench writes itself, against PyTorch's own.
 
 1. Attention forward plus backward: ``TinyCausalAttention`` (PyTorch ops) and the compiled kernel
-   of ``workbench.models.native`` against SDPA's CPU kernel, on the lecture's rungs and
-   the ablation's block sizes (batch 32); then the eval's forward alone (512 windows, no grad).
+   of ``workbench.models.native`` (the ``torch`` and ``native`` attention backends) against
+   SDPA's CPU kernel, on the lecture's rungs and the ablation's block sizes (batch 32); then the
+   eval's forward alone (512 windows, no grad).
 2. The optimizer, inside whole trainer steps: ``FlatAdamW`` (one fused kernel call on one flat
    buffer) against ``torch.optim.AdamW(fused=True)`` on the same model.
 
@@ -33,7 +34,7 @@ from bench_trainer import workbench_config
 
 from workbench.corpus import Corpus
 from workbench.datasets import fetch_known
-from workbench.models.ladder import TinyCausalAttention, causal_bias
+from workbench.models.attention import TinyCausalAttention, causal_bias
 from workbench.models.native import MAX_BLOCK, tiny_attention
 from workbench.settings import load_settings
 from workbench.train.trainer import Trainer

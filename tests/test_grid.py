@@ -581,13 +581,21 @@ OTHER_VALUES: dict[str, Any] = {
 
 
 def test_other_values_cover_every_config_key() -> None:
-    tested_apart = {"data.dataset", "data.path", "train.threads"}
+    tested_apart = {"data.dataset", "data.path", "train.threads", "train.attention"}
     assert set(OTHER_VALUES) | tested_apart == set(all_dotted_keys())
 
 
 def test_thread_count_is_not_part_of_the_run_key(tmp_path: Path) -> None:
     before = only_key(write_spec(tmp_path / "before", spec_dict()))
     assert only_key(write_spec(tmp_path / "set", spec_dict()), ["train.threads=2"]) == before
+
+
+def test_attention_backend_is_not_part_of_the_run_key(tmp_path: Path) -> None:
+    """Another backend computes the same math: the run is the same run."""
+    before = only_key(write_spec(tmp_path / "before", spec_dict()))
+    for setting in ("sdpa", "torch", "native"):
+        spec = write_spec(tmp_path / setting, spec_dict())
+        assert only_key(spec, [f"train.attention={setting}"]) == before
 
 
 @pytest.mark.parametrize(("dotted", "value"), sorted(OTHER_VALUES.items()))

@@ -5,6 +5,7 @@ build cache; and the fallback to PyTorch ops where no kernel can be built."""
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -16,10 +17,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from workbench.errors import WorkbenchError
 from workbench.models import native as kernels
-from workbench.models.ladder import TINY_BLOCK, TinyCausalAttention, build_model, causal_bias
+from workbench.models.attention import (
+    SDPA,
+    TINY_BLOCK,
+    AttentionBackend,
+    AttentionUnavailable,
+    TinyCausalAttention,
+    causal_bias,
+    resolve_attention,
+)
+from workbench.models.ladder import attention_head_size, build_model
 from workbench.settings import load_settings
-from workbench.spec import ModelConfig
+from workbench.spec import AttentionSetting, ModelConfig
 
 HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
@@ -328,3 +339,126 @@ def test_models_train_the_same_with_and_without_the_kernel(
     assert len(native_grads) == len(torch_grads) > 0
     for native, torch_ops in zip(native_grads, torch_grads, strict=True):
         torch.testing.assert_close(native, torch_ops, rtol=1e-4, atol=1e-6)
+
+
+# -- the backends behind train.attention -----------------------------------------------------
+
+# The ablation's attention models (experiments/ablation.yaml: n_embd 32, batch 32) at its block
+# sizes, and the lecture's rung 6.
+ABLATION_MODELS = {
+    "single_head": ModelConfig(kind="single_head", n_embd=32),
+    "multi_head": ModelConfig(kind="multi_head", n_embd=32, n_head=4),
+    "rung6": ModelConfig(kind="transformer", n_embd=32, n_head=4, n_layer=3),
+}
+
+
+def logits_and_grads(
+    config: ModelConfig, block: int, attention: AttentionBackend
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = build_model(config, 65, block, attention=attention)
+    idx = torch.randint(0, 65, (32, block), generator=torch.Generator().manual_seed(1))
+    logits, loss = model(idx, idx.roll(-1, 1))
+    assert loss is not None
+    loss.backward()
+    return logits.detach(), [p.grad for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("setting", ["torch", pytest.param("native", marks=needs_compiler)])
+@pytest.mark.parametrize("block", [8, 16, 32])
+@pytest.mark.parametrize("name", list(ABLATION_MODELS))
+def test_every_backend_gives_the_logits_and_grads_of_sdpa(
+    setting: AttentionSetting, block: int, name: str
+) -> None:
+    config = ABLATION_MODELS[name]
+    backend = resolve_attention(setting, torch.device("cpu"), block, attention_head_size(config))
+    assert backend.name == setting
+    logits, grads = logits_and_grads(config, block, backend)
+    sdpa_logits, sdpa_grads = logits_and_grads(config, block, SDPA)
+    torch.testing.assert_close(logits, sdpa_logits, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(sdpa_grads) > 0
+    for grad, sdpa_grad in zip(grads, sdpa_grads, strict=True):
+        torch.testing.assert_close(grad, sdpa_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_resolves_as_before() -> None:
+    """auto: native or torch on a CPU for blocks up to TINY_BLOCK, SDPA beyond and on a GPU."""
+    cpu = torch.device("cpu")
+    short = resolve_attention("auto", cpu, TINY_BLOCK, 8).name
+    assert short == ("native" if kernels.tiny_attention(8) is not None else "torch")
+    assert resolve_attention("auto", cpu, TINY_BLOCK + 1, 8).name == "sdpa"
+    assert resolve_attention("auto", torch.device("cuda"), 8, 8).name == "sdpa"
+    assert resolve_attention("sdpa", cpu, 8, 8).name == "sdpa"
+    model = build_model(ModelConfig(kind="multi_head", n_embd=32, n_head=4), 11, 8)
+    assert model.attention_backend is not None and model.attention_backend.name == short
+    assert build_model(ModelConfig(kind="bigram"), 11, 8).attention_backend is None
+
+
+def test_auto_without_a_compiler_falls_back_to_the_torch_path(
+    fresh_kernels: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CC", str(fresh_kernels / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="no native attention kernel"):
+        assert resolve_attention("auto", torch.device("cpu"), 8, 8).name == "torch"
+
+
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        ({"CC": "/no/such/compiler"}, r"no C compiler found \(/no/such/compiler\)"),
+        ({"WORKBENCH_NATIVE": "0"}, "WORKBENCH_NATIVE=0 turns native kernels off"),
+    ],
+)
+def test_native_where_no_kernel_can_be_had_is_one_clear_error(
+    environment: dict[str, str],
+    message: str,
+    fresh_kernels: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an error, not a warning and a fallback
+        with pytest.raises(AttentionUnavailable, match=message) as raised:
+            resolve_attention("native", torch.device("cpu"), 8, 8)
+    assert isinstance(raised.value, WorkbenchError)
+    (line,) = raised.value.lines()
+    assert "\n" not in line and line.startswith("train.attention=native: no native attention")
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "block"), [("native", "cpu", TINY_BLOCK + 1), ("native", "cuda", 8),
+                                     ("torch", "cuda", 8)]
+)  # fmt: skip
+def test_cpu_backends_elsewhere_are_refused(
+    setting: AttentionSetting, device: str, block: int
+) -> None:
+    with pytest.raises(AttentionUnavailable, match=f"train.attention={setting} runs on the CPU"):
+        resolve_attention(setting, torch.device(device), block, 8)
+
+
+@pytest.mark.parametrize("setting", ["sdpa", "torch", pytest.param("native", marks=needs_compiler)])
+def test_forward_never_reads_settings(setting: AttentionSetting, monkeypatch: pytest.MonkeyPatch):
+    """The backend is chosen when a job starts; a forward and backward read no setting and no
+    environment variable, whatever the backend."""
+    config = ABLATION_MODELS["rung6"]
+    backend = resolve_attention(setting, torch.device("cpu"), 8, attention_head_size(config))
+    model = build_model(config, 11, 8, attention=backend)
+    built = build_model(config, 11, 8)  # the default: auto, resolved here
+
+    def no_settings() -> None:
+        raise AssertionError("settings read during a forward")
+
+    monkeypatch.setattr("workbench.settings.load_settings", no_settings)
+    monkeypatch.setattr("workbench.models.native.load_settings", no_settings)
+    monkeypatch.setattr(os, "environ", {})  # a read of os.environ would find nothing
+    monkeypatch.setattr(os, "getenv", no_settings)
+    kernels.tiny_attention.cache_clear()  # no kernel from the cache behind auto's back
+    idx = torch.randint(0, 11, (4, 8))
+    for each in (model, built):
+        _, loss = each(idx, idx)
+        assert loss is not None
+        loss.backward()
+        each.eval()
+        with torch.no_grad():
+            each(idx)

@@ -16,19 +16,23 @@ from reference import (
 )
 from torch import nn
 
+from workbench.models.attention import (
+    SDPA,
+    TINY_BLOCK,
+    TORCH_OPS,
+    TinyCausalAttention,
+    causal_bias,
+)
 from workbench.models.ladder import (
     MODELS,
-    TINY_BLOCK,
     CausalSelfAttention,
     LanguageModel,
     MultiHead,
     SingleHead,
     SoftmaxAverage,
-    TinyCausalAttention,
     Transformer,
     UniformAverage,
     build_model,
-    causal_bias,
     count_params,
 )
 from workbench.spec import MODEL_KINDS, ModelConfig
@@ -56,13 +60,6 @@ def copy_heads_into_fused(ref: MultiHeadAttention, attention: CausalSelfAttentio
             for block, linear in enumerate((head.query, head.key, head.value)):
                 start = block * n_head * hs + h * hs
                 attention.qkv.weight[start : start + hs] = linear.weight
-
-
-def on_blocks(mix, x: torch.Tensor) -> torch.Tensor:
-    """Apply ``mix`` (a model's ``mix``, an attention module or a block: rows of positions and
-    the block length in, rows out) to blocks ``x`` (B, T, C), as the reference computes them."""
-    B, T, C = x.shape
-    return mix(x.reshape(B * T, C), T).view(B, T, -1)
 
 
 def fused_slice(attention: CausalSelfAttention, t: torch.Tensor, block: int, h: int):
@@ -96,10 +93,10 @@ def test_bag_of_words_versions_agree_with_averaging_models(T: int) -> None:
     frozen = make(ModelConfig(kind="softmax_avg", n_embd=N_EMBD, learnable=False))
     assert isinstance(uniform, UniformAverage)
     assert isinstance(frozen, SoftmaxAverage)
-    assert torch.allclose(on_blocks(uniform.mix, x), v1, atol=1e-6)
-    assert torch.allclose(on_blocks(frozen.mix, x), v1, atol=1e-6)
+    assert torch.allclose(uniform.mix(x), v1, atol=1e-6)
+    assert torch.allclose(frozen.mix(x), v1, atol=1e-6)
     # The first position sees only itself.
-    assert torch.equal(on_blocks(uniform.mix, x)[:, 0], x[:, 0])
+    assert torch.equal(uniform.mix(x)[:, 0], x[:, 0])
 
 
 def test_uniform_and_frozen_softmax_models_give_identical_logits() -> None:
@@ -134,7 +131,7 @@ def test_frozen_softmax_average_has_no_trainable_affinity() -> None:
     # Starts at zero affinities, i.e. as uniform averaging.
     assert torch.count_nonzero(learnable.affinity) == 0
     x = torch.randn(2, BLOCK, N_EMBD)
-    assert torch.allclose(on_blocks(learnable.mix, x), bag_of_words_v2(x), atol=1e-6)
+    assert torch.allclose(learnable.mix(x), bag_of_words_v2(x), atol=1e-6)
 
 
 # -- attention: per-head reference modules versus the fused QKV ------------------------------
@@ -151,7 +148,7 @@ def _compare_attention(
     x_fused = x.clone().requires_grad_(True)
 
     out_ref = ref(x_ref)
-    out_fused = on_blocks(model.mix, x_fused)
+    out_fused = model.mix(x_fused)
     assert out_fused.shape == out_ref.shape == (2, T, attention.n_head * attention.head_size)
     assert torch.allclose(out_fused, out_ref, atol=1e-5)
 
@@ -232,26 +229,27 @@ def test_tiny_attention_equals_sdpa_forward_and_backward(n_head: int, head_size:
 
 
 @pytest.mark.parametrize("T", [12, 5, 1])
-def test_attention_module_tiny_and_sdpa_paths_agree(T: int, monkeypatch: pytest.MonkeyPatch):
-    """The module's own causal mask, sliced to T of a block of 12, in both of its paths."""
-    torch.manual_seed(3)
-    attention = CausalSelfAttention(16, 2, 8, 12, proj=True, dropout=0.0)
-    x = torch.randn(3, T, 16, requires_grad=True)
-    tiny = on_blocks(attention, x)
-    (tiny_grad,) = torch.autograd.grad(tiny.sum(), x)
-    monkeypatch.setattr("workbench.models.ladder.TINY_BLOCK", 0)  # every block to SDPA
-    sdpa = on_blocks(attention, x)
-    (sdpa_grad,) = torch.autograd.grad(sdpa.sum(), x)
+def test_attention_module_tiny_and_sdpa_paths_agree(T: int) -> None:
+    """The module's own causal mask, sliced to T of a block of 12, in both backends."""
+    outputs = []
+    for backend in (TORCH_OPS, SDPA):
+        torch.manual_seed(3)
+        attention = CausalSelfAttention(16, 2, 8, 12, proj=True, dropout=0.0, attention=backend)
+        x = torch.randn(3, T, 16, requires_grad=True)
+        y = attention(x)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        outputs.append((y, grad))
+    (tiny, tiny_grad), (sdpa, sdpa_grad) = outputs
     torch.testing.assert_close(tiny, sdpa, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tiny_grad, sdpa_grad, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_module_refuses_blocks_longer_than_its_mask() -> None:
-    """The tiny path takes the block length from the mask: a longer block must not be split
-    into the wrong sequences silently."""
-    attention = CausalSelfAttention(16, 2, 8, 4, proj=False, dropout=0.0)
+    """The torch path adds the module's causal mask: a block longer than it is refused, not
+    broadcast into a wrong mask."""
+    attention = CausalSelfAttention(16, 2, 8, 4, proj=False, dropout=0.0, attention=TORCH_OPS)
     with pytest.raises(ValueError, match="more than the block size 4"):
-        attention(torch.randn(3 * 8, 16), 8)
+        attention(torch.randn(3, 8, 16))
 
 
 @pytest.mark.parametrize(("n_head", "T"), [(1, 8), (2, 5), (2, 20)])  # manual and torch softmax
@@ -639,11 +637,12 @@ def test_transformer_attention_weights_match_what_forward_uses() -> None:
             assert block.ln1 is not None
             h = block.ln1(x)
             attention = block.attention
-            _, _, v = attention._qkv(h.view(BLOCK, -1), BLOCK)  # (1, nh, T, hs)
+            qkv = attention.qkv(h).view(1, BLOCK, 3, attention.n_head, attention.head_size)
+            v = qkv[:, :, 2].transpose(1, 2)  # (1, nh, T, hs)
             y = (maps[layer][None] @ v).transpose(1, 2).reshape(1, BLOCK, N_EMBD)
             assert attention.proj is not None
-            assert torch.allclose(attention.proj(y), on_blocks(attention, h), atol=1e-5)
-            x = on_blocks(block, x)
+            assert torch.allclose(attention.proj(y), attention(h), atol=1e-5)
+            x = block(x)
 
 
 # --- which keys each kind reads (what its runs log as params) -----------------------------------

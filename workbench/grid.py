@@ -37,7 +37,7 @@ from workbench.yamlio import load_yaml_file, parse_value
 
 RUN_KEY_LENGTH = 16
 MAX_RUNS = 100_000  # a grid larger than this is refused before it is expanded
-EXECUTION_ONLY = ("train.threads",)  # left out of run keys
+EXECUTION_ONLY = ("train.threads", "train.attention")  # left out of run keys
 
 
 @dataclass(frozen=True)

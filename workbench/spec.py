@@ -19,6 +19,7 @@ ModelKind = Literal[
 ]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+|mps)$"
+AttentionSetting = Literal["auto", "sdpa", "torch", "native"]
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
 DEFAULT_SEEDS = (1337,)
 MAX_SHOWN = 80  # characters of a user's value quoted in a message (a spec may hold huge ones)
@@ -65,6 +66,11 @@ class TrainConfig(Section):
     device: Annotated[str, Field(pattern=DEVICE_PATTERN)] = "auto"
     threads: PositiveInt | None = Field(None, description="Torch CPU threads; None: per job.")
     compile: bool = Field(False, description="torch.compile the model (CUDA only).")
+    attention: AttentionSetting = Field(
+        "auto",
+        description="Attention backend: sdpa, torch (CPU ops), native (the C kernel, CPU blocks "
+        "up to 32); auto: native or torch on a CPU for blocks up to 32, else sdpa. Same math.",
+    )
 
 
 class ModelConfig(Section):

@@ -1,5 +1,19 @@
-"""The lecture's ladder of models (``ladder``) and the attention kernel it may use (``native``)."""
+"""The lecture's ladder of models (``ladder``), the attention backends it may be handed
+(``attention``), and the C kernel behind one of them (``native``)."""
 
-from workbench.models.ladder import LanguageModel, build_model, count_params
+from workbench.models.attention import (
+    AttentionBackend,
+    AttentionUnavailable,
+    resolve_attention,
+)
+from workbench.models.ladder import LanguageModel, attention_head_size, build_model, count_params
 
-__all__ = ["LanguageModel", "build_model", "count_params"]
+__all__ = [
+    "AttentionBackend",
+    "AttentionUnavailable",
+    "LanguageModel",
+    "attention_head_size",
+    "build_model",
+    "count_params",
+    "resolve_attention",
+]

@@ -1,15 +1,16 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler.
 
-One kernel so far: causal attention over short blocks (``tiny_attention.c``), the CPU path
-of :class:`~workbench.models.CausalSelfAttention` for blocks of up to ``TINY_BLOCK`` positions.
-At 8 positions a head is a few hundred multiply-adds, so PyTorch's per-call cost, not arithmetic,
-sets the speed: one C call replaces the ~20 PyTorch calls of :class:`TinyCausalAttention`'s
-forward and backward (2.7x faster on rung 6's attention, ``benchmarks/bench_step.py``).
+One kernel so far: causal attention over short blocks (``tiny_attention.c``), the ``native``
+backend of :mod:`workbench.models.attention`, for blocks of up to ``MAX_BLOCK`` positions on a
+CPU. At 8 positions a head is a few hundred multiply-adds, so PyTorch's per-call cost, not
+arithmetic, sets the speed: one C call replaces the ~20 PyTorch calls of the torch backend's
+forward and backward (``benchmarks/bench_step.py``).
 
 The library is built once per head size and machine into ``~/.cache/workbench/kernels`` (a file
 named by a hash of the source, the compiler and the CPU, written atomically, so concurrent runs
-share it), in about a second. Without a C compiler, or with ``WORKBENCH_NATIVE=0``,
-:func:`tiny_attention` returns ``None`` and the models keep to PyTorch ops: same math, slower.
+share it), in about a second. :func:`load` raises :class:`KernelUnavailable` saying why there is
+no kernel (no C compiler, ``WORKBENCH_NATIVE=0``, ...); :func:`tiny_attention`, what
+``train.attention: auto`` asks, returns ``None`` instead (warning where a build failed).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from workbench.errors import WorkbenchError
 from workbench.settings import load_settings
 
 SOURCE = Path(__file__).with_name("tiny_attention.c")
@@ -47,8 +49,12 @@ CPUINFO_KEYS = ("model name", "flags", "Features", "CPU implementer", "CPU archi
 MAX_HEAD = 1024  # the C code keeps four head-sized vectors on the stack
 
 
-class KernelBuildError(RuntimeError):
-    """The C compiler is missing or failed."""
+class KernelUnavailable(WorkbenchError):
+    """No attention kernel here: turned off, a head too large, or no build."""
+
+
+class KernelBuildError(KernelUnavailable):
+    """The C compiler is missing or failed, or there is nowhere to cache the library."""
 
 
 def _cpu_identity() -> str:
@@ -132,6 +138,14 @@ class TinyAttention:
             return _TinyAttentionFunction.apply(qkv, n_head, block, self)  # type: ignore[no-untyped-call]
         return self.forward(qkv, n_head, block, probs=None)
 
+    def blocks(self, qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+        """Causal attention on ``qkv`` (B, T, 3 * n_head * head_size) → (B, T, n_head *
+        head_size): the same kernel, with no reshape for autograd to record."""
+        B, T, width = qkv.shape
+        if qkv.requires_grad and torch.is_grad_enabled():
+            return _TinyAttentionFunction.apply(qkv, n_head, T, self)  # type: ignore[no-untyped-call]
+        return self.forward(qkv.reshape(B * T, width), n_head, T, probs=None).view(B, T, -1)
+
     def batch_size(self, qkv: torch.Tensor, n_head: int, block: int) -> int:
         """The number of blocks in ``qkv``; raises on any layout the C code would read out of
         bounds."""
@@ -213,22 +227,44 @@ def _require_shape(tensor: torch.Tensor, shape: tuple[int, ...], name: str) -> N
 
 
 class _TinyAttentionFunction(torch.autograd.Function):
+    """The kernel under autograd; ``qkv`` as rows (B * T, W) or as blocks (B, T, W)."""
+
     @staticmethod
     def forward(
         ctx: Any, qkv: torch.Tensor, n_head: int, block: int, kernel: TinyAttention
     ) -> torch.Tensor:
-        batch = kernel.batch_size(qkv, n_head, block)  # checked before anything is allocated
-        probs = qkv.new_empty(batch * n_head, block, block)
-        out = kernel.forward(qkv, n_head, block, probs)
-        ctx.save_for_backward(qkv, probs)
-        ctx.n_head, ctx.kernel = n_head, kernel
-        return out
+        rows = qkv if qkv.dim() == 2 else qkv.reshape(-1, qkv.size(-1))
+        batch = kernel.batch_size(rows, n_head, block)  # checked before anything is allocated
+        probs = rows.new_empty(batch * n_head, block, block)
+        out = kernel.forward(rows, n_head, block, probs)
+        ctx.save_for_backward(rows, probs)
+        ctx.n_head, ctx.kernel, ctx.shape = n_head, kernel, qkv.shape
+        return out if qkv.dim() == 2 else out.view(*qkv.shape[:-1], out.size(-1))
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        qkv, probs = ctx.saved_tensors
-        return ctx.kernel.backward(qkv, probs, dout, ctx.n_head), None, None, None
+        rows, probs = ctx.saved_tensors
+        dout = dout if dout.dim() == 2 else dout.reshape(-1, dout.size(-1))
+        dqkv = ctx.kernel.backward(rows, probs, dout, ctx.n_head)
+        return dqkv.view(ctx.shape), None, None, None
+
+
+def load(head_size: int) -> TinyAttention:
+    """The attention kernel for ``head_size``, from the cache or built; raises
+    :class:`KernelUnavailable` saying why there is none."""
+    settings = load_settings()
+    if not settings.native_kernels:
+        raise KernelUnavailable("WORKBENCH_NATIVE=0 turns native kernels off")
+    if head_size > MAX_HEAD:
+        raise KernelUnavailable(f"heads of {head_size} are over the kernel's {MAX_HEAD}")
+    if settings.kernel_dir is None:
+        raise KernelBuildError("no cache directory (no home directory, and no XDG_CACHE_HOME)")
+    try:
+        path = build(head_size, settings.kernel_dir, _compiler(settings.c_compiler))
+        return TinyAttention(ctypes.CDLL(str(path)), head_size)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise KernelBuildError(str(error)) from error
 
 
 @functools.cache
@@ -236,15 +272,12 @@ def tiny_attention(head_size: int) -> TinyAttention | None:
     """The attention kernel for ``head_size``, built on first use; ``None`` (after one warning)
     where it cannot be built, and quietly for heads over ``MAX_HEAD`` or where
     ``WORKBENCH_NATIVE=0`` turns native kernels off."""
+    settings = load_settings()
+    if not settings.native_kernels or head_size > MAX_HEAD:
+        return None
     try:
-        settings = load_settings()
-        if not settings.native_kernels or head_size > MAX_HEAD:
-            return None
-        if settings.kernel_dir is None:
-            raise KernelBuildError("no cache directory (no home directory, and no XDG_CACHE_HOME)")
-        path = build(head_size, settings.kernel_dir, _compiler(settings.c_compiler))
-        return TinyAttention(ctypes.CDLL(str(path)), head_size)
-    except (KernelBuildError, OSError, subprocess.SubprocessError) as error:
+        return load(head_size)
+    except KernelBuildError as error:
         warnings.warn(
             f"workbench: no native attention kernel ({error}); using PyTorch ops, which are "
             "slower on a CPU. Install a C compiler, or set WORKBENCH_NATIVE=0 to silence this.",
