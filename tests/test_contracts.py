@@ -79,23 +79,23 @@ def _same(got: list[tuple[Any, ...]], expected: list[tuple[Any, ...]]) -> None:
 
 
 def test_mlflow_sqlite_tables_the_report_queries(tmp_path: Path) -> None:
-    from workbench.report.load import _sqlite_histories
+    from workbench.report.history import sqlite_histories
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id, history = _log_curves(client)
-    _same(_frame_rows(_sqlite_histories(tmp_path / "mlflow.db", experiment_id)), _as_rows(history))
+    _same(_frame_rows(sqlite_histories(tmp_path / "mlflow.db", experiment_id)), _as_rows(history))
 
 
 @pytest.mark.slow
 def test_mlflow_get_history_bulk_endpoint(tmp_path: Path) -> None:
     from runs import mlflow_server
 
-    from workbench.report.load import _server_histories
+    from workbench.report.history import server_histories
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id, history = _log_curves(MlflowClient(uri))
     keys = {run_id: ["train_loss", "val_loss"] for run_id, _ in history}
     with mlflow_server(uri, tmp_path) as url:
-        frame = _server_histories(url, keys)
+        frame = server_histories(url, keys)
     assert experiment_id
     _same(_frame_rows(frame), _as_rows(history))

@@ -387,12 +387,12 @@ def test_loads_the_same_through_a_tracking_server(
     are truncated and have to be asked for again in smaller pieces."""
     from runs import mlflow_server
 
-    from workbench.report import load
+    from workbench.report import history, load
 
     with mlflow_server(store.uri, store.folder) as url:
         expected = load.load_experiment(store.uri, "grid")
-        for limit in (load.BULK_MAX_POINTS, 7):
-            monkeypatch.setattr(load, "BULK_MAX_POINTS", limit)
+        for limit in (history.BULK_MAX_POINTS, 7):
+            monkeypatch.setattr(history, "BULK_MAX_POINTS", limit)
             served = load.load_experiment(url, "grid")
             assert sorted(served.runs.index) == sorted(expected.runs.index)
             assert served.runs["state"].to_dict() == expected.runs["state"].to_dict()

@@ -32,3 +32,13 @@ def short_name(key: str, keys: Sequence[str]) -> str:
 def short_names(keys: Sequence[str]) -> dict[str, str]:
     """Each of ``keys`` by its ``short_name`` among them."""
     return {key: short_name(key, keys) for key in keys}
+
+
+def human_count(n: float) -> str:
+    """``1234567`` → ``1.23M``: counts of tokens, parameters, tokens per second; NaN is ``—``."""
+    if n != n:
+        return "—"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"

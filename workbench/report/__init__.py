@@ -1,8 +1,10 @@
 """`workbench report`: one self-contained HTML page per experiment, read from MLflow only.
 
 Importing this package is cheap: pandas, matplotlib, seaborn and mlflow load when a report is
-written. The modules, in the order data flows: ``load`` (MLflow → tidy frames), ``analysis``
-(grid points, leaderboard, intervals), ``figures`` (seaborn → PNG), ``build`` (page and CSV).
+written. The modules, in the order data flows: ``load`` (MLflow → tidy frames, with
+``history`` for the curves in bulk), ``analysis`` (grid points, leaderboard, intervals),
+``figures`` (seaborn → PNG), ``page`` (the page's tables, sentences and figures), ``build``
+(the files: HTML page and CSV).
 """
 
 from __future__ import annotations

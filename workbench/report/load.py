@@ -8,19 +8,15 @@ Metric histories come from the store in bulk: one SQL query on a SQLite store, t
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sqlite3
 import tempfile
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 from workbench.errors import WorkbenchError
 from workbench.grid import EXECUTION_ONLY
+from workbench.report.history import HISTORY_COLUMNS, histories
 from workbench.tracking import (
     TAG,
     WORKBENCH_RUNS,
@@ -33,9 +29,6 @@ from workbench.tracking import (
 if TYPE_CHECKING:
     import pandas as pd
 
-HISTORY_COLUMNS = ["run_id", "metric", "step", "value", "timestamp"]
-BULK_RUNS_PER_REQUEST = 100  # the server's limit
-BULK_MAX_POINTS = 25_000  # the server truncates a bulk answer to this many points
 STATES = ("finished", "failed", "diverged", "killed", "running", "stale")
 SEED_PARAMS = ("seed", "train.seed")  # what repeats a grid point; every other param tells one apart
 DERIVED_PARAMS = ("num_params",)  # follow from the config: an axis only where they split points
@@ -114,7 +107,7 @@ def load_experiment(tracking_uri: str, name: str) -> ExperimentData:
     runs = _with_typed_columns(runs.set_index("run_id", drop=False))
     variants = _ladder_order(runs)
     axes, declared = _config_axes(runs)
-    history = _histories(tracking_uri, str(experiment.experiment_id), runs)
+    history = histories(tracking_uri, str(experiment.experiment_id), runs)
     runs = _with_history_columns(runs, history)
     loaded = time.perf_counter()
     return ExperimentData(
@@ -391,115 +384,3 @@ def _with_history_columns(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataF
     runs["tokens_per_sec"] = speed.reindex(runs.index)
     runs["tokens"] = runs["last_step"] * runs["train.batch_size"] * runs["train.block_size"]
     return runs
-
-
-# --- histories -----------------------------------------------------------------------------------
-
-
-def _histories(tracking_uri: str, experiment_id: str, runs: pd.DataFrame) -> pd.DataFrame:
-    import pandas as pd
-
-    keys = {
-        run_id: [c[8:] for c in runs.columns if c.startswith("metrics.") and row[c] == row[c]]
-        for run_id, row in runs.iterrows()
-    }
-    path = sqlite_path(tracking_uri)
-    if path is not None:
-        history = _sqlite_histories(path, experiment_id)
-    elif tracking_uri.startswith(("http://", "https://")):
-        history = _server_histories(tracking_uri, keys)
-    else:
-        history = _client_histories(tracking_uri, keys)
-    history = history[history["run_id"].isin(runs.index)]
-    history = history.drop_duplicates(["run_id", "metric", "step"], keep="last")
-    history = history.astype({"step": "int64", "value": "float64", "timestamp": "int64"})
-    return pd.DataFrame(history[HISTORY_COLUMNS]).reset_index(drop=True)
-
-
-def _sqlite_histories(path: Path, experiment_id: str) -> pd.DataFrame:
-    """Every metric point of the experiment in one query, read-only."""
-    import numpy as np
-    import pandas as pd
-
-    query = (
-        "SELECT m.run_uuid AS run_id, m.key AS metric, m.step, m.value, m.timestamp, m.is_nan "
-        "FROM metrics AS m JOIN runs AS r ON r.run_uuid = m.run_uuid "
-        "WHERE r.experiment_id = ? ORDER BY m.run_uuid, m.key, m.step, m.timestamp"
-    )
-    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=20)) as connection:
-        frame = pd.read_sql_query(query, connection, params=(int(experiment_id),))
-    frame["value"] = np.where(frame["is_nan"].astype(bool), np.nan, frame["value"])
-    return frame.drop(columns="is_nan")
-
-
-def _server_histories(tracking_uri: str, keys: dict[str, list[str]]) -> pd.DataFrame:
-    """``get-history-bulk``: one request per metric key and 100 runs (fewer if truncated)."""
-    import pandas as pd
-    from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request
-
-    creds = get_default_host_creds(tracking_uri)  # type: ignore[no-untyped-call]
-    frames: list[pd.DataFrame] = []
-
-    def fetch(metric: str, run_ids: list[str]) -> None:
-        response = http_request(  # type: ignore[no-untyped-call]
-            creds,
-            "/ajax-api/2.0/mlflow/metrics/get-history-bulk",
-            "GET",
-            params={"run_id": run_ids, "metric_key": metric, "max_results": BULK_MAX_POINTS},
-        )
-        response.raise_for_status()
-        points = response.json().get("metrics", [])
-        if len(points) >= BULK_MAX_POINTS:  # truncated: ask for fewer runs at a time
-            if len(run_ids) == 1:
-                frames.append(_client_histories(tracking_uri, {run_ids[0]: [metric]}))
-                return
-            half = len(run_ids) // 2
-            fetch(metric, run_ids[:half])
-            fetch(metric, run_ids[half:])
-            return
-        if points:
-            frame = pd.DataFrame(points).rename(columns={"key": "metric"})
-            frames.append(frame.reindex(columns=HISTORY_COLUMNS))
-
-    for metric in sorted({k for run_keys in keys.values() for k in run_keys}):
-        run_ids = sorted(r for r, run_keys in keys.items() if metric in run_keys)
-        for chunk in _chunks(run_ids, BULK_RUNS_PER_REQUEST):
-            fetch(metric, chunk)
-    return _concat(frames)
-
-
-def _client_histories(tracking_uri: str, keys: dict[str, list[str]]) -> pd.DataFrame:
-    """The slow path, for other stores: one call per run and key, eight at a time."""
-    import pandas as pd
-
-    mlflow_client = _client(tracking_uri)
-
-    def one(pair: tuple[str, str]) -> pd.DataFrame:
-        run_id, metric = pair
-        points = mlflow_client.get_metric_history(run_id, metric)
-        return pd.DataFrame(
-            [(run_id, metric, p.step, p.value, p.timestamp) for p in points],
-            columns=HISTORY_COLUMNS,
-        )
-
-    pairs = [(run_id, metric) for run_id, run_keys in keys.items() for metric in run_keys]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return _concat(list(pool.map(one, pairs)))
-
-
-def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    import pandas as pd
-
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return pd.DataFrame({c: pd.Series(dtype="int64") for c in HISTORY_COLUMNS}).astype(
-            {"run_id": str, "metric": str, "value": "float64"}
-        )
-    return pd.concat(frames, ignore_index=True)
-
-
-def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
