@@ -92,10 +92,10 @@ def _tracking_uri(explicit: str | None) -> str:
     import logging
 
     from workbench.settings import load_settings
-    from workbench.tracking import tracking_uri
+    from workbench.store import tracking_uri
 
     # "Creating initial MLflow database tables..." is noise on a terminal, and a store error
-    # reaches the user as one line (workbench.tracking.store_errors), not as MLflow's traceback.
+    # reaches the user as one line (workbench.store.store_errors), not as MLflow's traceback.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
     return tracking_uri(explicit, load_settings().tracking_uri)
@@ -297,7 +297,7 @@ def sample(
     """Generate text from a finished run's weights and tokenizer, loaded from MLflow."""
     with user_errors():
         from workbench.sampling import generate_text
-        from workbench.tracking import store_errors
+        from workbench.store import store_errors
 
         uri = _tracking_uri(tracking_uri)
         with store_errors(uri, os_errors=False):
@@ -337,7 +337,7 @@ def report(
         def warn(line: str) -> None:
             typer.echo(line, err=True)
 
-        from workbench.tracking import store_errors
+        from workbench.store import store_errors
 
         uri = _tracking_uri(tracking_uri)
         with store_errors(uri, os_errors=False):
