@@ -146,7 +146,7 @@ def test_grid_on_ray_logs_to_the_server_and_reruns_skip(server: str, tmp_path: P
     again = workbench_run(spec, server)
     output, _ = again.communicate(timeout=300)
     assert again.returncode == 0, output
-    assert output.count("skipped (done)") == 4
+    assert output.count("skipped (finished)") == 4
     assert len(runs_of(server, "ray-ok")) == 4
 
     from workbench.report import write_reports

@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from workbench.store import store_errors as store_errors
 from workbench.store import tracking_uri as tracking_uri
 
 TAG = "workbench."  # prefix of our own tags
-STALE_AFTER_S = 600.0  # a RUNNING run whose heartbeat is older than this is a ghost
+STALE_AFTER_S = 600.0  # a RUNNING run whose heartbeat is older than this is stale
 HEARTBEAT_EVERY_S = 30.0
 # Progress metrics in the store: one point per this many steps (each point costs ~0.1 ms to
 # store, and a short run's tracking budget is a few tens of ms); the last point always.
@@ -45,6 +46,24 @@ def experiment_slug(name: str) -> str:
     readable = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:40] or "experiment"
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     return f"{readable}-{digest}"
+
+
+class RunState(str, Enum):
+    """What a run is: one word for each state in the plan, the progress line, the summary and
+    the report. The first six come from the store (MLflow's status and our tags, read in
+    :attr:`RunRecord.state` and nowhere else); the driver adds the last two."""
+
+    FINISHED = "finished"
+    FAILED = "failed"  # training raised
+    DIVERGED = "diverged"  # FAILED in MLflow, with the workbench.diverged tag
+    KILLED = "killed"  # interrupted or crashed: resumable
+    RUNNING = "running"
+    STALE = "stale"  # left RUNNING by a process that is gone, or silent for too long: resumable
+    TO_DO = "to do"  # not in the store yet
+    CLAIMED = "claimed"  # held by another live workbench process
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -70,7 +89,7 @@ class RunRecord:
         """The torch threads the run was started with (its resume must use the same)."""
         return int_tag(self.tags, TAG + "threads")
 
-    def is_ghost(self, now: float | None = None) -> bool:
+    def is_stale(self, now: float | None = None) -> bool:
         """A RUNNING run whose process is gone (kill -9, power loss) or silent for too long."""
         if self.status != "RUNNING":
             return False
@@ -82,15 +101,14 @@ class RunRecord:
         return now - heartbeat > STALE_AFTER_S
 
     @property
-    def state(self) -> str:
-        """done | failed | diverged | killed | running | ghost (for plans and the driver)."""
+    def state(self) -> RunState:
         if self.status == "FINISHED":
-            return "done"
+            return RunState.FINISHED
         if self.status == "FAILED":
-            return "diverged" if self.diverged else "failed"
+            return RunState.DIVERGED if self.diverged else RunState.FAILED
         if self.status == "RUNNING":
-            return "ghost" if self.is_ghost() else "running"
-        return "killed"
+            return RunState.STALE if self.is_stale() else RunState.RUNNING
+        return RunState.KILLED
 
 
 def int_tag(tags: dict[str, str], name: str) -> int | None:

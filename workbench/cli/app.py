@@ -112,8 +112,8 @@ def plan(
     ] = False,
 ) -> None:
     """Show the runs a spec expands to (names, what varies, parameters, tokens) and, from the
-    tracking store, which are done, failed, killed, running or still to do, and the tokens and
-    estimated time of what is left."""
+    tracking store, which are finished, failed, diverged, killed, running, stale or still to do,
+    and the tokens and estimated time of what is left."""
     with user_errors():
         expanded = _expand(spec, set_, only)
         if offline:

@@ -10,16 +10,19 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
 from workbench.grid import Plan, Run
 from workbench.spec import applicable_config
 from workbench.sweep.claims import Claims
-from workbench.sweep.jobs import Job, JobResult, ended_result
+from workbench.sweep.events import CrashFn, Ended, Event, EventFn
+from workbench.sweep.jobs import Job, JobResult, JobStatus, ended_result
 from workbench.tracking import (
     TAG,
     RunRecord,
+    RunState,
     base_tags,
     client,
     ensure_experiment,
@@ -38,8 +41,8 @@ class Executor(Protocol):
         self,
         items: list[Any],
         prepare: Callable[[Any], Job],
-        on_event: Callable[[tuple[Any, ...]], None],
-        on_crash: Callable[[Job, str, str], JobResult],
+        on_event: EventFn,
+        on_crash: CrashFn,
     ) -> list[JobResult]: ...
 
 
@@ -57,13 +60,22 @@ class Options:
     checkpoint_every_s: float = 10.0
 
 
+class Action(str, Enum):
+    """What the driver does with a run."""
+
+    NEW = "new"  # create a run in the store and train it from step 0
+    RESUME = "resume"  # continue the run in the store from its checkpoint
+    SKIP = "skip"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Decision:
     run: Run
-    action: str  # new | resume | skip
-    # What the store says: to do | done | failed | diverged | killed | running | ghost; or
-    # claimed: another live workbench process holds the run.
-    state: str
+    action: Action
+    state: RunState  # what the store says, or TO_DO, or CLAIMED by another live process
     record: RunRecord | None = None
 
 
@@ -79,7 +91,7 @@ class Summary:
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
-        bad = {"failed", "diverged", "killed"}
+        bad = {RunState.FAILED, RunState.DIVERGED, RunState.KILLED}
         return 1 if any(r.status in bad for r in self.results.values()) else 0
 
 
@@ -108,28 +120,30 @@ def decide(
     decisions = []
     for run in plan.runs:
         record = records.get(run.key)
-        state = record.state if record is not None else "to do"
+        state = record.state if record is not None else RunState.TO_DO
         if run.key in claimed_elsewhere:
-            state = "claimed"
-        if state == "claimed":
-            action = "skip"
-        elif (options.force and state != "running") or state in ("to do",):
-            action = "new"
-        elif state in ("killed", "ghost"):
-            action = "resume"
-        elif state in ("failed", "diverged"):
-            action = "new" if options.rerun_failed else "skip"
-        else:  # done, or running in another live process: never run twice beside it
-            action = "skip"
-        decisions.append(Decision(run, action, state, record))
+            state = RunState.CLAIMED
+        decisions.append(Decision(run, _action(state, options), state, record))
     return decisions
+
+
+def _action(state: RunState, options: Options) -> Action:
+    if state is RunState.CLAIMED:
+        return Action.SKIP
+    if (options.force and state is not RunState.RUNNING) or state is RunState.TO_DO:
+        return Action.NEW
+    if state in (RunState.KILLED, RunState.STALE):
+        return Action.RESUME
+    if state in (RunState.FAILED, RunState.DIVERGED):
+        return Action.NEW if options.rerun_failed else Action.SKIP
+    return Action.SKIP  # finished, or running in another live process: never run twice beside it
 
 
 def run_sweep(
     plan: Plan,
     executor: Executor,
     options: Options,
-    on_event: Callable[[tuple[Any, ...]], None] | None = None,
+    on_event: EventFn | None = None,
     on_start: Callable[[list[Decision]], None] | None = None,
 ) -> Summary:
     """Train what the store does not have yet; returns what happened to every run."""
@@ -144,7 +158,7 @@ def run_sweep(
             records = existing_runs(uri, experiment_id)
         decisions = decide(plan, records, options, claimed_elsewhere)
         for decision in decisions:
-            if decision.action == "skip":
+            if decision.action is Action.SKIP:
                 claims.release(decision.run.key)
         summary = Summary(experiment_id, uuid.uuid4().hex[:12], decisions)
         _train(plan, executor, options, summary, experiment_dir, on_event, on_start)
@@ -159,7 +173,7 @@ def _train(
     options: Options,
     summary: Summary,
     experiment_dir: Path,
-    on_event: Callable[[tuple[Any, ...]], None] | None,
+    on_event: EventFn | None,
     on_start: Callable[[list[Decision]], None] | None,
 ) -> None:
     """Hand the runs ``summary.decisions`` asks for to the executor."""
@@ -169,7 +183,7 @@ def _train(
     from workbench.datasets import resolve_text_path
 
     uri, experiment_id, decisions = options.tracking_uri, summary.experiment_id, summary.decisions
-    todo = [d for d in decisions if d.action != "skip"]
+    todo = [d for d in decisions if d.action is not Action.SKIP]
     if on_start is not None:
         on_start(decisions)
     if not todo:
@@ -201,7 +215,7 @@ def _train(
         run = decision.run
         run_dir = experiment_dir / run.key
         attempt = 1
-        previous = decision.record if decision.action == "resume" else None
+        previous = decision.record if decision.action is Action.RESUME else None
         resumed = previous is not None
         # The run's own thread count, whatever else is in this sweep: float sums depend on it.
         threads = run.config.train.threads or options.threads_per_job
@@ -216,7 +230,7 @@ def _train(
             if TAG + "reason" in previous.tags:  # why it stopped last time; no longer true
                 mlflow_client.delete_tag(run_id, TAG + "reason")
         else:
-            if decision.record is not None and decision.state == "ghost":  # --force over it
+            if decision.record is not None and decision.state is RunState.STALE:  # --force over it
                 mlflow_client.set_tag(decision.record.run_id, TAG + "reason", "superseded")
                 mlflow_client.set_terminated(decision.record.run_id, status="KILLED")
             shutil.rmtree(run_dir, ignore_errors=True)  # a fresh start, not someone's leftovers
@@ -236,7 +250,7 @@ def _train(
             attempt=attempt,
         )
 
-    def on_crash(job: Job, reason: str, status: str) -> JobResult:
+    def on_crash(job: Job, reason: str, status: JobStatus) -> JobResult:
         """A worker that died or never answered: ``killed`` leaves the run resumable. A worker
         that died after ending its run (between its last store call and its last message)
         leaves the verdict it wrote: a FINISHED run is never reopened."""
@@ -246,13 +260,13 @@ def _train(
                 return ended
             mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
             mlflow_client.set_terminated(
-                job.run_id, status="KILLED" if status == "killed" else "FAILED"
+                job.run_id, status="KILLED" if status is RunState.KILLED else "FAILED"
             )
         return JobResult(job.key, job.run_id, status, reason=reason)
 
-    def record(event: tuple[Any, ...]) -> None:
-        if event[0] == "done":
-            summary.results[event[1]] = event[2]
+    def record(event: Event) -> None:
+        if isinstance(event, Ended):
+            summary.results[event.key] = event.result
         if on_event is not None:
             on_event(event)
 
