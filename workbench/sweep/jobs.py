@@ -225,7 +225,7 @@ def _train_and_record(
         tags[TAG + "cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     buffer.tags(tags)
     # Now, not with the first checkpoint: until this process's pid is in the store, a sweep
-    # started beside an orphaned worker (its driver killed) would take the run for stale.
+    # started beside an orphaned worker (its driver killed) would take the run for a stale one.
     buffer.flush(heartbeat=False)
     result = trainer.fit()
 

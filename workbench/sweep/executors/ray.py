@@ -1,9 +1,10 @@
 """Ray execution: every grid point is one Ray task (Ray core, not Tune) running the same job
 function as a local worker, with its own CPU/GPU request (fractional GPUs pack small runs).
 
-Worker crashes (``WorkerCrashedError``: a segfault, an OOM kill, a lost node) are retried here, a
-bounded number of times, each attempt tagged and resumed from the run's checkpoint; exceptions
-from training never reach Ray (the job marks its run FAILED itself), so they are not retried.
+Worker crashes (``WorkerCrashedError``: a segfault, an OOM kill, a lost node) are retried here,
+up to ``max_retries`` times per run in each sweep (a run resumed from an earlier sweep gets the
+same budget), each attempt tagged and resumed from the run's checkpoint; exceptions from
+training never reach Ray (the job marks its run FAILED itself), so they are not retried.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ class RayExecutor:
         waiting = deque(items)
         pending: dict[Any, Job] = {}
         results: list[JobResult] = []
+        # Worker deaths per run key in this sweep: the retry budget. Not job.attempt, which also
+        # counts the attempts of earlier sweeps (each resume is one).
+        crashes: dict[str, int] = {}
         # Runs are created in MLflow when submitted: keep only what the cluster can start
         # (plus a little) in flight, so queued runs never sit RUNNING with no process.
         limit = self._slots(ray) + 2
@@ -119,12 +123,14 @@ class RayExecutor:
                         reason = f"{type(cause).__name__}: {cause}"[:500]
                         finish(job, on_crash(job, reason, RunState.FAILED))
                     except RayError as exc:  # the worker died: crash, OOM kill, lost node
-                        if job.attempt <= self.max_retries:
+                        crashes[job.key] = crashes.get(job.key, 0) + 1
+                        if crashes[job.key] <= self.max_retries:
                             retry = replace(job, attempt=job.attempt + 1, resumed=True)
                             self._tag_attempt(retry)
                             pending[remote.remote(retry, queue)] = retry
                         else:  # still a crash, not a verdict: the next sweep resumes it
-                            reason = f"worker died {job.attempt} times: {type(exc).__name__}"
+                            died = crashes[job.key]
+                            reason = f"worker died {died} times: {type(exc).__name__}"
                             finish(job, on_crash(job, reason, RunState.KILLED))
         except KeyboardInterrupt:
             self._interrupt(ray, pending, finish, on_crash)
