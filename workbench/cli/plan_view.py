@@ -10,7 +10,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from workbench.datasets import vocab_size
 from workbench.grid import Plan, Run, format_value, short_names
 from workbench.store import client, store_errors
 from workbench.sweep.driver import Action, Decision, Options, decide
@@ -22,26 +21,6 @@ def make_console() -> Console:
     if not console.is_terminal:  # logs and pipes: don't fold run names at 80 columns
         console.width = max(console.width, 200)
     return console
-
-
-def parameter_counts(runs: list[Run]) -> dict[str, int]:
-    """Parameter count per run key (models built on the meta device, no weights allocated)."""
-    from workbench.models import count_params
-
-    cache: dict[str, int] = {}
-    vocabs: dict[tuple[str | None, str | None], int] = {}
-    counts: dict[str, int] = {}
-    for run in runs:
-        config = run.config
-        source = (config.data.dataset, config.data.path)
-        if source not in vocabs:
-            vocabs[source] = vocab_size(*source)
-        vocab = vocabs[source]
-        signature = f"{config.model.model_dump_json()}|{vocab}|{config.train.block_size}"
-        if signature not in cache:
-            cache[signature] = count_params(config.model, vocab, config.train.block_size)
-        counts[run.key] = cache[signature]
-    return counts
 
 
 def human(n: float) -> str:
@@ -195,6 +174,8 @@ def print_plan(
     console: Console | None = None,
     left: Left | None = None,
 ) -> None:
+    from workbench.models.counts import parameter_counts  # imports torch
+
     console = console or make_console()
     params = parameter_counts(plan.runs)
     console.print(plan_table(plan, params, status))

@@ -18,9 +18,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.store import client
 from workbench.sweep.events import CrashFn, Ended, EventFn, Progress, Started
 from workbench.sweep.jobs import Job, JobResult, execute_job
-from workbench.tracking import TAG, RunState, client
+from workbench.tracking import TAG, RunState
 
 PROGRESS_EVERY_S = 1.0
 
