@@ -1,10 +1,15 @@
-"""Which GPU each local worker gets."""
+"""Which executor ``--executor`` builds, and which GPU each local worker gets."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from workbench.sweep.executors.local import worker_gpu
+from workbench.errors import WorkbenchError
+from workbench.sweep.executors import make_executor
+from workbench.sweep.executors.local import LocalExecutor, worker_gpu
+from workbench.sweep.executors.ray import RayExecutor
 
 
 @pytest.mark.parametrize(
@@ -30,3 +35,23 @@ def test_workers_stay_inside_the_drivers_visible_gpus(visible: str):
 
 def test_an_empty_visible_list_means_indices():
     assert worker_gpu(1, 2, 1, "") == "1"
+
+
+def test_make_executor_builds_the_local_executor_with_threads_per_slot() -> None:
+    executor, threads = make_executor("local", jobs=2)
+    assert isinstance(executor, LocalExecutor)
+    assert (executor.jobs, executor.threads_per_job) == (2, threads)
+    assert threads == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_make_executor_builds_the_ray_executor_from_its_flags() -> None:
+    executor, threads = make_executor(
+        "ray", address="auto", cpus_per_run=2.5, gpus_per_run=0.25, max_retries=5
+    )
+    assert executor == RayExecutor("auto", 2.5, 0.25, 5)
+    assert threads == 2
+
+
+def test_make_executor_refuses_an_unknown_name() -> None:
+    with pytest.raises(WorkbenchError, match="must be local or ray"):
+        make_executor("dask")

@@ -7,7 +7,6 @@ Heavy modules (torch, mlflow, pandas) are imported inside the commands that need
 from __future__ import annotations
 
 import json
-import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +19,10 @@ from workbench import __version__
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from workbench.grid import Plan
+    from workbench.sweep.driver import Executor, Options
 
 app = typer.Typer(
     help="Reproducible ablations of the 'Let's build GPT' ladder, tracked in MLflow.",
@@ -158,14 +160,6 @@ def _fetch_data(plan: Plan, data_dir: Path) -> None:
             fetch_known(name, data_dir, progress=advance)
 
 
-def _default_jobs() -> tuple[int, int]:
-    """(jobs, gpus): one per GPU (times jobs_per_gpu), else one per core."""
-    import torch
-
-    gpus = torch.cuda.device_count()
-    return (gpus, gpus) if gpus else (os.cpu_count() or 1, 0)
-
-
 @app.command()
 def run(
     spec: SpecArg,
@@ -219,10 +213,11 @@ def run(
         typer.Option("--gpus-per-run", min=0.0, help="Ray: GPUs each run asks for (0.25 packs 4)."),
     ] = 0.0,
     max_retries: Annotated[
-        int, typer.Option("--max-retries", min=0, help="Ray: retries of a crashed worker.")
+        int,
+        typer.Option("--max-retries", min=0, help="Ray: retries of a crashed worker, per run."),
     ] = 2,
 ) -> None:
-    """Train every run of a spec and record it in MLflow; runs already done are skipped,
+    """Train every run of a spec and record it in MLflow; runs already finished are skipped,
     interrupted ones resume from their checkpoint."""
     with user_errors():
         expanded = _expand(spec, set_, only)
@@ -232,26 +227,13 @@ def run(
         if dry_run:  # what this command would do: the store is read, nothing written
             _print_plan_from_store(expanded, _tracking_uri(tracking_uri), force, rerun_failed)
             return
-        from workbench.cli.progress import SweepProgress, summary_table
         from workbench.settings import load_settings
-        from workbench.sweep.driver import Executor, Options, run_sweep
-        from workbench.sweep.executors.local import LocalExecutor, raise_keyboard_interrupt
+        from workbench.sweep.driver import Options
+        from workbench.sweep.executors import make_executor
 
-        if executor not in ("local", "ray"):
-            raise WorkbenchError(f"--executor: must be local or ray (got {executor!r})")
-        chosen: Executor
-        if executor == "ray":
-            from workbench.sweep.executors.ray import RayExecutor
-
-            threads = max(1, int(cpus_per_run))
-            chosen = RayExecutor(address, cpus_per_run, gpus_per_run, max_retries)
-        else:
-            default_jobs, gpus = _default_jobs()
-            n_jobs = jobs or default_jobs * (jobs_per_gpu if gpus else 1)
-            # The cores shared by the slots, not by the runs left: a run's numbers must not
-            # depend on what else is in the sweep (the count is recorded with each run).
-            threads = max(1, (os.cpu_count() or 1) // n_jobs)
-            chosen = LocalExecutor(n_jobs, threads, gpus, jobs_per_gpu)
+        chosen, threads = make_executor(
+            executor, jobs, jobs_per_gpu, address, cpus_per_run, gpus_per_run, max_retries
+        )
         options = Options(
             tracking_uri=_tracking_uri(tracking_uri),
             checkpoint_dir=checkpoint_dir.resolve(),
@@ -262,16 +244,26 @@ def run(
             checkpoint_every_s=checkpoint_every,
         )
         _fetch_data(expanded, options.data_dir)
-        display = SweepProgress(console, live=progress and console.is_terminal)
-        signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM: the same as Ctrl-C
-        try:
-            summary = run_sweep(expanded, chosen, options, display.event, display.start)
-        finally:
-            display.stop()
-        console.print(summary_table(summary))
-        if summary.interrupted:
-            console.print("interrupted: the next `workbench run` resumes from the checkpoints")
-        raise typer.Exit(code=summary.exit_code)
+        code = _sweep(expanded, chosen, options, console, live=progress and console.is_terminal)
+        raise typer.Exit(code=code)
+
+
+def _sweep(expanded: Plan, chosen: Executor, options: Options, console: Console, live: bool) -> int:
+    """Run the sweep with its progress display, print the summary; returns the exit code."""
+    from workbench.cli.progress import SweepProgress, summary_table
+    from workbench.sweep.driver import run_sweep
+    from workbench.sweep.executors.local import raise_keyboard_interrupt
+
+    display = SweepProgress(console, live=live)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM: the same as Ctrl-C
+    try:
+        summary = run_sweep(expanded, chosen, options, display.event, display.start)
+    finally:
+        display.stop()
+    console.print(summary_table(summary))
+    if summary.interrupted:
+        console.print("interrupted: the next `workbench run` resumes from the checkpoints")
+    return summary.exit_code
 
 
 @app.command()
