@@ -131,7 +131,7 @@ def test_plan_prints_the_table_and_totals(tmp_path: Path) -> None:
     assert "4,225" in out  # the bigram: a 65 x 65 table
     assert "25.6k" in out and "51.2k" in out  # 100 iters x 32 batch x 8 or 16 characters
     assert out.strip().splitlines()[-2:] == [
-        "8 runs: 0 done, 0 to resume, 8 to train",
+        "8 runs: 0 finished, 0 to resume, 8 to train",
         "left: 307k tokens, time unknown until a run has finished",
     ]
 
@@ -152,7 +152,7 @@ def test_plan_totals_mention_excluded_and_identical_runs(tmp_path: Path) -> None
     result = runner.invoke(app, ["plan", str(path)])
     assert result.exit_code == 0, result.output
     assert "demo: 1 runs" in result.stdout
-    assert "1 runs: 0 done, 0 to resume, 1 to train, 1 excluded, 1 identical runs dropped" in (
+    assert "1 runs: 0 finished, 0 to resume, 1 to train, 1 excluded, 1 identical runs dropped" in (
         result.stdout
     )
     assert "left: 25.6k tokens" in result.stdout
@@ -243,7 +243,7 @@ def test_run_dry_run_prints_the_plan_and_exits_0(tmp_path: Path) -> None:
     assert "demo: 8 runs" in result.stdout
     assert "bigram-block_size=8-seed=1" in result.stdout
     assert result.stdout.strip().splitlines()[-2:] == [
-        "8 runs: 0 done, 0 to resume, 8 to train",
+        "8 runs: 0 finished, 0 to resume, 8 to train",
         "left: 307k tokens, time unknown until a run has finished",
     ]
     assert not (tmp_path / "mlflow.db").exists()  # read, never created

@@ -1,10 +1,78 @@
-"""Which GPU each local worker gets."""
+"""What a sweep decides and builds: each stored run's state and what the driver does with it,
+which executor ``--executor`` builds, and which GPU each local worker gets."""
 
 from __future__ import annotations
 
-import pytest
+import os
+import pickle
+import socket
+import time
+from pathlib import Path
 
-from workbench.sweep.executors.local import worker_gpu
+import pytest
+from runs import write_spec
+
+from workbench.errors import WorkbenchError
+from workbench.grid import expand
+from workbench.sweep.driver import Action, Options, decide
+from workbench.sweep.events import Ended, Progress, Started
+from workbench.sweep.executors import make_executor
+from workbench.sweep.executors.local import LocalExecutor, worker_gpu
+from workbench.sweep.executors.ray import RayExecutor
+from workbench.sweep.jobs import JobResult
+from workbench.tracking import TAG, RunRecord, RunState
+
+ELSEWHERE = {TAG + "host": socket.gethostname() + "-elsewhere"}  # judged by its heartbeat
+STORED = {  # what the store holds of a run in each state: MLflow's status and our tags
+    RunState.FINISHED: ("FINISHED", {}),
+    RunState.FAILED: ("FAILED", {}),
+    RunState.DIVERGED: ("FAILED", {TAG + "diverged": "true"}),
+    RunState.KILLED: ("KILLED", {}),
+    RunState.RUNNING: ("RUNNING", {**ELSEWHERE, TAG + "heartbeat": f"{time.time() + 3600:.0f}"}),
+    RunState.STALE: ("RUNNING", {**ELSEWHERE, TAG + "heartbeat": "1000"}),
+}
+
+
+@pytest.mark.parametrize("state", list(STORED))
+def test_a_stored_run_has_one_state(state: RunState) -> None:
+    status, tags = STORED[state]
+    assert RunRecord("id", status, tags, {}, start_time=0).state is state
+    assert str(state) == f"{state}" == state.value  # the word users see, in any string
+
+
+@pytest.mark.parametrize(
+    ("state", "flags", "action"),
+    [
+        (RunState.FINISHED, {}, Action.SKIP),
+        (RunState.FINISHED, {"force": True}, Action.NEW),
+        (RunState.KILLED, {}, Action.RESUME),
+        (RunState.STALE, {}, Action.RESUME),
+        (RunState.FAILED, {}, Action.SKIP),
+        (RunState.DIVERGED, {"rerun_failed": True}, Action.NEW),
+        (RunState.RUNNING, {"force": True}, Action.SKIP),
+        (RunState.CLAIMED, {"force": True}, Action.SKIP),
+        (RunState.TO_DO, {}, Action.NEW),
+    ],
+)
+def test_the_driver_acts_on_each_state(
+    tmp_path: Path, state: RunState, flags: dict[str, bool], action: Action
+) -> None:
+    plan = expand(write_spec(tmp_path))
+    key = plan.runs[0].key
+    records = {}
+    if state in STORED:
+        status, tags = STORED[state]
+        records[key] = RunRecord("id", status, tags, {}, start_time=0)
+    claimed = frozenset([key] if state is RunState.CLAIMED else [])
+    options = Options("sqlite:///unused.db", tmp_path, tmp_path, **flags)
+    decision = decide(plan, records, options, claimed)[0]
+    assert (decision.state, decision.action) == (state, action)
+
+
+def test_events_cross_a_process_boundary_unchanged() -> None:
+    result = JobResult("key", "run", RunState.FINISHED, step=3, best_val_loss=1.5)
+    for event in (Started("key", 42), Progress("key", 3, {"val_loss": 2.0}), Ended("key", result)):
+        assert pickle.loads(pickle.dumps(event)) == event
 
 
 @pytest.mark.parametrize(
@@ -30,3 +98,23 @@ def test_workers_stay_inside_the_drivers_visible_gpus(visible: str):
 
 def test_an_empty_visible_list_means_indices():
     assert worker_gpu(1, 2, 1, "") == "1"
+
+
+def test_make_executor_builds_the_local_executor_with_threads_per_slot() -> None:
+    executor, threads = make_executor("local", jobs=2)
+    assert isinstance(executor, LocalExecutor)
+    assert (executor.jobs, executor.threads_per_job) == (2, threads)
+    assert threads == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_make_executor_builds_the_ray_executor_from_its_flags() -> None:
+    executor, threads = make_executor(
+        "ray", address="auto", cpus_per_run=2.5, gpus_per_run=0.25, max_retries=5
+    )
+    assert executor == RayExecutor("auto", 2.5, 0.25, 5)
+    assert threads == 2
+
+
+def test_make_executor_refuses_an_unknown_name() -> None:
+    with pytest.raises(WorkbenchError, match="must be local or ray"):
+        make_executor("dask")

@@ -146,7 +146,7 @@ def test_grid_on_ray_logs_to_the_server_and_reruns_skip(server: str, tmp_path: P
     again = workbench_run(spec, server)
     output, _ = again.communicate(timeout=300)
     assert again.returncode == 0, output
-    assert output.count("skipped (done)") == 4
+    assert output.count("skipped (finished)") == 4
     assert len(runs_of(server, "ray-ok")) == 4
 
     from workbench.report import write_reports
@@ -204,3 +204,60 @@ def test_crashed_worker_is_retried_and_a_raising_run_fails(server: str, tmp_path
     retried = next(r for r in victims if r.data.tags[TAG + "attempt"] == "2")
     steps = [m.step for m in client.get_metric_history(retried.info.run_id, "val_loss")]
     assert sorted(steps) == sorted(set(steps)) == list(range(0, 2001, 500))
+
+
+def test_the_retry_budget_counts_crashes_in_this_sweep_not_earlier_attempts(
+    tmp_path: Path,
+) -> None:
+    """A run resumed twice already (attempt 3) still gets ``max_retries`` retries when its worker
+    dies: every attempt's worker is killed as it starts, and each is retried until the budget
+    is spent."""
+    import ray
+
+    from workbench.grid import expand
+    from workbench.settings import load_settings
+    from workbench.sweep.events import Event, Started
+    from workbench.sweep.executors.ray import RayExecutor
+    from workbench.sweep.jobs import Job, JobResult, JobStatus
+    from workbench.tracking import ensure_experiment
+
+    spec = write_spec(tmp_path, "ray-budget", {"bigram": {"model": {"kind": "bigram"}}}, 100_000)
+    run = expand(spec, [], ["*seed=1"]).runs[0]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = ensure_experiment(uri, "ray-budget")
+    run_id = (
+        MlflowClient(uri).create_run(experiment_id, tags={TAG + "run_key": run.key}).info.run_id
+    )
+    job = Job(
+        name=run.name,
+        key=run.key,
+        config=run.config.model_dump(mode="json"),
+        run_id=run_id,
+        tracking_uri=uri,
+        checkpoint_dir=str(tmp_path / "checkpoints" / run.key),
+        data_dir=str(load_settings().data_dir),
+        resumed=True,
+        attempt=3,  # resumed by two sweeps before this one
+    )
+    started: list[int] = []
+    crashes: list[str] = []
+
+    def kill_on_start(event: Event) -> None:
+        if isinstance(event, Started):
+            started.append(event.pid)
+            os.kill(event.pid, signal.SIGKILL)
+
+    def on_crash(crashed: Job, reason: str, status: JobStatus) -> JobResult:
+        crashes.append(reason)
+        return JobResult(crashed.key, crashed.run_id, status, reason=reason)
+
+    try:
+        RayExecutor(max_retries=2, num_cpus=1).run(
+            [job], lambda item: item, kill_on_start, on_crash
+        )
+    finally:
+        ray.shutdown()
+    assert len(started) == 3, started  # the first try and two retries
+    assert len(crashes) == 1 and crashes[0].startswith("worker died 3 times"), crashes
+    attempt = MlflowClient(uri).get_run(run_id).data.tags[TAG + "attempt"]
+    assert attempt == "5"  # each retry still counts up the run's attempt

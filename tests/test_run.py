@@ -66,12 +66,12 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
 
     again = invoke("run", str(spec), *store.args())
     assert again.exit_code == 0, again.output
-    assert "skipped (done)" in again.output
+    assert "skipped (finished)" in again.output
     assert len(store.runs()) == 2  # nothing trained twice
 
     plan = invoke("plan", str(spec), "--tracking-uri", store.uri)
-    assert plan.output.count("│ done") == 2  # the status column
-    assert "2 runs: 2 done, 0 to resume, 0 to train" in plan.output
+    assert plan.output.count("│ finished") == 2  # the status column
+    assert "2 runs: 2 finished, 0 to resume, 0 to train" in plan.output
 
     forced = invoke("run", str(spec), "--force", "--only", "bigram*", *store.args())
     assert forced.exit_code == 0, forced.output
@@ -106,23 +106,23 @@ def test_plan_and_dry_run_say_what_is_left(store: Store, tmp_path: Path) -> None
     plan = ["plan", str(spec), "--tracking-uri", store.uri]
     dry = ["run", str(spec), "--dry-run", *store.args()]
     first, left = totals(invoke(*plan))
-    assert first == "4 runs: 2 done, 0 to resume, 2 to train"
+    assert first == "4 runs: 2 finished, 0 to resume, 2 to train"
     assert re.fullmatch(
         r"left: 20.5k tokens, about \d+s one run at a time \(from 2 finished runs\)", left
     )
     assert totals(invoke(*dry)) == [first, left]  # --dry-run reads the store as plan does
-    assert "0 done, 0 to resume, 4 to train" in totals(invoke(*dry, "--force"))[0]
+    assert "0 finished, 0 to resume, 4 to train" in totals(invoke(*dry, "--force"))[0]
 
     killed = store.by_name()["bigram-seed=2"]
     store.client.set_terminated(killed.info.run_id, status="KILLED")  # as Ctrl-C leaves it
     first, left = totals(invoke(*plan))
-    assert first == "4 runs: 1 done, 1 to resume, 2 to train"
+    assert first == "4 runs: 1 finished, 1 to resume, 2 to train"
     assert left.startswith("left: 20.5k tokens, about")  # its steps are all stored already
     assert len(store.runs()) == 2  # plan and --dry-run wrote nothing
 
     assert invoke("run", str(spec), *store.args()).exit_code == 0
     assert totals(invoke(*dry)) == [
-        "4 runs: 4 done, 0 to resume, 0 to train",
+        "4 runs: 4 finished, 0 to resume, 0 to train",
         "nothing left to train",
     ]
 
@@ -343,13 +343,13 @@ def test_interrupted_grid_resumes_to_the_same_numbers(
         assert proc.returncode == 130, output
         (run,) = store.runs()
         assert run.info.status == "KILLED"
-    else:  # kill -9 of the whole process group: left RUNNING, a ghost
+    else:  # kill -9 of the whole process group: left RUNNING, stale
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
         (run,) = store.runs()
         assert run.info.status == "RUNNING"
         plan = invoke("plan", str(spec), "--tracking-uri", store.uri)
-        assert "ghost" in plan.output
+        assert "stale" in plan.output
     assert any(store.checkpoints.rglob("checkpoint.pt"))
 
     resumed = invoke("run", str(spec), *store.args())

@@ -9,7 +9,8 @@ from typing import Any
 
 from workbench.errors import WorkbenchError, first_line
 from workbench.spec import clip
-from workbench.tracking import TAG, WORKBENCH_RUNS, client
+from workbench.store import client
+from workbench.tracking import TAG, WORKBENCH_RUNS
 
 MAX_CANDIDATES = 20  # runs listed when a name or key is ambiguous
 

@@ -7,7 +7,6 @@ Heavy modules (torch, mlflow, pandas) are imported inside the commands that need
 from __future__ import annotations
 
 import json
-import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +19,10 @@ from workbench import __version__
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from workbench.grid import Plan
+    from workbench.sweep.driver import Executor, Options
 
 app = typer.Typer(
     help="Reproducible ablations of the 'Let's build GPT' ladder, tracked in MLflow.",
@@ -92,10 +94,10 @@ def _tracking_uri(explicit: str | None) -> str:
     import logging
 
     from workbench.settings import load_settings
-    from workbench.tracking import tracking_uri
+    from workbench.store import tracking_uri
 
     # "Creating initial MLflow database tables..." is noise on a terminal, and a store error
-    # reaches the user as one line (workbench.tracking.store_errors), not as MLflow's traceback.
+    # reaches the user as one line (workbench.store.store_errors), not as MLflow's traceback.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
     return tracking_uri(explicit, load_settings().tracking_uri)
@@ -112,8 +114,8 @@ def plan(
     ] = False,
 ) -> None:
     """Show the runs a spec expands to (names, what varies, parameters, tokens) and, from the
-    tracking store, which are done, failed, killed, running or still to do, and the tokens and
-    estimated time of what is left."""
+    tracking store, which are finished, failed, diverged, killed, running, stale or still to do,
+    and the tokens and estimated time of what is left."""
     with user_errors():
         expanded = _expand(spec, set_, only)
         if offline:
@@ -156,14 +158,6 @@ def _fetch_data(plan: Plan, data_dir: Path) -> None:
                 bar.update(task, completed=done, total=total)  # noqa: B023
 
             fetch_known(name, data_dir, progress=advance)
-
-
-def _default_jobs() -> tuple[int, int]:
-    """(jobs, gpus): one per GPU (times jobs_per_gpu), else one per core."""
-    import torch
-
-    gpus = torch.cuda.device_count()
-    return (gpus, gpus) if gpus else (os.cpu_count() or 1, 0)
 
 
 @app.command()
@@ -219,10 +213,11 @@ def run(
         typer.Option("--gpus-per-run", min=0.0, help="Ray: GPUs each run asks for (0.25 packs 4)."),
     ] = 0.0,
     max_retries: Annotated[
-        int, typer.Option("--max-retries", min=0, help="Ray: retries of a crashed worker.")
+        int,
+        typer.Option("--max-retries", min=0, help="Ray: retries of a crashed worker, per run."),
     ] = 2,
 ) -> None:
-    """Train every run of a spec and record it in MLflow; runs already done are skipped,
+    """Train every run of a spec and record it in MLflow; runs already finished are skipped,
     interrupted ones resume from their checkpoint."""
     with user_errors():
         expanded = _expand(spec, set_, only)
@@ -232,26 +227,13 @@ def run(
         if dry_run:  # what this command would do: the store is read, nothing written
             _print_plan_from_store(expanded, _tracking_uri(tracking_uri), force, rerun_failed)
             return
-        from workbench.cli.progress import SweepProgress, summary_table
         from workbench.settings import load_settings
-        from workbench.sweep.driver import Executor, Options, run_sweep
-        from workbench.sweep.executors.local import LocalExecutor, raise_keyboard_interrupt
+        from workbench.sweep.driver import Options
+        from workbench.sweep.executors import make_executor
 
-        if executor not in ("local", "ray"):
-            raise WorkbenchError(f"--executor: must be local or ray (got {executor!r})")
-        chosen: Executor
-        if executor == "ray":
-            from workbench.sweep.executors.ray import RayExecutor
-
-            threads = max(1, int(cpus_per_run))
-            chosen = RayExecutor(address, cpus_per_run, gpus_per_run, max_retries)
-        else:
-            default_jobs, gpus = _default_jobs()
-            n_jobs = jobs or default_jobs * (jobs_per_gpu if gpus else 1)
-            # The cores shared by the slots, not by the runs left: a run's numbers must not
-            # depend on what else is in the sweep (the count is recorded with each run).
-            threads = max(1, (os.cpu_count() or 1) // n_jobs)
-            chosen = LocalExecutor(n_jobs, threads, gpus, jobs_per_gpu)
+        chosen, threads = make_executor(
+            executor, jobs, jobs_per_gpu, address, cpus_per_run, gpus_per_run, max_retries
+        )
         options = Options(
             tracking_uri=_tracking_uri(tracking_uri),
             checkpoint_dir=checkpoint_dir.resolve(),
@@ -262,16 +244,26 @@ def run(
             checkpoint_every_s=checkpoint_every,
         )
         _fetch_data(expanded, options.data_dir)
-        display = SweepProgress(console, live=progress and console.is_terminal)
-        signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM: the same as Ctrl-C
-        try:
-            summary = run_sweep(expanded, chosen, options, display.event, display.start)
-        finally:
-            display.stop()
-        console.print(summary_table(summary))
-        if summary.interrupted:
-            console.print("interrupted: the next `workbench run` resumes from the checkpoints")
-        raise typer.Exit(code=summary.exit_code)
+        code = _sweep(expanded, chosen, options, console, live=progress and console.is_terminal)
+        raise typer.Exit(code=code)
+
+
+def _sweep(expanded: Plan, chosen: Executor, options: Options, console: Console, live: bool) -> int:
+    """Run the sweep with its progress display, print the summary; returns the exit code."""
+    from workbench.cli.progress import SweepProgress, summary_table
+    from workbench.sweep.driver import run_sweep
+    from workbench.sweep.executors.local import raise_keyboard_interrupt
+
+    display = SweepProgress(console, live=live)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM: the same as Ctrl-C
+    try:
+        summary = run_sweep(expanded, chosen, options, display.event, display.start)
+    finally:
+        display.stop()
+    console.print(summary_table(summary))
+    if summary.interrupted:
+        console.print("interrupted: the next `workbench run` resumes from the checkpoints")
+    return summary.exit_code
 
 
 @app.command()
@@ -297,7 +289,7 @@ def sample(
     """Generate text from a finished run's weights and tokenizer, loaded from MLflow."""
     with user_errors():
         from workbench.sampling import generate_text
-        from workbench.tracking import store_errors
+        from workbench.store import store_errors
 
         uri = _tracking_uri(tracking_uri)
         with store_errors(uri, os_errors=False):
@@ -337,7 +329,7 @@ def report(
         def warn(line: str) -> None:
             typer.echo(line, err=True)
 
-        from workbench.tracking import store_errors
+        from workbench.store import store_errors
 
         uri = _tracking_uri(tracking_uri)
         with store_errors(uri, os_errors=False):

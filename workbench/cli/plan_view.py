@@ -10,11 +10,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from workbench.datasets import vocab_size
 from workbench.grid import Plan, Run
-from workbench.naming import format_value, short_names
-from workbench.sweep.driver import Decision, Options, decide
-from workbench.tracking import RunRecord, client, store_errors
+from workbench.naming import format_value, human_count, short_names
+from workbench.store import client, store_errors
+from workbench.sweep.driver import Action, Decision, Options, decide
+from workbench.tracking import RunRecord, RunState
 
 
 def make_console() -> Console:
@@ -24,35 +24,8 @@ def make_console() -> Console:
     return console
 
 
-def parameter_counts(runs: list[Run]) -> dict[str, int]:
-    """Parameter count per run key (models built on the meta device, no weights allocated)."""
-    from workbench.models import count_params
-
-    cache: dict[str, int] = {}
-    vocabs: dict[tuple[str | None, str | None], int] = {}
-    counts: dict[str, int] = {}
-    for run in runs:
-        config = run.config
-        source = (config.data.dataset, config.data.path)
-        if source not in vocabs:
-            vocabs[source] = vocab_size(*source)
-        vocab = vocabs[source]
-        signature = f"{config.model.model_dump_json()}|{vocab}|{config.train.block_size}"
-        if signature not in cache:
-            cache[signature] = count_params(config.model, vocab, config.train.block_size)
-        counts[run.key] = cache[signature]
-    return counts
-
-
-def human(n: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return f"{n:.0f}"
-
-
 def plan_table(
-    plan: Plan, params: Mapping[str, int], status: Mapping[str, str] | None = None
+    plan: Plan, params: Mapping[str, int], status: Mapping[str, RunState] | None = None
 ) -> Table:
     names = short_names(plan.varying_keys)
     table = Table(title=f"{plan.experiment}: {len(plan.runs)} runs", title_justify="left")
@@ -69,9 +42,9 @@ def plan_table(
     for i, run in enumerate(plan.runs, start=1):
         row = [str(i), run.name, str(run.config.model.kind)]
         row += [format_value(run.varying[k]) for k in plan.varying_keys]
-        row += [str(run.seed), f"{params[run.key]:,}", human(run.tokens)]
+        row += [str(run.seed), f"{params[run.key]:,}", human_count(run.tokens)]
         if status is not None:
-            row.append(status.get(run.key, "to do"))
+            row.append(status.get(run.key, RunState.TO_DO).value)
         table.add_row(*row)
     return table
 
@@ -80,7 +53,7 @@ def plan_table(
 class Left:
     """What a ``workbench run`` would do now: runs per outcome, and what is left to train."""
 
-    done: int = 0
+    finished: int = 0
     resume: int = 0
     train: int = 0
     failed: int = 0  # failed or diverged, skipped without --rerun-failed
@@ -101,7 +74,7 @@ def what_is_left(
     tokens and estimated time of what it would train (a resume only the steps it lacks)."""
     options = Options(tracking_uri, Path(), Path(), force=force, rerun_failed=rerun_failed)
     decisions = decide(plan, dict(records), options)
-    counts = {"done": 0, "resume": 0, "train": 0, "failed": 0, "running": 0}
+    counts = {"finished": 0, "resume": 0, "train": 0, "failed": 0, "running": 0}
     tokens: dict[str, int] = {}
     for decision in decisions:
         outcome = _outcome(decision)
@@ -118,19 +91,20 @@ def what_is_left(
 
 
 def _outcome(decision: Decision) -> str:
-    if decision.action == "new":
+    """Which of :class:`Left`'s counts a decision adds to."""
+    if decision.action is Action.NEW:
         return "train"
-    if decision.action == "resume":
+    if decision.action is Action.RESUME:
         return "resume"
-    if decision.state == "done":
-        return "done"
-    return "running" if decision.state == "running" else "failed"
+    if decision.state in (RunState.FINISHED, RunState.RUNNING):
+        return decision.state.value
+    return "failed"
 
 
 def _tokens_left(decision: Decision, tracking_uri: str) -> int:
     """A run's tokens; for a resume, those of the steps after its last stored evaluation."""
     run, record = decision.run, decision.record
-    if decision.action != "resume" or record is None:
+    if decision.action is not Action.RESUME or record is None:
         return run.tokens
     with store_errors(tracking_uri):
         history = client(tracking_uri).get_metric_history(record.run_id, "val_loss")
@@ -170,9 +144,9 @@ def left_lines(plan: Plan, left: Left | None) -> list[str]:
         tokens = sum(run.tokens for run in plan.runs)
         return [
             f"{len(plan.runs)} runs, store not read: all counted as to train",
-            f"left: {human(tokens)} tokens, time unknown",
+            f"left: {human_count(tokens)} tokens, time unknown",
         ]
-    counts = f"{left.done} done, {left.resume} to resume, {left.train} to train"
+    counts = f"{left.finished} finished, {left.resume} to resume, {left.train} to train"
     if left.failed:
         counts += f", {left.failed} failed or diverged (skipped; --rerun-failed retries them)"
     if left.running:
@@ -185,15 +159,17 @@ def left_lines(plan: Plan, left: Left | None) -> list[str]:
         time = (
             f"about {duration(left.seconds)} one run at a time (from {left.measured} finished runs)"
         )
-    return [f"{len(plan.runs)} runs: {counts}", f"left: {human(left.tokens)} tokens, {time}"]
+    return [f"{len(plan.runs)} runs: {counts}", f"left: {human_count(left.tokens)} tokens, {time}"]
 
 
 def print_plan(
     plan: Plan,
-    status: Mapping[str, str] | None = None,
+    status: Mapping[str, RunState] | None = None,
     console: Console | None = None,
     left: Left | None = None,
 ) -> None:
+    from workbench.models.counts import parameter_counts  # imports torch
+
     console = console or make_console()
     params = parameter_counts(plan.runs)
     console.print(plan_table(plan, params, status))

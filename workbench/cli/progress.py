@@ -10,8 +10,9 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from workbench.sweep.driver import Decision, Summary
-from workbench.sweep.jobs import JobResult
+from workbench.sweep import events
+from workbench.sweep.driver import Action, Decision, Summary
+from workbench.tracking import RunState
 
 
 def _loss(value: float | None) -> str:
@@ -37,19 +38,20 @@ class SweepProgress:
         self.names: dict[str, str] = {}
         self.max_iters: dict[str, int] = {}
         self.running: dict[str, dict[str, float]] = {}
-        self.counts = {"done": 0, "failed": 0, "diverged": 0, "killed": 0, "skipped": 0}
+        ended = (RunState.FINISHED, RunState.FAILED, RunState.DIVERGED, RunState.KILLED)
+        self.counts = {**{state.value: 0 for state in ended}, "skipped": 0}
 
     def start(self, decisions: list[Decision]) -> None:
-        todo = [d for d in decisions if d.action != "skip"]
+        todo = [d for d in decisions if d.action is not Action.SKIP]
         self.counts["skipped"] = len(decisions) - len(todo)
         for d in decisions:
             self.names[d.run.key] = d.run.name
             self.max_iters[d.run.key] = d.run.config.train.max_iters
         self.task = self.bar.add_task("grid", total=len(todo), counts=self._counts())
-        claimed = sum(d.state == "claimed" for d in decisions)
+        claimed = sum(d.state is RunState.CLAIMED for d in decisions)
         if self.counts["skipped"] - claimed:
             self.console.print(
-                f"{self.counts['skipped'] - claimed} runs already done or failed: skipped"
+                f"{self.counts['skipped'] - claimed} runs already finished or failed: skipped"
             )
         if claimed:
             self.console.print(
@@ -80,20 +82,19 @@ class SweepProgress:
             )
         return Group(self.bar, table)
 
-    def event(self, event: tuple[Any, ...]) -> None:
-        kind, key = event[0], event[1]
-        if kind == "started":
-            self.running[key] = {}
-        elif kind == "progress":
-            self.running.setdefault(key, {}).update({"step": event[2], **event[3]})
-        elif kind == "done":
-            result: JobResult = event[2]
-            self.running.pop(key, None)
-            self.counts[{"finished": "done"}.get(result.status, result.status)] += 1
+    def event(self, event: events.Event) -> None:
+        if isinstance(event, events.Started):
+            self.running[event.key] = {}
+        elif isinstance(event, events.Progress):
+            self.running.setdefault(event.key, {}).update({"step": event.step, **event.metrics})
+        elif isinstance(event, events.Ended):
+            result = event.result
+            self.running.pop(event.key, None)
+            self.counts[result.status.value] += 1
             self.bar.update(self.task, advance=1)
             if self.live is None:
                 self.console.print(
-                    f"{result.status:>9}  {self.names.get(key, key)}  "
+                    f"{result.status.value:>9}  {self.names.get(event.key, event.key)}  "
                     f"best val {_loss(result.best_val_loss)}"
                     + (f"  ({result.reason})" if result.reason else "")
                 )
@@ -115,12 +116,13 @@ def summary_table(summary: Summary) -> Table:
     for decision in summary.decisions:
         result = summary.results.get(decision.run.key)
         if result is not None:
-            status = result.status
+            status = result.status.value
             best, wall = result.best_val_loss, result.wall_time_s
-            if result.reason and status != "finished":
+            if result.reason and result.status is not RunState.FINISHED:
                 status = f"{status}: {result.reason}"
         else:
-            status = "not started" if decision.action != "skip" else f"skipped ({decision.state})"
+            skipped = decision.action is Action.SKIP
+            status = f"skipped ({decision.state.value})" if skipped else "not started"
             metrics = decision.record.metrics if decision.record else {}
             best, wall = metrics.get("best_val_loss"), metrics.get("wall_time_s")
         table.add_row(

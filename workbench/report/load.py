@@ -284,8 +284,7 @@ def _state(row: dict[str, Any]) -> str:
         metrics={},
         start_time=int(start.timestamp() * 1000) if start is not None and start == start else 0,
     )
-    state = record.state
-    return {"done": "finished", "ghost": "stale"}.get(state, state)
+    return record.state.value
 
 
 def _config_axes(runs: pd.DataFrame) -> tuple[list[str], list[str]]:

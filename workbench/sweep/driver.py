@@ -10,26 +10,25 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
 from workbench.grid import Plan, Run
 from workbench.spec import applicable_config
+from workbench.store import client, ensure_experiment, sqlite_path, store_error_types, store_errors
 from workbench.sweep.claims import Claims
-from workbench.sweep.jobs import Job, JobResult, ended_result
+from workbench.sweep.events import CrashFn, Ended, Event, EventFn
+from workbench.sweep.jobs import Job, JobResult, JobStatus, ended_result
 from workbench.tracking import (
     TAG,
     RunRecord,
+    RunState,
     base_tags,
-    client,
-    ensure_experiment,
     existing_runs,
     experiment_slug,
     flatten,
     git_state,
-    sqlite_path,
-    store_error_types,
-    store_errors,
 )
 
 
@@ -38,8 +37,8 @@ class Executor(Protocol):
         self,
         items: list[Any],
         prepare: Callable[[Any], Job],
-        on_event: Callable[[tuple[Any, ...]], None],
-        on_crash: Callable[[Job, str, str], JobResult],
+        on_event: EventFn,
+        on_crash: CrashFn,
     ) -> list[JobResult]: ...
 
 
@@ -57,13 +56,22 @@ class Options:
     checkpoint_every_s: float = 10.0
 
 
+class Action(str, Enum):
+    """What the driver does with a run."""
+
+    NEW = "new"  # create a run in the store and train it from step 0
+    RESUME = "resume"  # continue the run in the store from its checkpoint
+    SKIP = "skip"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Decision:
     run: Run
-    action: str  # new | resume | skip
-    # What the store says: to do | done | failed | diverged | killed | running | ghost; or
-    # claimed: another live workbench process holds the run.
-    state: str
+    action: Action
+    state: RunState  # what the store says, or TO_DO, or CLAIMED by another live process
     record: RunRecord | None = None
 
 
@@ -79,7 +87,7 @@ class Summary:
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
-        bad = {"failed", "diverged", "killed"}
+        bad = {RunState.FAILED, RunState.DIVERGED, RunState.KILLED}
         return 1 if any(r.status in bad for r in self.results.values()) else 0
 
 
@@ -108,159 +116,213 @@ def decide(
     decisions = []
     for run in plan.runs:
         record = records.get(run.key)
-        state = record.state if record is not None else "to do"
+        state = record.state if record is not None else RunState.TO_DO
         if run.key in claimed_elsewhere:
-            state = "claimed"
-        if state == "claimed":
-            action = "skip"
-        elif (options.force and state != "running") or state in ("to do",):
-            action = "new"
-        elif state in ("killed", "ghost"):
-            action = "resume"
-        elif state in ("failed", "diverged"):
-            action = "new" if options.rerun_failed else "skip"
-        else:  # done, or running in another live process: never run twice beside it
-            action = "skip"
-        decisions.append(Decision(run, action, state, record))
+            state = RunState.CLAIMED
+        decisions.append(Decision(run, _action(state, options), state, record))
     return decisions
+
+
+def _action(state: RunState, options: Options) -> Action:
+    if state is RunState.CLAIMED:
+        return Action.SKIP
+    if (options.force and state is not RunState.RUNNING) or state is RunState.TO_DO:
+        return Action.NEW
+    if state in (RunState.KILLED, RunState.STALE):
+        return Action.RESUME
+    if state in (RunState.FAILED, RunState.DIVERGED):
+        return Action.NEW if options.rerun_failed else Action.SKIP
+    return Action.SKIP  # finished, or running in another live process: never run twice beside it
 
 
 def run_sweep(
     plan: Plan,
     executor: Executor,
     options: Options,
-    on_event: Callable[[tuple[Any, ...]], None] | None = None,
+    on_event: EventFn | None = None,
     on_start: Callable[[list[Decision]], None] | None = None,
 ) -> Summary:
     """Train what the store does not have yet; returns what happened to every run."""
-    uri = options.tracking_uri
-    experiment_id = ensure_experiment(uri, plan.experiment)  # store and experiment first
-    # Claim first, then read the store: a run another process finished is seen as done.
+    experiment_id = ensure_experiment(options.tracking_uri, plan.experiment)  # before any worker
     experiment_dir = options.checkpoint_dir / experiment_slug(plan.experiment)
     claims = Claims(experiment_dir)
     try:
-        claimed_elsewhere = frozenset(r.key for r in plan.runs if not claims.claim(r.key))
-        with store_errors(uri):
-            records = existing_runs(uri, experiment_id)
-        decisions = decide(plan, records, options, claimed_elsewhere)
-        for decision in decisions:
-            if decision.action == "skip":
-                claims.release(decision.run.key)
+        decisions = _claim_and_decide(plan, claims, options, experiment_id)
         summary = Summary(experiment_id, uuid.uuid4().hex[:12], decisions)
-        _train(plan, executor, options, summary, experiment_dir, on_event, on_start)
+        if on_start is not None:
+            on_start(decisions)
+        todo = [d for d in decisions if d.action is not Action.SKIP]
+        if todo:
+            _fetch_data(todo, options.data_dir)
+            runs = _StoreRuns.open(plan, options, summary, experiment_dir, todo)
+            _execute(executor, todo, runs, summary, on_event)
     finally:
         claims.release_all()
     return summary
 
 
-def _train(
-    plan: Plan,
-    executor: Executor,
-    options: Options,
-    summary: Summary,
-    experiment_dir: Path,
-    on_event: Callable[[tuple[Any, ...]], None] | None,
-    on_start: Callable[[list[Decision]], None] | None,
-) -> None:
-    """Hand the runs ``summary.decisions`` asks for to the executor."""
-    from mlflow.entities import RunTag
+def _claim_and_decide(
+    plan: Plan, claims: Claims, options: Options, experiment_id: str
+) -> list[Decision]:
+    """Claim every run, then read the store (so a run another process finished before letting
+    go is seen as finished), then decide; the runs skipped are let go at once."""
+    claimed_elsewhere = frozenset(r.key for r in plan.runs if not claims.claim(r.key))
+    with store_errors(options.tracking_uri):
+        records = existing_runs(options.tracking_uri, experiment_id)
+    decisions = decide(plan, records, options, claimed_elsewhere)
+    for decision in decisions:
+        if decision.action is Action.SKIP:
+            claims.release(decision.run.key)
+    return decisions
 
-    from workbench.cli.plan_view import parameter_counts
+
+def _fetch_data(todo: list[Decision], data_dir: Path) -> None:
+    """Download (and check) each data set once, here, not in every worker."""
     from workbench.datasets import resolve_text_path
 
-    uri, experiment_id, decisions = options.tracking_uri, summary.experiment_id, summary.decisions
-    todo = [d for d in decisions if d.action != "skip"]
-    if on_start is not None:
-        on_start(decisions)
-    if not todo:
-        return
     for data in {(d.run.config.data.dataset, d.run.config.data.path) for d in todo}:
-        resolve_text_path(*data, options.data_dir)  # download once, here, not in every worker
+        resolve_text_path(*data, data_dir)
 
-    mlflow_client = client(uri)
+
+def _execute(
+    executor: Executor,
+    todo: list[Decision],
+    runs: _StoreRuns,
+    summary: Summary,
+    on_event: EventFn | None,
+) -> None:
+    """Hand the runs to the executor; each job's end goes into ``summary.results``."""
+
+    def record(event: Event) -> None:
+        if isinstance(event, Ended):
+            summary.results[event.key] = event.result
+        if on_event is not None:
+            on_event(event)
+
+    try:
+        with store_errors(runs.options.tracking_uri):
+            executor.run(todo, runs.prepare, record, runs.on_crash)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+
+
+def _sweep_tags(plan: Plan, sweep_id: str) -> dict[str, str]:
+    """The tags every run of this sweep gets: host, sweep, driver, spec and git commit."""
     commit, dirty = git_state(plan.spec_path.resolve().parent)
     if commit is None:  # a spec outside any checkout: record the code's own commit
         commit, dirty = git_state(Path(__file__).resolve().parent)
-    sweep_tags = {
+    tags = {
         **base_tags(),
-        TAG + "sweep": summary.sweep_id,
+        TAG + "sweep": sweep_id,
         TAG + "driver_pid": str(os.getpid()),
         TAG + "spec": str(plan.spec_path),
     }
     if commit is not None:
-        sweep_tags.update(
+        tags.update(
             {
                 TAG + "git_commit": commit,
                 TAG + "git_dirty": str(dirty).lower(),
                 "mlflow.source.git.commit": commit,
             }
         )
-    params = parameter_counts([d.run for d in todo])
+    return tags
 
-    def prepare(decision: Decision) -> Job:
+
+@dataclass
+class _StoreRuns:
+    """The store's side of a sweep: each run created (or reopened) just before its job is
+    dispatched, so runs that never start are never created, and a crashed job's run ended."""
+
+    options: Options
+    experiment_id: str
+    experiment_dir: Path
+    mlflow_client: Any
+    tags: dict[str, str]  # of every run of this sweep
+    n_params: dict[str, int]  # run key -> parameter count
+
+    @classmethod
+    def open(
+        cls,
+        plan: Plan,
+        options: Options,
+        summary: Summary,
+        experiment_dir: Path,
+        todo: list[Decision],
+    ) -> _StoreRuns:
+        from workbench.models.counts import parameter_counts
+
+        return cls(
+            options,
+            summary.experiment_id,
+            experiment_dir,
+            client(options.tracking_uri),
+            _sweep_tags(plan, summary.sweep_id),
+            parameter_counts([d.run for d in todo]),
+        )
+
+    def prepare(self, decision: Decision) -> Job:
         run = decision.run
-        run_dir = experiment_dir / run.key
-        attempt = 1
-        previous = decision.record if decision.action == "resume" else None
-        resumed = previous is not None
         # The run's own thread count, whatever else is in this sweep: float sums depend on it.
-        threads = run.config.train.threads or options.threads_per_job
+        threads = run.config.train.threads or self.options.threads_per_job
+        previous = decision.record if decision.action is Action.RESUME else None
         if previous is not None:
-            run_id = previous.run_id
-            attempt = previous.attempt + 1
             threads = previous.threads or threads  # the run's own, recorded when it started
-            mlflow_client.update_run(run_id, status="RUNNING")
-            tags = {**sweep_tags, TAG + "attempt": str(attempt), TAG + "threads": str(threads),
-                    TAG + "heartbeat": f"{time.time():.0f}"}  # fmt: skip
-            mlflow_client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-            if TAG + "reason" in previous.tags:  # why it stopped last time; no longer true
-                mlflow_client.delete_tag(run_id, TAG + "reason")
+            run_id, attempt = previous.run_id, previous.attempt + 1
+            self._reopen(previous, attempt, threads)
         else:
-            if decision.record is not None and decision.state == "ghost":  # --force over it
-                mlflow_client.set_tag(decision.record.run_id, TAG + "reason", "superseded")
-                mlflow_client.set_terminated(decision.record.run_id, status="KILLED")
-            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh start, not someone's leftovers
-            tags = {**sweep_tags, TAG + "threads": str(threads)}
-            run_id = _create_run(mlflow_client, experiment_id, run, tags, params[run.key])
+            run_id, attempt = self._create(decision, threads), 1
         return Job(
             name=run.name,
             key=run.key,
             config=run.config.model_dump(mode="json"),
             run_id=run_id,
-            tracking_uri=uri,
-            checkpoint_dir=str(run_dir),
-            data_dir=str(options.data_dir),
+            tracking_uri=self.options.tracking_uri,
+            checkpoint_dir=str(self.experiment_dir / run.key),
+            data_dir=str(self.options.data_dir),
             threads=threads,
-            checkpoint_every_s=options.checkpoint_every_s,
-            resumed=resumed,
+            checkpoint_every_s=self.options.checkpoint_every_s,
+            resumed=previous is not None,
             attempt=attempt,
         )
 
-    def on_crash(job: Job, reason: str, status: str) -> JobResult:
+    def _reopen(self, previous: RunRecord, attempt: int, threads: int) -> None:
+        """The same MLflow run, RUNNING again, with this sweep's tags and its next attempt."""
+        from mlflow.entities import RunTag
+
+        run_id = previous.run_id
+        self.mlflow_client.update_run(run_id, status="RUNNING")
+        tags = {**self.tags, TAG + "attempt": str(attempt), TAG + "threads": str(threads),
+                TAG + "heartbeat": f"{time.time():.0f}"}  # fmt: skip
+        self.mlflow_client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        if TAG + "reason" in previous.tags:  # why it stopped last time; no longer true
+            self.mlflow_client.delete_tag(run_id, TAG + "reason")
+
+    def _create(self, decision: Decision, threads: int) -> str:
+        """A new MLflow run, from step 0; a stale run it replaces (``--force``) is ended."""
+        run, record = decision.run, decision.record
+        if record is not None and decision.state is RunState.STALE:
+            self.mlflow_client.set_tag(record.run_id, TAG + "reason", "superseded")
+            self.mlflow_client.set_terminated(record.run_id, status="KILLED")
+        # A fresh start, not someone's leftovers.
+        shutil.rmtree(self.experiment_dir / run.key, ignore_errors=True)
+        tags = {**self.tags, TAG + "threads": str(threads)}
+        return _create_run(
+            self.mlflow_client, self.experiment_id, run, tags, self.n_params[run.key]
+        )
+
+    def on_crash(self, job: Job, reason: str, status: JobStatus) -> JobResult:
         """A worker that died or never answered: ``killed`` leaves the run resumable. A worker
         that died after ending its run (between its last store call and its last message)
         leaves the verdict it wrote: a FINISHED run is never reopened."""
         with contextlib.suppress(*store_error_types()):  # a store that is down: left RUNNING
-            ended = ended_result(mlflow_client, job)
+            ended = ended_result(self.mlflow_client, job)
             if ended is not None:
                 return ended
-            mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
-            mlflow_client.set_terminated(
-                job.run_id, status="KILLED" if status == "killed" else "FAILED"
+            self.mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
+            self.mlflow_client.set_terminated(
+                job.run_id, status="KILLED" if status is RunState.KILLED else "FAILED"
             )
         return JobResult(job.key, job.run_id, status, reason=reason)
-
-    def record(event: tuple[Any, ...]) -> None:
-        if event[0] == "done":
-            summary.results[event[1]] = event[2]
-        if on_event is not None:
-            on_event(event)
-
-    try:
-        with store_errors(uri):
-            executor.run(todo, prepare, record, on_crash)
-    except KeyboardInterrupt:
-        summary.interrupted = True
 
 
 def _create_run(

@@ -18,19 +18,25 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import yaml
 
 from workbench.errors import WorkbenchError, first_line
-from workbench.tracking import TAG, MetricBuffer, client, store_error_types
+from workbench.sweep.events import Progress
+from workbench.tracking import TAG, MetricBuffer, RunState, client, store_error_types
 
 PROGRESS_KEYS = ("train_loss_smooth", "lr", "tokens_per_sec")
 EVAL_KEYS = ("train_loss", "val_loss")
 SUMMARY_KEYS = ("best_val_loss", "final_val_loss", "wall_time_s")
 
-ProgressFn = Callable[[str, int, dict[str, float]], None]
-"""Called with (run key, step, metrics) as training goes."""
+ProgressFn = Callable[[Progress], None]
+"""Called as training goes."""
+
+JobStatus: TypeAlias = Literal[
+    RunState.FINISHED, RunState.DIVERGED, RunState.FAILED, RunState.KILLED
+]
+"""How a job ends."""
 
 
 class DriverLost(KeyboardInterrupt):
@@ -58,7 +64,7 @@ class Job:
 class JobResult:
     key: str
     run_id: str
-    status: str  # finished | diverged | failed | killed
+    status: JobStatus
     step: int = 0
     best_val_loss: float | None = None
     final_val_loss: float | None = None
@@ -82,7 +88,7 @@ class _MlflowCallback:
         self.buffer.add(metrics, step)
         self.last_step = step
         if self.progress is not None:
-            self.progress(self.key, step, metrics)
+            self.progress(Progress(self.key, step, metrics))
         if self.buffer.heartbeat_due():
             self.buffer.heartbeat()
 
@@ -99,14 +105,16 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
     Only what training itself raises is a verdict on the run (FAILED). An interruption (Ctrl-C,
     SIGTERM, the driver gone), the tracking store going away and a full disk are not: the run
     is marked KILLED where the store still answers (else left RUNNING, which the next sweep
-    recognises as a ghost), its checkpoint is kept, and the next ``workbench run`` resumes it.
+    recognises as stale), its checkpoint is kept, and the next ``workbench run`` resumes it.
     """
     unreachable: tuple[type[BaseException], ...] = (WorkbenchError, *store_error_types())
     try:
         mlflow_client = client(job.tracking_uri)
         buffer = MetricBuffer(job.tracking_uri, job.run_id, EVAL_KEYS + SUMMARY_KEYS)
     except unreachable as exc:  # no store to record anything in
-        return JobResult(job.key, job.run_id, "killed", reason=f"tracking store: {first_line(exc)}")
+        return JobResult(
+            job.key, job.run_id, RunState.KILLED, reason=f"tracking store: {first_line(exc)}"
+        )
     callback = _MlflowCallback(buffer, job.key, progress)
     try:
         if job.resumed:  # points after the last checkpoint may be stored already
@@ -126,7 +134,7 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
             return ended
         mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
         mlflow_client.set_terminated(job.run_id, status="KILLED")
-    return JobResult(job.key, job.run_id, "killed", step=callback.last_step, reason=reason)
+    return JobResult(job.key, job.run_id, RunState.KILLED, step=callback.last_step, reason=reason)
 
 
 def ended_result(mlflow_client: Any, job: Job) -> JobResult | None:
@@ -137,9 +145,10 @@ def ended_result(mlflow_client: Any, job: Job) -> JobResult | None:
     tags = run.data.tags
     if run.info.status == "FINISHED":
         shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
-        return JobResult(job.key, job.run_id, "finished")
+        return JobResult(job.key, job.run_id, RunState.FINISHED)
     if run.info.status == "FAILED":
-        verdict = "diverged" if tags.get(TAG + "diverged") == "true" else "failed"
+        diverged = tags.get(TAG + "diverged") == "true"
+        verdict: JobStatus = RunState.DIVERGED if diverged else RunState.FAILED
         return JobResult(job.key, job.run_id, verdict, reason=tags.get(TAG + "reason"))
     return None
 
@@ -177,8 +186,10 @@ def _failed(
         mlflow_client.log_text(job.run_id, traceback.format_exc(), "error.txt")
         mlflow_client.set_terminated(job.run_id, status="FAILED")
     except store_error_types():  # the store went too: left RUNNING, resumed next time
-        return JobResult(job.key, job.run_id, "killed", step=callback.last_step, reason=reason)
-    return JobResult(job.key, job.run_id, "failed", step=callback.last_step, reason=reason)
+        return JobResult(
+            job.key, job.run_id, RunState.KILLED, step=callback.last_step, reason=reason
+        )
+    return JobResult(job.key, job.run_id, RunState.FAILED, step=callback.last_step, reason=reason)
 
 
 def _train_and_record(
@@ -214,7 +225,7 @@ def _train_and_record(
         tags[TAG + "cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     buffer.tags(tags)
     # Now, not with the first checkpoint: until this process's pid is in the store, a sweep
-    # started beside an orphaned worker (its driver killed) would take the run for a ghost.
+    # started beside an orphaned worker (its driver killed) would take the run for a stale one.
     buffer.flush(heartbeat=False)
     result = trainer.fit()
 
@@ -239,7 +250,7 @@ def _train_and_record(
         return JobResult(
             job.key,
             job.run_id,
-            "diverged",
+            RunState.DIVERGED,
             step=result.step,
             device=device,
             reason=result.reason,
@@ -252,7 +263,7 @@ def _train_and_record(
     return JobResult(
         job.key,
         job.run_id,
-        "finished",
+        RunState.FINISHED,
         step=result.step,
         best_val_loss=result.best_val_loss,
         final_val_loss=result.final_val_loss,

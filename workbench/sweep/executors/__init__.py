@@ -1,1 +1,53 @@
 """Executors run jobs: ``local`` in worker processes on this machine, ``ray`` on a Ray cluster."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from workbench.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    from workbench.sweep.driver import Executor
+
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(
+    name: str,
+    jobs: int | None = None,
+    jobs_per_gpu: int = 1,
+    address: str | None = None,
+    cpus_per_run: float = 1.0,
+    gpus_per_run: float = 0.0,
+    max_retries: int = 2,
+) -> tuple[Executor, int]:
+    """The executor ``name`` (local or ray) and the torch threads of a run that sets none.
+
+    Local: ``jobs`` worker processes (default: one per GPU times ``jobs_per_gpu``, else one per
+    core), each run with the cores divided by the slots, not by the runs left, since a run's
+    numbers must not depend on what else is in the sweep (the count is recorded with each
+    run). Ray: tasks asking for ``cpus_per_run``/``gpus_per_run`` on the cluster at
+    ``address``, a crashed worker retried up to ``max_retries`` times per run.
+    """
+    if name == "ray":
+        from workbench.sweep.executors.ray import RayExecutor
+
+        threads = max(1, int(cpus_per_run))
+        return RayExecutor(address, cpus_per_run, gpus_per_run, max_retries), threads
+    if name == "local":
+        from workbench.sweep.executors.local import LocalExecutor
+
+        default_jobs, gpus = _default_jobs()
+        n_jobs = jobs or default_jobs * (jobs_per_gpu if gpus else 1)
+        threads = max(1, (os.cpu_count() or 1) // n_jobs)
+        return LocalExecutor(n_jobs, threads, gpus, jobs_per_gpu), threads
+    raise WorkbenchError(f"--executor: must be {' or '.join(EXECUTORS)} (got {name!r})")
+
+
+def _default_jobs() -> tuple[int, int]:
+    """(jobs, gpus): one per GPU, else one per core."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return (gpus, gpus) if gpus else (os.cpu_count() or 1, 0)

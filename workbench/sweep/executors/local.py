@@ -26,10 +26,16 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from workbench.sweep.jobs import DriverLost, Job, JobResult, describe_exit, execute_job
-
-Event = tuple[Any, ...]
-"""("started", key, pid) | ("progress", key, step, metrics) | ("done", key, JobResult)"""
+from workbench.sweep.events import CrashFn, Ended, EventFn, Progress, Started
+from workbench.sweep.jobs import (
+    DriverLost,
+    Job,
+    JobResult,
+    JobStatus,
+    describe_exit,
+    execute_job,
+)
+from workbench.tracking import RunState
 
 PARENT_CHECK_S = 1.0
 
@@ -54,20 +60,20 @@ def _worker_main(env: dict[str, str], conn: Connection) -> None:
             return
         if job is None:
             return
-        conn.send(("started", job.key, os.getpid()))
+        conn.send(Started(job.key, os.getpid()))
 
-        def progress(key: str, step: int, metrics: dict[str, float]) -> None:
+        def progress(event: Progress) -> None:
             try:
-                conn.send(("progress", key, step, metrics))
+                conn.send(event)
             except OSError:  # the driver is gone: stop here, resumable, like a Ctrl-C
                 raise DriverLost("the driver process is gone") from None
 
         try:
             result = execute_job(job, progress)
         except KeyboardInterrupt:
-            result = JobResult(job.key, job.run_id, "killed", reason="interrupted")
+            result = JobResult(job.key, job.run_id, RunState.KILLED, reason="interrupted")
         try:
-            conn.send(("done", job.key, result))
+            conn.send(Ended(job.key, result))
         except OSError:
             return
 
@@ -102,8 +108,8 @@ class LocalExecutor:
         self,
         items: list[Any],
         prepare: Callable[[Any], Job],
-        on_event: Callable[[Event], None],
-        on_crash: Callable[[Job, str, str], JobResult],
+        on_event: EventFn,
+        on_crash: CrashFn,
     ) -> list[JobResult]:
         """Run every item; ``prepare`` turns an item into a Job just before it is dispatched
         (so runs that never start are never created); ``on_crash(job, reason, status)`` records
@@ -133,7 +139,7 @@ class LocalExecutor:
                             self._crashed(
                                 worker,
                                 describe_exit(worker.process.exitcode),
-                                "killed",
+                                RunState.KILLED,
                                 results,
                                 on_event,
                                 on_crash,
@@ -159,9 +165,7 @@ class LocalExecutor:
         child_conn.close()
         return _Worker(process, parent_conn)
 
-    def _drain(
-        self, results: list[JobResult], on_event: Callable[[Event], None], timeout: float
-    ) -> None:
+    def _drain(self, results: list[JobResult], on_event: EventFn, timeout: float) -> None:
         """Handle the events that arrive within ``timeout`` seconds."""
         open_workers = {id(w.conn): w for w in self.workers}
         deadline = time.monotonic() + timeout
@@ -176,8 +180,8 @@ class LocalExecutor:
                 except (EOFError, OSError):  # the worker is gone; its slot is checked later
                     del open_workers[id(conn)]
                     continue
-                if event[0] == "done":
-                    results.append(event[2])
+                if isinstance(event, Ended):
+                    results.append(event.result)
                     worker.job = None
                 on_event(event)
 
@@ -185,22 +189,22 @@ class LocalExecutor:
         self,
         worker: _Worker,
         reason: str,
-        status: str,
+        status: JobStatus,
         results: list[JobResult],
-        on_event: Callable[[Event], None],
-        on_crash: Callable[[Job, str, str], JobResult],
+        on_event: EventFn,
+        on_crash: CrashFn,
     ) -> None:
         assert worker.job is not None
         result = on_crash(worker.job, reason, status)
         results.append(result)
-        on_event(("done", worker.job.key, result))
+        on_event(Ended(worker.job.key, result))
         worker.job = None
 
     def _interrupt(
         self,
         results: list[JobResult],
-        on_event: Callable[[Event], None],
-        on_crash: Callable[[Job, str, str], JobResult],
+        on_event: EventFn,
+        on_crash: CrashFn,
         grace_s: float = 30.0,
     ) -> None:
         for worker in self.workers:
@@ -219,7 +223,7 @@ class LocalExecutor:
             self._drain(results, on_event, timeout=0.2)
         for worker in self.workers:
             if worker.job is not None:  # never answered: mark it from here
-                self._crashed(worker, "interrupted", "killed", results, on_event, on_crash)
+                self._crashed(worker, "interrupted", RunState.KILLED, results, on_event, on_crash)
 
     def _stop(self) -> None:
         for worker in self.workers:

@@ -1,9 +1,10 @@
 """Ray execution: every grid point is one Ray task (Ray core, not Tune) running the same job
 function as a local worker, with its own CPU/GPU request (fractional GPUs pack small runs).
 
-Worker crashes (``WorkerCrashedError``: a segfault, an OOM kill, a lost node) are retried here, a
-bounded number of times, each attempt tagged and resumed from the run's checkpoint; exceptions
-from training never reach Ray (the job marks its run FAILED itself), so they are not retried.
+Worker crashes (``WorkerCrashedError``: a segfault, an OOM kill, a lost node) are retried here,
+up to ``max_retries`` times per run in each sweep (a run resumed from an earlier sweep gets the
+same budget), each attempt tagged and resumed from the run's checkpoint; exceptions from
+training never reach Ray (the job marks its run FAILED itself), so they are not retried.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.store import client
+from workbench.sweep.events import CrashFn, Ended, EventFn, Progress, Started
 from workbench.sweep.jobs import Job, JobResult, execute_job
-from workbench.tracking import TAG, client
+from workbench.tracking import TAG, RunState
 
 PROGRESS_EVERY_S = 1.0
 
@@ -37,15 +40,15 @@ def _run_job(job: Job, progress_queue: Any) -> JobResult:
     """The Ray task: the job function, with progress sent at most once a second."""
     last = 0.0
 
-    def progress(key: str, step: int, metrics: dict[str, float]) -> None:
+    def progress(event: Progress) -> None:
         nonlocal last
         if time.time() - last < PROGRESS_EVERY_S:
             return
         last = time.time()
         with contextlib.suppress(Exception):  # a full or gone queue never stops training
-            progress_queue.put_nowait(("progress", key, step, metrics))
+            progress_queue.put_nowait(event)
 
-    progress_queue.put_nowait(("started", job.key, os.getpid()))
+    progress_queue.put_nowait(Started(job.key, os.getpid()))
     return execute_job(job, progress)
 
 
@@ -63,8 +66,8 @@ class RayExecutor:
         self,
         items: list[Any],
         prepare: Callable[[Any], Job],
-        on_event: Callable[[tuple[Any, ...]], None],
-        on_crash: Callable[[Job, str, str], JobResult],
+        on_event: EventFn,
+        on_crash: CrashFn,
     ) -> list[JobResult]:
         ray = _ray()
         from ray.exceptions import RayError, RayTaskError, TaskCancelledError
@@ -87,13 +90,16 @@ class RayExecutor:
         waiting = deque(items)
         pending: dict[Any, Job] = {}
         results: list[JobResult] = []
+        # Worker deaths per run key in this sweep: the retry budget. Not job.attempt, which also
+        # counts the attempts of earlier sweeps (each resume is one).
+        crashes: dict[str, int] = {}
         # Runs are created in MLflow when submitted: keep only what the cluster can start
         # (plus a little) in flight, so queued runs never sit RUNNING with no process.
         limit = self._slots(ray) + 2
 
         def finish(job: Job, result: JobResult) -> None:
             results.append(result)
-            on_event(("done", job.key, result))
+            on_event(Ended(job.key, result))
 
         def drain_progress() -> None:
             while not queue.empty():
@@ -116,15 +122,17 @@ class RayExecutor:
                     except (RayTaskError, TaskCancelledError) as exc:
                         cause = getattr(exc, "cause", None) or exc
                         reason = f"{type(cause).__name__}: {cause}"[:500]
-                        finish(job, on_crash(job, reason, "failed"))
+                        finish(job, on_crash(job, reason, RunState.FAILED))
                     except RayError as exc:  # the worker died: crash, OOM kill, lost node
-                        if job.attempt <= self.max_retries:
+                        crashes[job.key] = crashes.get(job.key, 0) + 1
+                        if crashes[job.key] <= self.max_retries:
                             retry = replace(job, attempt=job.attempt + 1, resumed=True)
                             self._tag_attempt(retry)
                             pending[remote.remote(retry, queue)] = retry
                         else:  # still a crash, not a verdict: the next sweep resumes it
-                            reason = f"worker died {job.attempt} times: {type(exc).__name__}"
-                            finish(job, on_crash(job, reason, "killed"))
+                            died = crashes[job.key]
+                            reason = f"worker died {died} times: {type(exc).__name__}"
+                            finish(job, on_crash(job, reason, RunState.KILLED))
         except KeyboardInterrupt:
             self._interrupt(ray, pending, finish, on_crash)
             raise
@@ -148,7 +156,7 @@ class RayExecutor:
         ray: Any,
         pending: dict[Any, Job],
         finish: Callable[[Job, JobResult], None],
-        on_crash: Callable[[Job, str, str], JobResult],
+        on_crash: CrashFn,
         grace_s: float = 30.0,
     ) -> None:
         """Ctrl-C: running tasks get a KeyboardInterrupt (the job marks its run KILLED)."""
@@ -160,4 +168,4 @@ class RayExecutor:
                 result = ray.get(ref, timeout=max(0.1, deadline - time.time()))
                 finish(job, result)
             except Exception:
-                finish(job, on_crash(job, "interrupted", "killed"))
+                finish(job, on_crash(job, "interrupted", RunState.KILLED))
