@@ -15,30 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from workbench.cli import app
-
-
-def write_spec(folder: Path, name: str = "spec.yaml", **overrides: Any) -> Path:
-    spec: dict[str, Any] = {
-        "experiment": "t",
-        "data": {"dataset": "tinyshakespeare"},
-        "train": {"max_iters": 40, "eval_interval": 20, "eval_iters": 4, "device": "cpu"},
-        "model": {"n_embd": 16, "n_head": 2},
-        "variants": {
-            "bigram": {"model": {"kind": "bigram"}},
-            "multi_head": {"model": {"kind": "multi_head"}},
-        },
-        "seeds": [1],
-    }
-    for key, value in overrides.items():
-        spec[key] = value
-    path = folder / name
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 class Store:

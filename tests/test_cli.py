@@ -7,11 +7,11 @@ import json
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import typer
+from specs import write_spec
 from typer.testing import CliRunner
 
 from workbench import __version__
@@ -45,12 +45,6 @@ train: {batch_size: "32", max_iters: 0}
 grid:
   train.blok_size: [8, 16]
 """
-
-
-def write_spec(directory: Path, text: str, name: str = "spec.yaml") -> Path:
-    path = directory / name
-    path.write_text(textwrap.dedent(text), encoding="utf-8")
-    return path
 
 
 def flat(text: str) -> str:

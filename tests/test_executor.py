@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runs import write_spec
+from specs import write_spec
 
 from workbench.errors import WorkbenchError
 from workbench.grid import expand

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from runs import Store, invoke, start, wait_for, write_spec
+from runs import Store, invoke, start, wait_for
+from specs import write_spec
 
 from workbench.tracking import TAG, experiment_slug
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 import torch
+from runs import Store
+from specs import write_spec
 from test_optim import loss_of, small_net
-from test_run import Store, write_spec
 from test_trainer import TRANSFORMER, Recorder, make_config
 from typer.testing import CliRunner
 

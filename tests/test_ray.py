@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
+from runs import mlflow_server
+from specs import write_spec
 
 from workbench.tracking import TAG
 
@@ -24,71 +23,23 @@ pytest.importorskip("ray", reason="the ray extra is not installed: pip install -
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{folder / 'server.db'}",
-            "--artifacts-destination",
-            str(folder / "artifacts"),
-            "--workers",
-            "2",
-        ],
-        cwd=folder,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    with mlflow_server(f"sqlite:///{folder / 'server.db'}", folder) as uri:
+        yield uri
+
+
+def ray_spec(folder: Path, experiment: str, variants: dict[str, Any], iters: int) -> Path:
+    train = {"max_iters": iters, "eval_interval": iters // 4, "eval_iters": 2, "device": "cpu"}
+    return write_spec(
+        folder,
+        experiment=experiment,
+        train=train,
+        variants=variants,
+        seeds=[1, 2],
+        name=f"{experiment}.yaml",
     )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start") from None
-            time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-
-
-def write_spec(folder: Path, experiment: str, variants: dict[str, Any], iters: int) -> Path:
-    spec = {
-        "experiment": experiment,
-        "data": {"dataset": "tinyshakespeare"},
-        "train": {
-            "max_iters": iters,
-            "eval_interval": iters // 4,
-            "eval_iters": 2,
-            "device": "cpu",
-        },
-        "model": {"n_embd": 16, "n_head": 2},
-        "variants": variants,
-        "seeds": [1, 2],
-    }
-    path = folder / f"{experiment}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 def workbench_run(spec: Path, uri: str, *extra: str) -> subprocess.Popen[str]:
@@ -125,7 +76,7 @@ def runs_of(uri: str, experiment: str) -> list[Any]:
 
 
 def test_grid_on_ray_logs_to_the_server_and_reruns_skip(server: str, tmp_path: Path) -> None:
-    spec = write_spec(
+    spec = ray_spec(
         tmp_path,
         "ray-ok",
         {"bigram": {"model": {"kind": "bigram"}}, "multi_head": {"model": {"kind": "multi_head"}}},
@@ -156,7 +107,7 @@ def test_grid_on_ray_logs_to_the_server_and_reruns_skip(server: str, tmp_path: P
 
 
 def test_crashed_worker_is_retried_and_a_raising_run_fails(server: str, tmp_path: Path) -> None:
-    spec = write_spec(
+    spec = ray_spec(
         tmp_path,
         "ray-faults",
         {
@@ -221,7 +172,7 @@ def test_the_retry_budget_counts_crashes_in_this_sweep_not_earlier_attempts(
     from workbench.sweep.jobs import Job, JobResult, JobStatus
     from workbench.tracking import ensure_experiment
 
-    spec = write_spec(tmp_path, "ray-budget", {"bigram": {"model": {"kind": "bigram"}}}, 100_000)
+    spec = ray_spec(tmp_path, "ray-budget", {"bigram": {"model": {"kind": "bigram"}}}, 100_000)
     run = expand(spec, [], ["*seed=1"]).runs[0]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = ensure_experiment(uri, "ray-budget")

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
-from runs import Store, invoke, start, wait_for, write_spec
+from runs import Store, invoke, start, wait_for
+from specs import write_spec
 
 from workbench.tracking import TAG, flatten
 

@@ -21,6 +21,7 @@ from workbench.tracking import (
     TAG,
     WORKBENCH_RUNS,
     RunRecord,
+    RunState,
     client,
     search_workbench_runs,
     sqlite_path,
@@ -29,7 +30,7 @@ from workbench.tracking import (
 if TYPE_CHECKING:
     import pandas as pd
 
-STATES = ("finished", "failed", "diverged", "killed", "running", "stale")
+STATES = tuple(str(s) for s in RunState if s not in (RunState.TO_DO, RunState.CLAIMED))
 SEED_PARAMS = ("seed", "train.seed")  # what repeats a grid point; every other param tells one apart
 DERIVED_PARAMS = ("num_params",)  # follow from the config: an axis only where they split points
 UNSET = "\x00unset"  # a param one run logs and another does not: a different point
