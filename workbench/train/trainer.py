@@ -279,7 +279,7 @@ class Trainer:
         )
         metrics = {"train_loss_smooth": self.smoothed_loss, "tokens_per_sec": tokens_per_sec}
         if lr_varies(self.train_config):  # a constant is a param, not a curve
-            metrics["lr"] = self.optimizer.lr
+            metrics["lr"] = learning_rate_at(self.step_count - 1, self.train_config)  # the last
         self.callback.on_metrics(metrics, self.step_count)
 
     def _eval_point(self) -> dict[str, float]:
