@@ -143,11 +143,16 @@ def test_step_refuses_parameters_cut_loose_from_the_buffers():
         flat.step()
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
 @pytest.mark.parametrize("fused", [True, False])
-def test_two_groups_with_their_own_rates_step_like_two_torch_adamws(fused: bool):
+def test_two_groups_with_their_own_rates_step_like_two_torch_adamws(fused: bool, device: str):
     """One buffer, a rate per group (what a packed run gives each member): each group steps
     exactly as a torch.optim.AdamW of its own with that rate."""
-    ours, theirs = [small_net(), small_net()], [small_net(), small_net()]
+    ours = [small_net().to(device), small_net().to(device)]
+    theirs = [small_net().to(device), small_net().to(device)]
     flat = FlatAdamW(
         [list(net.parameters()) for net in ours],
         lr=torch.tensor([3e-2, 5e-3]),
@@ -170,7 +175,7 @@ def test_two_groups_with_their_own_rates_step_like_two_torch_adamws(fused: bool)
         for (name, a), b in zip(mine.named_parameters(), reference_net.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     # the rates told apart: the slower group moved less
-    moved = [(net[1].weight - small_net()[1].weight).abs().sum() for net in ours]
+    moved = [(net[1].weight.cpu() - small_net()[1].weight).abs().sum() for net in ours]
     assert moved[0] > 2 * moved[1]
 
 
