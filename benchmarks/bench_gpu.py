@@ -39,6 +39,8 @@ from workbench.datasets import fetch_known
 from workbench.grid import expand
 from workbench.settings import load_settings
 from workbench.spec import RunConfig
+from workbench.train.factory import build_trainer
+from workbench.train.process import prepare_process
 from workbench.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,8 +66,7 @@ def rung7_config(device: str, compile: bool, sets: list[str]) -> RunConfig:
     return run.config
 
 
-def flops_per_token(trainer: Trainer) -> float:
-    model, config = trainer.model, trainer.config
+def flops_per_token(model: nn.Module, config: RunConfig) -> float:
     matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     attention = 12 * config.model.n_layer * config.model.n_embd * config.train.block_size
     return 6 * matmul_weights + attention
@@ -127,10 +128,10 @@ def main() -> None:
     device = torch.device(args.device)
     modes = args.modes or (["eager", "compile"] if device.type == "cuda" else ["eager"])
     corpus = Corpus.from_file(fetch_known("tinyshakespeare", load_settings().data_dir))
-    trainers = {
-        mode: Trainer(rung7_config(args.device, mode == "compile", args.sets), corpus)
-        for mode in modes
-    }
+    configs = {mode: rung7_config(args.device, mode == "compile", args.sets) for mode in modes}
+    for config in configs.values():
+        prepare_process(config.train)  # TF32 on CUDA
+    trainers = {mode: build_trainer(config, corpus) for mode, config in configs.items()}
     for trainer in trainers.values():
         time_steps(trainer, args.warmup)
     samples: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -139,9 +140,9 @@ def main() -> None:
             samples[mode].append(time_steps(trainer, args.steps))
 
     peak = peak_flops(device, args.peak_tflops)
-    any_trainer = next(iter(trainers.values()))
-    train = any_trainer.config.train
-    per_token = flops_per_token(any_trainer)
+    any_mode = next(iter(trainers))
+    any_trainer, train = trainers[any_mode], configs[any_mode].train
+    per_token = flops_per_token(any_trainer.model, configs[any_mode])
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "torch": torch.__version__,
@@ -180,7 +181,7 @@ def main() -> None:
     if args.full:
         mode = "compile" if "compile" in modes else "eager"
         start = time.perf_counter()
-        result = Trainer(rung7_config(args.device, mode == "compile", args.sets), corpus).fit()
+        result = build_trainer(configs[mode], corpus).fit()
         report["full_run"] = {
             "mode": mode,
             "status": result.status,

@@ -37,7 +37,7 @@ from workbench.datasets import fetch_known
 from workbench.models.attention import TinyCausalAttention, causal_bias
 from workbench.models.native import MAX_BLOCK, tiny_attention
 from workbench.settings import load_settings
-from workbench.train.trainer import Trainer
+from workbench.train.factory import build_trainer
 
 ATTENTION_SHAPES = [(1, 8, 32), (4, 8, 8), (4, 16, 8), (4, 32, 8), (4, 64, 8), (6, 64, 64)]
 
@@ -166,11 +166,11 @@ class TorchAdamW:
 def optimizer_rows(corpus: Corpus, repeats: int, steps: int) -> list[dict[str, Any]]:
     rows = []
     for rung in (2, 3, 6):
-        theirs = Trainer(workbench_config(rung, None, 1337), corpus)
+        theirs = build_trainer(workbench_config(rung, None, 1337), corpus)
         params = [p for p in theirs.model.parameters() if p.requires_grad]
         config = theirs.train_config
         theirs.optimizer = TorchAdamW(params, config.learning_rate, config.weight_decay)  # type: ignore[assignment]
-        ours = Trainer(workbench_config(rung, None, 1337), corpus)
+        ours = build_trainer(workbench_config(rung, None, 1337), corpus)
         torch_us, flat_us = median_pair(theirs.step, ours.step, steps, repeats)
         rows.append(
             {

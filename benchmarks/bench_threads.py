@@ -20,7 +20,8 @@ from workbench.corpus import Corpus
 from workbench.datasets import fetch_known
 from workbench.settings import load_settings
 from workbench.spec import RunConfig
-from workbench.train.trainer import Trainer, torch_threads
+from workbench.train.factory import build_trainer
+from workbench.train.process import torch_threads
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
             for threads in times:
                 with torch_threads(threads):
                     start = time.perf_counter()
-                    Trainer(config, corpus).fit()
+                    build_trainer(config, corpus).fit()
                     times[threads].append(time.perf_counter() - start)
         row = {
             "kind": kind,

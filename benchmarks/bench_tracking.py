@@ -27,7 +27,8 @@ from workbench.settings import load_settings
 from workbench.spec import RunConfig
 from workbench.sweep.jobs import Job, execute_job
 from workbench.tracking import client, ensure_experiment
-from workbench.train.trainer import Trainer
+from workbench.train.factory import build_trainer
+from workbench.train.process import prepare_process
 
 
 def config(kind: str, max_iters: int) -> RunConfig:
@@ -45,7 +46,8 @@ def untracked(run_config: RunConfig, data_dir: Path) -> float:
     start = time.perf_counter()
     path = resolve_text_path(run_config.data.dataset, run_config.data.path, data_dir)
     corpus = Corpus.from_file(path, run_config.data.val_fraction)
-    Trainer(run_config, corpus).fit()
+    prepare_process(run_config.train)
+    build_trainer(run_config, corpus).fit()
     return time.perf_counter() - start
 
 

@@ -6,7 +6,7 @@ thread each by default (one run per core is how workbench runs grids on a CPU). 
 interleaved and repeated; medians are reported.
 
 Both sides are timed over the same span, the training steps and the evals (the baseline's loop;
-workbench's ``TrainResult.loop_time_s``). Workbench's whole ``Trainer(...).fit()``, which also
+workbench's ``TrainResult.loop_time_s``). Workbench's whole ``build_trainer(...).fit()``, which also
 builds the model and eval sets and ends by generating a 500-character sample and the attention
 maps, is reported beside it (``workbench_whole_time_s``, ``speedup_whole``).
 
@@ -36,7 +36,8 @@ from workbench.corpus import Corpus
 from workbench.datasets import fetch_known
 from workbench.settings import load_settings
 from workbench.spec import RunConfig
-from workbench.train.trainer import Trainer
+from workbench.train.factory import build_trainer
+from workbench.train.process import prepare_process
 
 # The lecture rungs as workbench configs (the same as experiments/lecture.yaml).
 MODELS: dict[int, dict[str, Any]] = {
@@ -85,8 +86,9 @@ def workbench_config(rung: int, max_iters: int | None, seed: int) -> RunConfig:
 
 def run_workbench(rung: int, corpus: Corpus, max_iters: int | None, seed: int) -> dict[str, Any]:
     config = workbench_config(rung, max_iters, seed)
+    prepare_process(config.train)
     start = time.perf_counter()
-    result = Trainer(config, corpus).fit()
+    result = build_trainer(config, corpus).fit()
     whole = time.perf_counter() - start  # setup, train, evals, the final sample and attention map
     tokens = config.train.max_iters * config.train.batch_size * config.train.block_size
     return {

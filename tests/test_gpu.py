@@ -26,8 +26,10 @@ from workbench.models import build_model
 from workbench.models import native as kernels
 from workbench.spec import ModelConfig
 from workbench.tracking import TAG
+from workbench.train.checkpoint import CHECKPOINT_NAME
+from workbench.train.factory import build_trainer
 from workbench.train.optim import FlatAdamW
-from workbench.train.trainer import CHECKPOINT_NAME, Trainer, resolve_device
+from workbench.train.process import prepare_process, resolve_device
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,7 +45,7 @@ LADDER = [
 
 @pytest.fixture(autouse=True)
 def restore_tf32() -> Iterator[None]:
-    """The trainer turns TF32 on for the whole process; no test leaks that into the next."""
+    """prepare_process turns TF32 on for the whole process; no test leaks that into the next."""
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
@@ -105,8 +107,9 @@ def test_cuda_run_trains_in_bf16_with_float32_weights(shakespeare: Corpus):
         learning_rate=3e-3,
     )
     recorder = Recorder()
-    trainer = Trainer(config, shakespeare, recorder)
+    assert prepare_process(config.train).type == "cuda"
     assert torch.backends.cuda.matmul.allow_tf32
+    trainer = build_trainer(config, shakespeare, recorder)
     x, _ = trainer.eval_sets["val"]
     with trainer.autocast():
         assert trainer.model.logits(x[:4].cuda()).dtype == torch.bfloat16
@@ -121,7 +124,8 @@ def test_cuda_run_trains_in_bf16_with_float32_weights(shakespeare: Corpus):
 
 def test_cuda_training_and_sample_are_reproducible(shakespeare: Corpus):
     config = make_config({"kind": "multi_head"}, device="cuda", max_iters=40)
-    a, b = Trainer(config, shakespeare), Trainer(config, shakespeare)
+    prepare_process(config.train)  # TF32 on, as in a job
+    a, b = build_trainer(config, shakespeare), build_trainer(config, shakespeare)
     assert a.fit().final_val_loss == pytest.approx(b.fit().final_val_loss, abs=1e-4)
     assert a.sample(200) == b.sample(200)
 
@@ -145,15 +149,16 @@ def test_flat_adamw_on_cuda_matches_torch_adamw(fused: bool):
 
 def test_cuda_resume_continues_and_moves_to_cpu(shakespeare: Corpus, tmp_path: Path):
     config = make_config(TRANSFORMER, device="cuda")
+    prepare_process(config.train)  # TF32 on, as in a job
     straight = Recorder()
-    Trainer(config, shakespeare, straight, tmp_path / "a").fit()
+    build_trainer(config, shakespeare, straight, tmp_path / "a").fit()
 
     interrupted = Recorder(stop_after_step=20)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(config, shakespeare, interrupted, tmp_path / "b").fit()
+        build_trainer(config, shakespeare, interrupted, tmp_path / "b").fit()
     saved = (tmp_path / "b" / CHECKPOINT_NAME).read_bytes()
     resumed = Recorder()
-    Trainer(config, shakespeare, resumed, tmp_path / "b").fit()
+    build_trainer(config, shakespeare, resumed, tmp_path / "b").fit()
     assert min(resumed.evals()) == 40
     # Not held to 1e-6 as on a CPU: CUDA does not promise bitwise-equal runs (deterministic
     # algorithms are off), and bf16 autocast magnifies any difference.
@@ -167,7 +172,7 @@ def test_cuda_resume_continues_and_moves_to_cpu(shakespeare: Corpus, tmp_path: P
     (tmp_path / "c" / CHECKPOINT_NAME).write_bytes(saved)
     on_cpu = Recorder()
     cpu_config = make_config(TRANSFORMER, device="cpu")
-    result = Trainer(cpu_config, shakespeare, on_cpu, tmp_path / "c").fit()
+    result = build_trainer(cpu_config, shakespeare, on_cpu, tmp_path / "c").fit()
     assert result.status == "finished" and result.device == "cpu"
     assert on_cpu.evals()[60]["val_loss"] == pytest.approx(
         straight.evals()[60]["val_loss"], abs=5e-2
@@ -181,7 +186,8 @@ def test_compile_on_cuda_matches_eager(shakespeare: Corpus):
         config = make_config(
             {"kind": "transformer", "n_layer": 2}, device="cuda", compile=compile, max_iters=40
         )
-        trainer = Trainer(config, shakespeare, recorder)
+        prepare_process(config.train)
+        trainer = build_trainer(config, shakespeare, recorder)
         assert (trainer.forward_model is not trainer.model) == compile
         trainer.fit()
         return recorder.evals()

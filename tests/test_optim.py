@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -140,3 +141,88 @@ def test_step_refuses_parameters_cut_loose_from_the_buffers():
     moved.double()
     with pytest.raises(RuntimeError, match="no longer live"):
         flat.step()
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
+@pytest.mark.parametrize("fused", [True, False])
+def test_two_groups_with_their_own_rates_step_like_two_torch_adamws(fused: bool, device: str):
+    """One buffer, a rate per group (what a packed run gives each member): each group steps
+    exactly as a torch.optim.AdamW of its own with that rate."""
+    ours = [small_net().to(device), small_net().to(device)]
+    theirs = [small_net().to(device), small_net().to(device)]
+    flat = FlatAdamW(
+        [list(net.parameters()) for net in ours],
+        lr=torch.tensor([3e-2, 5e-3]),
+        weight_decay=0.1,
+        fused=fused,
+    )
+    references = [torch.optim.AdamW(net.parameters(), weight_decay=0.1) for net in theirs]
+    for step in range(25):
+        rates = [3e-2 * (1 - step / 50), 5e-3 * (1 + step / 50)]  # a schedule per member
+        flat.lr = torch.tensor(rates)
+        flat.zero_grad()
+        sum(loss_of(net, step + 100 * i) for i, net in enumerate(ours)).backward()  # type: ignore[union-attr]
+        flat.step()
+        for i, (net, reference, rate) in enumerate(zip(theirs, references, rates, strict=True)):
+            reference.param_groups[0]["lr"] = rate
+            reference.zero_grad()
+            loss_of(net, step + 100 * i).backward()
+            reference.step()
+    for mine, reference_net in zip(ours, theirs, strict=True):
+        for (name, a), b in zip(mine.named_parameters(), reference_net.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # the rates told apart: the slower group moved less
+    moved = [(net[1].weight.cpu() - small_net()[1].weight).abs().sum() for net in ours]
+    assert moved[0] > 2 * moved[1]
+
+
+def test_one_rate_or_a_rate_per_group_is_still_one_fused_call(monkeypatch: pytest.MonkeyPatch):
+    calls = []
+    kernel = torch._fused_adamw_
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        calls.append(kwargs["lr"])
+        kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", counted)
+    nets = [small_net(), small_net(), small_net()]
+    for lr in (1e-2, torch.tensor(1e-2), torch.tensor([1e-2, 2e-2, 3e-2])):
+        calls.clear()
+        flat = FlatAdamW([list(net.parameters()) for net in nets], lr=lr, fused=True)
+        flat.zero_grad()
+        sum(loss_of(net, 0) for net in nets).backward()  # type: ignore[union-attr]
+        flat.step()
+        assert len(calls) == 1
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_tensor_rate_steps_like_the_same_float(fused: bool):
+    nets = [small_net(), small_net()]
+    float_rate = FlatAdamW(list(nets[0].parameters()), lr=3e-2, weight_decay=0.1, fused=fused)
+    tensor_rate = FlatAdamW(
+        list(nets[1].parameters()), lr=torch.tensor(3e-2), weight_decay=0.1, fused=fused
+    )
+    for step in range(10):
+        for optimizer, net in ((float_rate, nets[0]), (tensor_rate, nets[1])):
+            optimizer.zero_grad()
+            loss_of(net, step).backward()
+            optimizer.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(nets[1][1].weight, small_net()[1].weight)
+
+
+def test_rates_per_group_resume_and_a_misfit_rate_is_refused():
+    nets = [small_net(), small_net()]
+    opt = FlatAdamW([list(net.parameters()) for net in nets], lr=torch.tensor([1e-2, 2e-2]))
+    saved = opt.state_dict()
+    fresh = FlatAdamW([list(small_net().parameters()), list(small_net().parameters())], lr=0.5)
+    fresh.load_state_dict(saved)
+    assert isinstance(fresh.lr, torch.Tensor) and fresh.lr.tolist() == pytest.approx([1e-2, 2e-2])
+    with pytest.raises(ValueError, match="one rate per group"):
+        opt.lr = torch.tensor([1e-2, 2e-2, 3e-2])
+    with pytest.raises(ValueError, match="at least one parameter in each group"):
+        FlatAdamW([list(nets[0].parameters()), []], lr=1e-2)

@@ -10,9 +10,14 @@ from typing import Any
 import pytest
 import torch
 
-from workbench.corpus import Corpus
+from workbench.corpus import BatchSampler, Corpus, eval_set
+from workbench.models import build_model
 from workbench.spec import RunConfig, TrainConfig
-from workbench.train.trainer import CHECKPOINT_NAME, Trainer, learning_rate_at, resolve_device
+from workbench.train.checkpoint import CHECKPOINT_NAME, CheckpointError
+from workbench.train.factory import build_trainer
+from workbench.train.optim import FlatAdamW
+from workbench.train.process import prepare_process, resolve_device, torch_threads
+from workbench.train.trainer import Trainer, learning_rate_at
 
 
 def make_config(model: dict[str, Any], **train: Any) -> RunConfig:
@@ -31,6 +36,7 @@ class Recorder:
     def __init__(self, stop_after_step: int | None = None) -> None:
         self.metrics: list[tuple[int, dict[str, float]]] = []
         self.artifacts: dict[str, str | bytes] = {}
+        self.checkpoints: list[int] = []
         self.stop_after_step = stop_after_step
 
     def on_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -40,6 +46,9 @@ class Recorder:
 
     def on_artifact(self, name: str, content: str | bytes) -> None:
         self.artifacts[name] = content
+
+    def on_checkpoint(self, step: int) -> None:
+        self.checkpoints.append(step)
 
     def evals(self) -> dict[int, dict[str, float]]:
         return {s: m for s, m in self.metrics if "val_loss" in m}
@@ -51,16 +60,17 @@ TRANSFORMER = {"kind": "transformer", "n_layer": 2, "dropout": 0.1}
 def test_resume_from_checkpoint_equals_uninterrupted_run(shakespeare: Corpus, tmp_path: Path):
     config = make_config(TRANSFORMER)
     straight = Recorder()
-    Trainer(config, shakespeare, straight, tmp_path / "a").fit()
+    build_trainer(config, shakespeare, straight, tmp_path / "a").fit()
 
     interrupted = Recorder(stop_after_step=20)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(config, shakespeare, interrupted, tmp_path / "b").fit()
+        build_trainer(config, shakespeare, interrupted, tmp_path / "b").fit()
     assert (tmp_path / "b" / CHECKPOINT_NAME).exists()
     assert max(interrupted.evals()) == 20
+    assert interrupted.checkpoints == [20]  # told before the checkpoint was written
 
     resumed = Recorder()
-    result = Trainer(config, shakespeare, resumed, tmp_path / "b").fit()
+    result = build_trainer(config, shakespeare, resumed, tmp_path / "b").fit()
     assert min(resumed.evals()) == 40  # continued, did not start over
     for step in (40, 60):
         for key in ("train_loss", "val_loss"):
@@ -73,18 +83,18 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(shakespeare: Corpus, tm
 
 def test_same_seed_same_losses_other_seed_differs(shakespeare: Corpus):
     a, b = Recorder(), Recorder()
-    Trainer(make_config({"kind": "multi_head"}), shakespeare, a).fit()
-    Trainer(make_config({"kind": "multi_head"}), shakespeare, b).fit()
+    build_trainer(make_config({"kind": "multi_head"}), shakespeare, a).fit()
+    build_trainer(make_config({"kind": "multi_head"}), shakespeare, b).fit()
     assert a.evals() == b.evals()
     other = make_config({"kind": "multi_head"}).model_copy(update={"seed": 7})
     c = Recorder()
-    Trainer(other, shakespeare, c).fit()
+    build_trainer(other, shakespeare, c).fit()
     assert c.evals()[60]["val_loss"] != a.evals()[60]["val_loss"]
 
 
 def test_huge_learning_rate_diverges_with_its_step(shakespeare: Corpus):
     config = make_config({"kind": "multi_head"}, learning_rate=1.0e6, max_iters=200)
-    result = Trainer(config, shakespeare).fit()
+    result = build_trainer(config, shakespeare).fit()
     assert result.status == "diverged"
     assert result.reason is not None and "step" in result.reason
     assert 0 < result.step < 200
@@ -92,7 +102,7 @@ def test_huge_learning_rate_diverges_with_its_step(shakespeare: Corpus):
 
 def test_training_lowers_loss_and_reports_metrics(shakespeare: Corpus):
     recorder = Recorder()
-    result = Trainer(
+    result = build_trainer(
         make_config({"kind": "bigram"}, learning_rate=1e-2), shakespeare, recorder
     ).fit()
     evals = recorder.evals()
@@ -110,7 +120,7 @@ def test_training_lowers_loss_and_reports_metrics(shakespeare: Corpus):
 
 
 def test_eval_is_batched_and_equals_per_batch_mean(shakespeare: Corpus):
-    trainer = Trainer(make_config({"kind": "single_head"}), shakespeare)
+    trainer = build_trainer(make_config({"kind": "single_head"}), shakespeare)
     losses = trainer.evaluate()
     x_all, y_all = trainer.eval_sets["val"]
     with torch.no_grad():
@@ -123,7 +133,7 @@ def test_eval_is_batched_and_equals_per_batch_mean(shakespeare: Corpus):
 
 def test_artifacts_sample_and_attention(shakespeare: Corpus):
     recorder = Recorder()
-    Trainer(make_config({"kind": "multi_head", "n_head": 4}), shakespeare, recorder).fit()
+    build_trainer(make_config({"kind": "multi_head", "n_head": 4}), shakespeare, recorder).fit()
     sample = recorder.artifacts["sample.txt"]
     assert isinstance(sample, str) and len(sample) == 501 and sample.startswith("\n")
     attention = json.loads(recorder.artifacts["attention.json"])
@@ -133,7 +143,7 @@ def test_artifacts_sample_and_attention(shakespeare: Corpus):
     assert len(attention["prompt"]) == 8
 
     bigram = Recorder()
-    Trainer(make_config({"kind": "bigram"}), shakespeare, bigram).fit()
+    build_trainer(make_config({"kind": "bigram"}), shakespeare, bigram).fit()
     assert "attention.json" not in bigram.artifacts
 
 
@@ -156,7 +166,7 @@ def test_warmup_and_cosine_schedule():
 
 def test_gradient_clipping_bounds_the_update(shakespeare: Corpus):
     config = make_config({"kind": "bigram"}, grad_clip=1e-3, max_iters=20, eval_interval=20)
-    trainer = Trainer(config, shakespeare)
+    trainer = build_trainer(config, shakespeare)
     trainer.step()
     grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -171,8 +181,6 @@ def test_auto_device_is_cpu_without_accelerators():
 
 def test_a_checkpoint_that_is_not_plain_data_is_refused(shakespeare: Corpus, tmp_path: Path):
     """Only tensors and plain values are loaded; anything else is one line, never executed."""
-    from workbench.train.trainer import CheckpointError
-
     config = make_config({"kind": "bigram"})
     path = tmp_path / CHECKPOINT_NAME
     cases: list[tuple[bytes | object, str]] = [
@@ -187,7 +195,7 @@ def test_a_checkpoint_that_is_not_plain_data_is_refused(shakespeare: Corpus, tmp
         else:
             torch.save(content, path)
         with pytest.raises(CheckpointError, match=words):
-            Trainer(config, shakespeare, run_dir=tmp_path).load_checkpoint()
+            build_trainer(config, shakespeare, run_dir=tmp_path).load_checkpoint()
 
 
 @pytest.mark.parametrize(
@@ -200,7 +208,7 @@ def test_a_changing_learning_rate_is_reported(
     config = make_config(
         {"kind": "bigram"}, max_iters=40, lr_schedule=schedule, warmup_iters=warmup
     )
-    Trainer(config, shakespeare, recorder).fit()
+    build_trainer(config, shakespeare, recorder).fit()
     rates = [(step, m["lr"]) for step, m in recorder.metrics if "train_loss_smooth" in m]
     assert len(rates) == 4
     assert all(lr == learning_rate_at(step - 1, config.train) for step, lr in rates)
@@ -214,11 +222,11 @@ def test_a_resume_between_progress_points_keeps_the_progress_mean(
     run's step-30 mean must still cover steps 21-30, so its smoothed curve is the same."""
     config = make_config({"kind": "bigram"}, max_iters=60, eval_interval=25)
     straight = Recorder()
-    Trainer(config, shakespeare, straight, tmp_path / "a").fit()
+    build_trainer(config, shakespeare, straight, tmp_path / "a").fit()
     with pytest.raises(KeyboardInterrupt):
-        Trainer(config, shakespeare, Recorder(stop_after_step=25), tmp_path / "b").fit()
+        build_trainer(config, shakespeare, Recorder(stop_after_step=25), tmp_path / "b").fit()
     resumed = Recorder()
-    Trainer(config, shakespeare, resumed, tmp_path / "b").fit()
+    build_trainer(config, shakespeare, resumed, tmp_path / "b").fit()
 
     def smooth(recorder: Recorder) -> dict[int, float]:
         return {s: m["train_loss_smooth"] for s, m in recorder.metrics if "train_loss_smooth" in m}
@@ -226,3 +234,48 @@ def test_a_resume_between_progress_points_keeps_the_progress_mean(
     after = {s: v for s, v in smooth(resumed).items() if s > 25}
     assert sorted(after) == [30, 40, 50, 60]
     assert after == pytest.approx({s: smooth(straight)[s] for s in after}, abs=1e-6)
+
+
+def test_building_a_trainer_leaves_process_settings_alone(shakespeare: Corpus):
+    """Threads (and TF32) are set where a job starts, by prepare_process, not by the trainer."""
+    config = make_config({"kind": "bigram"}, threads=1)
+    with torch_threads(2):
+        build_trainer(config, shakespeare)
+        assert torch.get_num_threads() == 2
+        assert prepare_process(config.train) == torch.device("cpu")
+        assert torch.get_num_threads() == 1
+
+
+def test_a_trainer_trains_the_parts_it_is_handed(shakespeare: Corpus):
+    """No config of a run: a model, its optimizer, batches and eval sets, and a train config."""
+    train = TrainConfig(max_iters=20, eval_interval=10, eval_iters=2, device="cpu")
+    config = make_config({"kind": "bigram"}).model
+    torch.manual_seed(0)
+    model = build_model(config, shakespeare.tokenizer.vocab_size, train.block_size)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = FlatAdamW(list(model.parameters()), lr=1e-2)
+    sampler = BatchSampler(shakespeare.train, train.block_size, train.batch_size, seed=3)
+    eval_sets = {
+        "val": eval_set(shakespeare.val, train.block_size, train.batch_size, 2, 3, "val"),
+        "train": eval_set(shakespeare.train, train.block_size, train.batch_size, 2, 3, "train"),
+    }
+    recorder = Recorder()
+    trainer = Trainer(
+        model,
+        optimizer,
+        sampler,
+        eval_sets,
+        train,
+        device=torch.device("cpu"),
+        eval_rows=16,
+        tokenizer=shakespeare.tokenizer,
+        attention_prompt=shakespeare.val[:8],
+        seed=3,
+        callback=recorder,
+    )
+    result = trainer.fit()
+    assert result.status == "finished" and result.step == 20
+    assert trainer.model is model and optimizer.step_number == 20
+    assert not any(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert sorted(recorder.evals()) == [0, 10, 20]
+    assert recorder.evals()[20]["val_loss"] < recorder.evals()[0]["val_loss"]

@@ -74,8 +74,9 @@ class JobResult:
 
 
 class _MlflowCallback:
-    """Trainer callback: metrics to a batching buffer (and a progress function), artifacts
-    kept until the end."""
+    """The trainer's callback (``workbench.train.trainer.Callback``): metrics to a batching
+    buffer (and a progress function), artifacts kept until the end, the buffer flushed before
+    each checkpoint."""
 
     def __init__(self, buffer: MetricBuffer, key: str, progress: ProgressFn | None) -> None:
         self.buffer = buffer
@@ -96,6 +97,7 @@ class _MlflowCallback:
         self.artifacts[name] = content
 
     def on_checkpoint(self, step: int) -> None:
+        # Stored before the checkpoint is written: a resume never lacks a point before it.
         self.buffer.flush()
 
 
@@ -200,7 +202,8 @@ def _train_and_record(
     from workbench.corpus import Corpus
     from workbench.datasets import resolve_text_path
     from workbench.spec import RunConfig
-    from workbench.train.trainer import Trainer
+    from workbench.train.factory import build_trainer
+    from workbench.train.process import prepare_process
 
     if job.threads is not None:
         torch.set_num_threads(job.threads)
@@ -212,7 +215,10 @@ def _train_and_record(
     path = resolve_text_path(config.data.dataset, config.data.path, Path(job.data_dir))
     corpus = Corpus.from_file(path, config.data.val_fraction)
     run_dir = Path(job.checkpoint_dir)
-    trainer = Trainer(config, corpus, callback, run_dir, checkpoint_every_s=job.checkpoint_every_s)
+    prepare_process(config.train)  # the run's threads and TF32, for this whole process
+    trainer = build_trainer(
+        config, corpus, callback, run_dir, checkpoint_every_s=job.checkpoint_every_s
+    )
     device = str(trainer.device)
     tags = {
         TAG + "pid": str(os.getpid()),

@@ -1,1 +1,3 @@
-"""Training one run: the ``trainer`` loop and its flat fused AdamW (``optim``)."""
+"""Training one run: the loop (``trainer``), handed its parts by ``factory.build_trainer``;
+what a job sets for its whole process (``process``); checkpoints (``checkpoint``); the flat
+fused AdamW (``optim``)."""

@@ -2,6 +2,8 @@
 
 Every trainable parameter becomes a view into one tensor and its gradient a view into another,
 so a step is one call of PyTorch's fused AdamW kernel and zeroing the gradients is one fill.
+Parameter groups with a learning rate each (one per member of a packed run) cost a few more
+element-wise passes over the same buffer, never a call per group.
 ``torch.optim.AdamW(fused=True)`` runs the same kernel, but on the lecture's tiny models its
 per-step Python bookkeeping costs more than the update itself: a whole training step of rung 2
 takes 0.49 ms with this class against 0.60 ms with torch's (``benchmarks/bench_step.py``).
@@ -11,7 +13,8 @@ The update is ``torch.optim.AdamW``'s, to float rounding (a test checks it, fuse
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -21,8 +24,23 @@ def _fused_available(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda") and hasattr(torch, "_fused_adamw_")
 
 
+def _as_groups(
+    params: Sequence[nn.Parameter] | Sequence[Sequence[nn.Parameter]],
+) -> list[list[nn.Parameter]]:
+    """One list of parameters is one group."""
+    items = list(params)
+    if all(isinstance(item, torch.Tensor) for item in items):
+        return [cast(list[nn.Parameter], items)]
+    return [list(cast(Sequence[nn.Parameter], group)) for group in items]
+
+
 class FlatAdamW:
     """AdamW (decoupled weight decay, torch's defaults) for parameters of one device and dtype.
+
+    ``params`` is one list of parameters, or a list of groups (lists), each of which may have a
+    learning rate of its own: ``lr`` is one float for every parameter, or a tensor, either 0-d
+    (one rate, kept on the device: setting it never waits for the device) or with one rate per
+    group. Groups lie one after another in the flat buffer.
 
     The gradients are never ``None``: autograd accumulates into the views, so call
     :meth:`zero_grad` before each backward. ``model.zero_grad()`` (which sets gradients to
@@ -32,25 +50,30 @@ class FlatAdamW:
 
     def __init__(
         self,
-        params: list[nn.Parameter],
-        lr: float,
+        params: Sequence[nn.Parameter] | Sequence[Sequence[nn.Parameter]],
+        lr: float | torch.Tensor,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         fused: bool | None = None,
     ) -> None:
-        if not params:
-            raise ValueError("FlatAdamW needs at least one parameter")
-        first = params[0]
-        if any(p.device != first.device or p.dtype != first.dtype for p in params):
+        groups = _as_groups(params)
+        flat_params = [p for group in groups for p in group]
+        if not flat_params or any(not group for group in groups):
+            raise ValueError("FlatAdamW needs at least one parameter in each group")
+        first = flat_params[0]
+        if any(p.device != first.device or p.dtype != first.dtype for p in flat_params):
             raise ValueError("FlatAdamW needs every parameter on one device with one dtype")
-        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         self.fused = _fused_available(first.device) if fused is None else fused
-        self.params = params
-        self.flat = torch.cat([p.detach().reshape(-1) for p in params])
+        self.params = flat_params
+        self.group_sizes = torch.tensor(
+            [sum(p.numel() for p in group) for group in groups], device=first.device
+        )
+        self.flat = torch.cat([p.detach().reshape(-1) for p in flat_params])
         self.grad = torch.zeros_like(self.flat)
         offset = 0
-        for p in params:
+        for p in flat_params:
             n = p.numel()
             p.data = self.flat[offset : offset + n].view_as(p)
             p.grad = self.grad[offset : offset + n].view_as(p)
@@ -61,6 +84,23 @@ class FlatAdamW:
         # unfused update reads the count from a Python int, not from the device.
         self.steps = torch.zeros((), dtype=torch.float32, device=first.device)
         self.step_number = 0
+        self.direction: torch.Tensor | None = None  # scratch for one rate per group
+        self.lr = lr
+
+    @property
+    def lr(self) -> float | torch.Tensor:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float | torch.Tensor) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.dim() > 1 or (value.dim() == 1 and len(value) != len(self.group_sizes)):
+                raise ValueError(
+                    f"lr must be a float, a 0-d tensor or one rate per group "
+                    f"({len(self.group_sizes)}), not a tensor of shape {tuple(value.shape)}"
+                )
+            value = value.detach().to(self.flat.device, torch.float32)
+        self._lr = value
 
     def zero_grad(self) -> None:
         self.grad.zero_()
@@ -85,19 +125,35 @@ class FlatAdamW:
             )
         self.steps.add_(1)
         self.step_number += 1
+        lr = self._lr
+        if not isinstance(lr, torch.Tensor) or lr.dim() == 0:
+            self._update(self.flat, lr, self.weight_decay)  # one rate: one fused call
+            return
+        # One rate per group: the update at rate 1 without decay (AdamW's update is linear in
+        # the rate), then each element scaled by its group's rate, decay included.
+        if self.direction is None:
+            self.direction = torch.empty_like(self.flat)
+        self.direction.zero_()
+        self._update(self.direction, 1.0, 0.0)
+        lr_each = torch.repeat_interleave(lr, self.group_sizes, output_size=self.flat.numel())
+        self.flat.addcmul_(lr_each, self.flat, value=-self.weight_decay)
+        self.flat.addcmul_(lr_each, self.direction)
+
+    def _update(self, param: torch.Tensor, lr: float | torch.Tensor, weight_decay: float) -> None:
+        """AdamW's update of ``param`` from the gradient buffer, advancing the moments."""
         beta1, beta2 = self.betas
         if self.fused:
             torch._fused_adamw_(
-                [self.flat],
+                [param],
                 [self.grad],
                 [self.exp_avg],
                 [self.exp_avg_sq],
                 [],
                 [self.steps],
-                lr=self.lr,
+                lr=lr,
                 beta1=beta1,
                 beta2=beta2,
-                weight_decay=self.weight_decay,
+                weight_decay=weight_decay,
                 eps=self.eps,
                 amsgrad=False,
                 maximize=False,
@@ -105,13 +161,16 @@ class FlatAdamW:
             return
         # torch.optim.AdamW's single-tensor update, for devices without the fused kernel.
         step = self.step_number
-        self.flat.mul_(1 - self.lr * self.weight_decay)
+        param.mul_(1 - lr * weight_decay)
         self.exp_avg.lerp_(self.grad, 1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(self.grad, self.grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
         denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-        self.flat.addcdiv_(self.exp_avg, denom, value=-self.lr / bias_correction1)
+        if isinstance(lr, torch.Tensor):
+            param.sub_(self.exp_avg / denom * (lr / bias_correction1))
+        else:
+            param.addcdiv_(self.exp_avg, denom, value=-lr / bias_correction1)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -119,7 +178,7 @@ class FlatAdamW:
             "steps": self.steps.clone(),
             "exp_avg": self.exp_avg.clone(),
             "exp_avg_sq": self.exp_avg_sq.clone(),
-            "lr": self.lr,
+            "lr": self.lr.clone() if isinstance(self.lr, torch.Tensor) else self.lr,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
