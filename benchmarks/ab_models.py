@@ -4,7 +4,7 @@ lecture's rungs, one torch thread each, timed alternately.
 This machine's speed drifts by 10% or more between runs minutes apart, more than most single
 changes to the model code gain; two trainers timed in turn see the same drift. Each side is a
 worker process that imports its own whole ``workbench`` (the other commit's is unpacked with
-``git archive`` into a temporary folder) and builds ``Trainer(workbench_config(rung))``; the
+``git archive`` into a temporary folder) and builds the trainer of ``workbench_config(rung)``; the
 parent tells one worker at a time to run, so the two never compete for a core. Their losses must
 agree (the same math), and the script checks that they do before timing.
 
@@ -98,12 +98,19 @@ def serve(root: Path, rung: int, requests: IO[str], answers: IO[str]) -> None:
     from workbench.corpus import Corpus
     from workbench.datasets import fetch_known
     from workbench.settings import load_settings
-    from workbench.train.trainer import Trainer
 
     assert Path(workbench.__file__).resolve().is_relative_to(root.resolve()), workbench.__file__
     torch.set_num_threads(1)
     corpus = Corpus.from_file(fetch_known("tinyshakespeare", load_settings().data_dir))
-    trainer = Trainer(workbench_config(rung, None, 1337), corpus)
+    config = workbench_config(rung, None, 1337)
+    try:  # a trainer handed its parts, built by the factory
+        from workbench.train.factory import build_trainer
+
+        trainer = build_trainer(config, corpus)
+    except ImportError:  # revisions before it: the trainer built its own parts
+        from workbench.train.trainer import Trainer
+
+        trainer = Trainer(config, corpus)  # type: ignore[call-arg,arg-type]
     for line in requests:
         request = json.loads(line)
         if request["do"] == "losses":

@@ -279,3 +279,16 @@ def test_a_trainer_trains_the_parts_it_is_handed(shakespeare: Corpus):
     assert not any(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert sorted(recorder.evals()) == [0, 10, 20]
     assert recorder.evals()[20]["val_loss"] < recorder.evals()[0]["val_loss"]
+
+
+@pytest.mark.parametrize("setting", ["sdpa", "torch"])
+def test_the_factory_hands_the_model_the_attention_the_config_asks_for(
+    setting: str, shakespeare: Corpus
+) -> None:
+    config = make_config({"kind": "multi_head", "n_embd": 16, "n_head": 2}, attention=setting)
+    trainer = build_trainer(config, shakespeare)
+    assert trainer.model.attention_backend is not None
+    assert trainer.model.attention_backend.name == setting
+    assert (
+        build_trainer(make_config({"kind": "bigram"}), shakespeare).model.attention_backend is None
+    )

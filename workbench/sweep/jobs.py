@@ -226,6 +226,9 @@ def _train_and_record(
         TAG + "device": device,
         TAG + "torch_version": torch.__version__,
     }
+    backend = trainer.model.attention_backend
+    if backend is not None:  # which attention code ran (train.attention: auto chooses per machine)
+        tags[TAG + "attention"] = backend.name
     if trainer.device.type == "cuda":  # which GPU, to find the runs that shared one
         tags[TAG + "gpu_name"] = torch.cuda.get_device_name(trainer.device)
         tags[TAG + "cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")

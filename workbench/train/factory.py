@@ -14,6 +14,8 @@ import torch
 
 from workbench.corpus import BatchSampler, Corpus, eval_set
 from workbench.models import build_model
+from workbench.models.attention import resolve_attention
+from workbench.models.ladder import ATTENTION_KINDS, attention_head_size
 from workbench.spec import RunConfig
 from workbench.train.optim import FlatAdamW
 from workbench.train.process import resolve_device
@@ -41,8 +43,13 @@ def build_trainer(
     """
     train = config.train
     device = resolve_device(train.device)
+    attention = None
+    if config.model.kind in ATTENTION_KINDS:  # chosen here, once; the model is handed it
+        head_size = attention_head_size(config.model)
+        attention = resolve_attention(train.attention, device, train.block_size, head_size)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, corpus.tokenizer.vocab_size, train.block_size).to(device)
+    model = build_model(config.model, corpus.tokenizer.vocab_size, train.block_size, attention)
+    model = model.to(device)
     forward_model: Any = model
     if train.compile and device.type == "cuda":
         forward_model = torch.compile(model)
