@@ -139,7 +139,7 @@ class Spec(Section):
     )
 
 
-# The model keys each kind reads (workbench/models.py); the others do not change its model.
+# The model keys each kind reads (workbench/models/ladder.py); the others do not change its model.
 MODEL_FIELDS: dict[str, tuple[str, ...]] = {
     "bigram": ("kind",),
     "uniform_avg": ("kind", "n_embd"),

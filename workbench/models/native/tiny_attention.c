@@ -1,9 +1,9 @@
 /* Causal self-attention over short blocks on a CPU, forward and backward, in plain C.
  *
- * Loaded by workbench/kernels.py, which compiles it on first use with the machine's C compiler
- * (one shared library per head size: HEAD is fixed at compile time so the inner loops over it
- * vectorize fully). The math is TinyCausalAttention's in workbench/models.py; tests hold the two
- * to each other and to SDPA. What this saves is not arithmetic but dispatch: at 8 positions a
+ * Loaded by workbench/models/native/__init__.py, which compiles it on first use with the
+ * machine's C compiler (one shared library per head size: HEAD is fixed at compile time so the
+ * inner loops over it vectorize fully). The math is TinyCausalAttention's in
+ * workbench/models/attention.py; tests hold the two to each other and to SDPA. What this saves is not arithmetic but dispatch: at 8 positions a
  * head is a few hundred multiply-adds, and one call here replaces two permute copies, six batched
  * matmuls and the softmax's eight elementwise ops, each a separate PyTorch call.
  *
