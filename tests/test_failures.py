@@ -16,6 +16,8 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,6 +231,25 @@ def one_line_error(result: Any, *words: str) -> None:
         assert word in lines[0], lines[0]
 
 
+def test_a_store_another_program_is_setting_up_is_waited_for(tmp_path: Path) -> None:
+    """``mlflow ui`` or a client creating the store takes no lock of ours: for the seconds its
+    migrations take the file looks half-made, and is waited for, not refused."""
+    spec = sweep_spec(tmp_path)
+    complete = tmp_path / "complete.db"
+    MlflowClient(f"sqlite:///{complete}").search_experiments()  # a store MLflow finished
+    database = tmp_path / "busy.db"
+    with contextlib.closing(sqlite3.connect(database)) as connection:  # mid-migration
+        connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32))")
+        connection.execute("CREATE TABLE _alembic_tmp_tags (key VARCHAR(250))")
+    finisher = threading.Timer(1.5, shutil.copyfile, (complete, database))
+    started = time.monotonic()
+    finisher.start()
+    result = invoke("plan", str(spec), "--tracking-uri", f"sqlite:///{database}")
+    finisher.join()
+    assert result.exit_code == 0, result.output
+    assert time.monotonic() - started >= 1.5
+
+
 def test_a_half_made_or_corrupt_store_is_one_line(tmp_path: Path) -> None:
     spec = sweep_spec(tmp_path)
     database = tmp_path / "half.db"
@@ -236,10 +257,13 @@ def test_a_half_made_or_corrupt_store_is_one_line(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(database)) as connection:  # a setup cut short
         connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32))")
         connection.execute("CREATE TABLE _alembic_tmp_tags (key VARCHAR(250))")
+    an_hour_ago = time.time() - 3600  # left behind, not being set up right now
+    os.utime(database, (an_hour_ago, an_hour_ago))
     one_line_error(invoke("run", str(spec), *store.args()), "half-made", "_alembic_tmp_tags")
     one_line_error(invoke("plan", str(spec), "--tracking-uri", store.uri), "half-made")
 
     database.write_bytes(os.urandom(8192))  # not a database at all
+    os.utime(database, (an_hour_ago, an_hour_ago))
     one_line_error(invoke("run", str(spec), *store.args()), "not a readable SQLite database")
     assert database.stat().st_size == 8192  # left as it was
 

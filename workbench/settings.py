@@ -27,6 +27,7 @@ class Settings:
     kernel_dir: Path | None  # compiled kernels (workbench.models.native); None: nowhere to cache
     native_kernels: bool  # WORKBENCH_NATIVE=0 keeps to PyTorch ops
     c_compiler: str | None  # CC; None: the first of cc, gcc, clang on the PATH
+    store_template_dir: Path | None = None  # empty MLflow databases, one per MLflow version
 
 
 def load_settings() -> Settings:
@@ -44,4 +45,5 @@ def load_settings() -> Settings:
         kernel_dir=cache_dir / "kernels" if cache_dir else None,
         native_kernels=os.environ.get("WORKBENCH_NATIVE", "1").lower() not in OFF,
         c_compiler=os.environ.get("CC") or None,
+        store_template_dir=cache_dir / "stores" if cache_dir else None,
     )

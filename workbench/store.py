@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import sqlite3
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,6 +116,8 @@ def _open_sqlite(uri: str, database: Path) -> None:
         return
     try:
         _check_sqlite(uri, database)
+        if not database.exists() or database.stat().st_size == 0:
+            _copy_template(database)
         with store_errors(uri):
             from mlflow.tracking import MlflowClient
 
@@ -120,10 +126,106 @@ def _open_sqlite(uri: str, database: Path) -> None:
         lock.release()
 
 
+def _copy_template(database: Path) -> None:
+    """A new store as a copy of an empty one that this MLflow version made earlier (its
+    migrations take seconds; a copy, milliseconds). The template has no experiment, so MLflow
+    adds its Default experiment, with its artifact location, when it opens the copy. Without a
+    template (no cache folder, a read-only one), MLflow creates the store itself."""
+    template = _store_template()
+    if template is None:
+        return
+    partial = database.with_name(f".{database.name}.{os.getpid()}.partial")
+    try:
+        shutil.copyfile(template, partial)
+        # A link, not a rename: it never replaces a file that another program (``mlflow ui``,
+        # a client) created meanwhile without our lock; then MLflow opens that one instead.
+        os.link(partial, database)
+    except OSError:
+        pass  # MLflow creates the store itself, or opens the one that appeared
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _store_template() -> Path | None:
+    """``<cache>/stores/mlflow-<version>.db``, made by MLflow's own migrations on first use."""
+    import mlflow
+    from filelock import FileLock
+
+    from workbench.settings import load_settings
+
+    folder = load_settings().store_template_dir
+    if folder is None:
+        return None
+    version = re.sub(r"[^0-9A-Za-z.+]", "_", mlflow.__version__)
+    template = folder / f"mlflow-{version}.db"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{template}.lock", timeout=STORE_LOCK_TIMEOUT_S):
+            if not _is_empty_store(template):
+                _make_template(template)
+    except Exception:  # any failure here: MLflow creates the store itself, and says why not
+        return None
+    return template if _is_empty_store(template) else None
+
+
+def _make_template(template: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    # A name never used before: MLflow keeps each store it opened, by its URI, for the process.
+    partial = template.with_name(f".{template.name}.{uuid.uuid4().hex}.partial")
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{partial}")._tracking_client.store  # noqa: B018
+        with contextlib.closing(sqlite3.connect(partial)) as connection, connection:
+            connection.execute("DELETE FROM experiments")  # Default: its location is per store
+        os.replace(partial, template)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _is_empty_store(path: Path) -> bool:
+    """A complete MLflow database without experiments or runs (a template is never trusted
+    further than that: a store copied from it holds nothing of its own)."""
+    if not path.is_file():
+        return False
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=30)
+        ) as connection:
+            tables = {row[0] for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}  # fmt: skip
+            if not {"alembic_version", "experiments", "runs"} <= tables or any(
+                t.startswith("_alembic_tmp_") for t in tables
+            ):
+                return False
+            return not any(
+                connection.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
+                for table in ("experiments", "runs")
+            )
+    except sqlite3.Error:
+        return False
+
+
 def _check_sqlite(uri: str, database: Path) -> None:
-    """Refuse a file that is not an MLflow database, or one whose setup was cut short."""
+    """Refuse a file that is not an MLflow database, or one whose setup was cut short.
+
+    A file still being set up by another program (``mlflow ui``, a client, which take no lock
+    of ours) looks half-made for the seconds its migrations take: while it keeps changing, wait
+    for it rather than refuse it.
+    """
+    deadline = time.monotonic() + SETUP_WAIT_S
+    while (problem := _sqlite_problem(uri, database)) is not None:
+        recent = time.time() - database.stat().st_mtime < SETUP_WAIT_S
+        if not recent or time.monotonic() > deadline:
+            raise WorkbenchError(problem)
+        time.sleep(0.25)
+
+
+SETUP_WAIT_S = 30.0  # an MLflow store's first migrations take seconds, not half a minute
+
+
+def _sqlite_problem(uri: str, database: Path) -> str | None:
     if not database.exists() or database.stat().st_size == 0:
-        return  # MLflow creates it
+        return None  # MLflow creates it
     try:
         with contextlib.closing(
             sqlite3.connect(f"file:{quote(str(database))}?mode=ro", uri=True, timeout=30)
@@ -131,17 +233,18 @@ def _check_sqlite(uri: str, database: Path) -> None:
             tables = {row[0] for row in connection.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}  # fmt: skip
     except sqlite3.Error as exc:
-        raise WorkbenchError(
+        return (
             f"tracking store {uri}: {database} is not a readable SQLite database "
             f"({first_line(exc)})"
-        ) from None
+        )
     half_made = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
     if half_made or (tables and "alembic_version" not in tables):
         what = f"leftover table {half_made[0]}" if half_made else "no alembic_version table"
-        raise WorkbenchError(
+        return (
             f"tracking store {uri}: {database} is a half-made or foreign MLflow database "
             f"({what}; its setup was probably interrupted): move it away and run again"
         )
+    return None
 
 
 def _tls_verify() -> bool | str:

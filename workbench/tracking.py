@@ -228,6 +228,7 @@ class MetricBuffer:
         # key -> (value, timestamp, step): the newest point not stored (between samples)
         self.latest: dict[str, tuple[float, int, int]] = {}
         self.pending_tags: dict[str, str] = {}  # stored with the next flush
+        self.pending_params: dict[str, str] = {}
 
     def skip_stored(self, keys: list[str]) -> None:
         """A resumed run redoes steps since its checkpoint; don't store those points twice."""
@@ -255,6 +256,10 @@ class MetricBuffer:
         three)."""
         self.pending_tags.update(tags)
 
+    def params(self, params: dict[str, str]) -> None:
+        """Params stored with the next flush."""
+        self.pending_params.update(params)
+
     def flush(self, heartbeat: bool = True, final: bool = False) -> None:
         """Store what was collected; ``final`` also stores each key's last point."""
         from mlflow.entities import RunTag
@@ -264,13 +269,16 @@ class MetricBuffer:
 
             self.points.extend(Metric(key, *point) for key, point in self.latest.items())
             self.latest = {}
+        from mlflow.entities import Param
+
         tags = [RunTag(k, v) for k, v in self.pending_tags.items()]
-        self.pending_tags = {}
+        params = [Param(k, v) for k, v in self.pending_params.items()]
+        self.pending_tags, self.pending_params = {}, {}
         if heartbeat:
             self.last_heartbeat = time.time()
             tags.append(RunTag(TAG + "heartbeat", f"{self.last_heartbeat:.0f}"))
-        if self.points or tags:
-            self.client.log_batch(self.run_id, metrics=self.points, tags=tags)
+        if self.points or tags or params:
+            self.client.log_batch(self.run_id, metrics=self.points, params=params, tags=tags)
         self.points = []
 
     def heartbeat_due(self) -> bool:

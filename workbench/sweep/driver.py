@@ -41,6 +41,12 @@ class Executor(Protocol):
         on_crash: CrashFn,
     ) -> list[JobResult]: ...
 
+    def warm_up(self, runs: int) -> None:
+        """Get ready for up to ``runs`` runs before ``run`` is called (may do nothing)."""
+
+    def close(self) -> None:
+        """Let go of whatever ``warm_up`` started and ``run`` did not use."""
+
 
 @dataclass(frozen=True)
 class Options:
@@ -143,7 +149,27 @@ def run_sweep(
     on_start: Callable[[list[Decision]], None] | None = None,
 ) -> Summary:
     """Train what the store does not have yet; returns what happened to every run."""
-    experiment_id = ensure_experiment(options.tracking_uri, plan.experiment)  # before any worker
+    try:
+        if _is_new_store(options.tracking_uri):  # every run will train: workers start now,
+            executor.warm_up(len(plan.runs))  # their imports overlap the store's creation
+        return _run_sweep(plan, executor, options, on_event, on_start)
+    finally:
+        executor.close()
+
+
+def _is_new_store(tracking_uri: str) -> bool:
+    path = sqlite_path(tracking_uri)
+    return path is not None and not path.exists()
+
+
+def _run_sweep(
+    plan: Plan,
+    executor: Executor,
+    options: Options,
+    on_event: EventFn | None,
+    on_start: Callable[[list[Decision]], None] | None,
+) -> Summary:
+    experiment_id = ensure_experiment(options.tracking_uri, plan.experiment)
     experiment_dir = options.checkpoint_dir / experiment_slug(plan.experiment)
     claims = Claims(experiment_dir)
     try:
@@ -238,7 +264,6 @@ class _StoreRuns:
     experiment_dir: Path
     mlflow_client: Any
     tags: dict[str, str]  # of every run of this sweep
-    n_params: dict[str, int]  # run key -> parameter count
 
     @classmethod
     def open(
@@ -249,15 +274,12 @@ class _StoreRuns:
         experiment_dir: Path,
         todo: list[Decision],
     ) -> _StoreRuns:
-        from workbench.models.counts import parameter_counts
-
         return cls(
             options,
             summary.experiment_id,
             experiment_dir,
             client(options.tracking_uri),
             _sweep_tags(plan, summary.sweep_id),
-            parameter_counts([d.run for d in todo]),
         )
 
     def prepare(self, decision: Decision) -> Job:
@@ -306,9 +328,7 @@ class _StoreRuns:
         # A fresh start, not someone's leftovers.
         shutil.rmtree(self.experiment_dir / run.key, ignore_errors=True)
         tags = {**self.tags, TAG + "threads": str(threads)}
-        return _create_run(
-            self.mlflow_client, self.experiment_id, run, tags, self.n_params[run.key]
-        )
+        return _create_run(self.mlflow_client, self.experiment_id, run, tags)
 
     def on_crash(self, job: Job, reason: str, status: JobStatus) -> JobResult:
         """A worker that died or never answered: ``killed`` leaves the run resumable. A worker
@@ -326,7 +346,7 @@ class _StoreRuns:
 
 
 def _create_run(
-    mlflow_client: Any, experiment_id: str, run: Run, sweep_tags: dict[str, str], n_params: int
+    mlflow_client: Any, experiment_id: str, run: Run, sweep_tags: dict[str, str]
 ) -> str:
     from mlflow.entities import Param
 
@@ -346,6 +366,6 @@ def _create_run(
     created = mlflow_client.create_run(experiment_id, run_name=run.name, tags=tags)
     run_id: str = created.info.run_id
     values = flatten(applicable_config(config))  # what the run was, nothing that does not apply
-    values.update({"num_params": n_params, "data_sha256": run.data_sha256})
+    values["data_sha256"] = run.data_sha256  # num_params: the worker's, once it built the model
     mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
     return run_id

@@ -233,6 +233,10 @@ def _train_and_record(
         tags[TAG + "gpu_name"] = torch.cuda.get_device_name(trainer.device)
         tags[TAG + "cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     buffer.tags(tags)
+    # The parameter count, here where the model is built (the driver need not import torch). A
+    # resumed run has it already, unless its first attempt was killed before this flush.
+    if not job.resumed or "num_params" not in mlflow_client.get_run(job.run_id).data.params:
+        buffer.params({"num_params": str(trainer.model.num_params())})
     # Now, not with the first checkpoint: until this process's pid is in the store, a sweep
     # started beside an orphaned worker (its driver killed) would take the run for a stale one.
     buffer.flush(heartbeat=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING
 
 from workbench.errors import WorkbenchError
@@ -47,7 +48,19 @@ def make_executor(
 
 def _default_jobs() -> tuple[int, int]:
     """(jobs, gpus): one per GPU, else one per core."""
+    gpus = gpu_count()
+    return (gpus, gpus) if gpus else (os.cpu_count() or 1, 0)
+
+
+def gpu_count() -> int:
+    """torch's CUDA device count, without importing torch (a second) where there can be none:
+    no NVIDIA or AMD (ROCm) device node on this Linux machine, or none made visible."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return 0
+    if sys.platform == "linux" and not any(
+        os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+    ):
+        return 0
     import torch
 
-    gpus = torch.cuda.device_count()
-    return (gpus, gpus) if gpus else (os.cpu_count() or 1, 0)
+    return int(torch.cuda.device_count())

@@ -19,6 +19,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -50,6 +51,11 @@ def _worker_main(env: dict[str, str], conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     parent = os.getppid()
+    # What every job needs, imported now: a worker started early (``warm_up``) imports while
+    # the driver is still creating the store, not when its first job arrives.
+    import workbench.tracking
+    import workbench.train.factory  # noqa: F401  (torch)
+
     while True:
         try:
             while not conn.poll(PARENT_CHECK_S):
@@ -57,9 +63,9 @@ def _worker_main(env: dict[str, str], conn: Connection) -> None:
                     return
             job: Job | None = conn.recv()
         except (KeyboardInterrupt, EOFError, OSError):
-            return
+            break
         if job is None:
-            return
+            break
         conn.send(Started(job.key, os.getpid()))
 
         def progress(event: Progress) -> None:
@@ -75,7 +81,12 @@ def _worker_main(env: dict[str, str], conn: Connection) -> None:
         try:
             conn.send(Ended(job.key, result))
         except OSError:
-            return
+            break
+    # Every run this worker held is ended in the store and reported: nothing is left to write,
+    # so skip the interpreter's teardown of torch and mlflow (about a second the driver waits).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @dataclass
@@ -124,7 +135,10 @@ class LocalExecutor:
         slots = max(1, min(self.jobs, len(items)))
         threads = self.threads_per_job
         try:
-            self.workers = [self._start(ctx, slot, threads) for slot in range(slots)]
+            for worker in self.workers[slots:]:  # warmed up for more runs than there are
+                self._stop_worker(worker)
+            self.workers = self.workers[:slots]
+            self.workers += [self._start(ctx, s, threads) for s in range(len(self.workers), slots)]
             while pending or any(w.job is not None for w in self.workers):
                 for worker in self.workers:
                     if worker.job is None and pending:
@@ -151,6 +165,19 @@ class LocalExecutor:
         finally:
             self._stop()
         return results
+
+    def warm_up(self, runs: int) -> None:
+        """Start the workers for up to ``runs`` runs now, so that their imports (seconds each)
+        overlap what the driver does before the first job; ``run`` uses them, ``close`` stops
+        them if ``run`` never comes."""
+        if not self.workers:
+            ctx = mp.get_context("spawn")
+            slots = max(1, min(self.jobs, runs))
+            self.workers = [self._start(ctx, s, self.threads_per_job) for s in range(slots)]
+
+    def close(self) -> None:
+        """Stop any worker still running (``run`` stops its own when it returns)."""
+        self._stop()
 
     def _start(self, ctx: Any, slot: int, threads: int | None) -> _Worker:
         env: dict[str, str] = {}
@@ -232,8 +259,15 @@ class LocalExecutor:
                     worker.conn.send(None)
         deadline = time.monotonic() + 5
         for worker in self.workers:
-            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
-            worker.conn.close()
+            self._stop_worker(worker, max(0.0, deadline - time.monotonic()))
+        self.workers = []
+
+    @staticmethod
+    def _stop_worker(worker: _Worker, timeout: float = 5.0) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            worker.conn.send(None)  # a second None to a worker already told is harmless
+        worker.process.join(timeout=timeout)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()

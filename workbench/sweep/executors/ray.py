@@ -62,6 +62,12 @@ class RayExecutor:
     max_retries: int = 2
     num_cpus: int | None = None  # for a local cluster started here
 
+    def warm_up(self, runs: int) -> None:
+        """Nothing to start ahead: Ray starts its workers when tasks are submitted."""
+
+    def close(self) -> None:
+        """Nothing to stop: ``warm_up`` started nothing."""
+
     def run(
         self,
         items: list[Any],
