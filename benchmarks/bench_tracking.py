@@ -2,7 +2,10 @@
 the job function that logs to MLflow (SQLite store), interleaved in one process, medians.
 
 The tracked side includes everything the job does: tags, metric batches at eval points,
-the end-of-run metrics and artifacts (config, tokenizer, sample, attention maps, weights).
+the end-of-run metrics and artifacts (config, tokenizer, sample, attention maps) and the
+logged model. A third side is tracked without the logged model, to say what the model adds;
+the one-off cost of exporting a model shape (once per worker process and shape) is timed
+apart, in a process that has exported another shape already.
 
     python benchmarks/bench_tracking.py --repeats 5      # writes benchmarks/tracking.json
 """
@@ -23,8 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workbench.corpus import Corpus
 from workbench.datasets import resolve_text_path
+from workbench.models import build_model
+from workbench.models.export import export_logits
 from workbench.settings import load_settings
 from workbench.spec import RunConfig
+from workbench.sweep import jobs
 from workbench.sweep.jobs import Job, execute_job
 from workbench.tracking import client, ensure_experiment
 from workbench.train.factory import build_trainer
@@ -69,6 +75,23 @@ def tracked(run_config: RunConfig, data_dir: Path, uri: str, experiment_id: str,
     return elapsed
 
 
+def tracked_without_model(*args: object) -> float:
+    log_final_model = jobs._log_final_model
+    jobs._log_final_model = lambda *_: None  # type: ignore[assignment]
+    try:
+        return tracked(*args)  # type: ignore[arg-type]
+    finally:
+        jobs._log_final_model = log_final_model
+
+
+def export_time(run_config: RunConfig, block_size: int) -> float:
+    """Seconds to export a model shape this process has not exported yet."""
+    model = build_model(run_config.model, 65, block_size)
+    start = time.perf_counter()
+    export_logits(model)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
@@ -83,24 +106,31 @@ def main() -> None:
     rows = []
     for kind in args.kinds:
         run_config = config(kind, args.max_iters)
-        off, on = [], []
+        off, on, no_model = [], [], []
         tracked(run_config, data_dir, uri, experiment_id, -1)  # warm-up (imports, caches)
         for i in range(args.repeats):
             off.append(untracked(run_config, data_dir))
             on.append(tracked(run_config, data_dir, uri, experiment_id, i))
+            no_model.append(tracked_without_model(run_config, data_dir, uri, experiment_id, i))
         overhead = statistics.median(b / a - 1 for a, b in zip(off, on, strict=True))
+        model_s = statistics.median(b - a for a, b in zip(no_model, on, strict=True))
+        exports = [export_time(run_config, 100 + i) for i in range(args.repeats)]
         row = {
             "kind": kind,
             "max_iters": args.max_iters,
             "untracked_s": statistics.median(off),
             "tracked_s": statistics.median(on),
             "overhead": overhead,
+            "tracked_without_model_s": statistics.median(no_model),
+            "logged_model_s": model_s,
+            "export_new_shape_s": statistics.median(exports),
             "repeats": args.repeats,
         }
         rows.append(row)
         print(
             f"{kind}: tracking off {row['untracked_s']:.2f}s, on {row['tracked_s']:.2f}s, "
-            f"overhead {100 * overhead:+.1f}%",
+            f"overhead {100 * overhead:+.1f}%; the logged model {1000 * model_s:.0f} ms a run, "
+            f"a new shape's export {1000 * row['export_new_shape_s']:.0f} ms",
             flush=True,
         )
     out = Path(__file__).with_name("tracking.json")

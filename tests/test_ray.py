@@ -92,7 +92,8 @@ def test_grid_on_ray_logs_to_the_server_and_reruns_skip(server: str, tmp_path: P
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
         assert sorted(steps) == [0, 10, 20, 30, 40]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"model.pt", "sample.txt", "config.yaml"} <= artifacts  # through the server
+        assert {"sample.txt", "config.yaml"} <= artifacts  # through the server
+        assert run.outputs.model_outputs  # the weights: a logged model, through the server
 
     again = workbench_run(spec, server)
     output, _ = again.communicate(timeout=300)

@@ -63,9 +63,8 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
     assert "lr" not in metrics  # a constant rate: a param, not a curve
     assert [s for s, _ in store.history(run.info.run_id, "val_loss")] == [0, 20, 40]
     artifacts = {a.path for a in store.client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "tokenizer.json", "sample.txt", "attention.json", "model.pt"} <= (
-        artifacts
-    )
+    assert {"config.yaml", "tokenizer.json", "sample.txt", "attention.json"} <= artifacts
+    assert run.outputs.model_outputs  # the weights: the run's logged model
     assert not any(store.checkpoints.rglob("checkpoint.pt"))  # removed once finished
 
     again = invoke("run", str(spec), *store.args())
@@ -169,15 +168,21 @@ def test_sample_takes_a_name_id_or_key_and_never_guesses(store: Store, tmp_path:
     for ok in (old_key, new_key, runs[0].info.run_id):  # the same key twice: the newest
         assert sample(ok).exit_code == 0, sample(ok).output
 
+    # A run from before logged models (no model among its outputs) whose model.pt is a pickle.
     marker = tmp_path / "unpickled"
     payload = tmp_path / "unsafe" / "model.pt"
     payload.parent.mkdir()
     payload.write_bytes(pickle.dumps({"config": Unsafe(marker)}))
-    store.client.log_artifact(runs[0].info.run_id, str(payload))
-    refused = sample(runs[0].info.run_id)
+    old = store.client.create_run(runs[0].info.experiment_id, run_name="old").info.run_id
+    store.client.log_artifact(old, str(payload))
+    tokenizer = store.client.download_artifacts(
+        runs[0].info.run_id, "tokenizer.json", str(tmp_path)
+    )
+    store.client.log_artifact(old, tokenizer)
+    refused = sample(old)
     assert refused.exit_code == 2 and "Traceback" not in refused.output
     (line,) = refused.stderr.splitlines()
-    assert line.startswith(f"run {runs[0].info.run_id}: model.pt refused: not a weights-only")
+    assert line.startswith(f"run {old}: model.pt refused: not a weights-only")
     assert not marker.exists()
 
 
@@ -318,6 +323,12 @@ def test_killed_worker_leaves_its_run_resumable(store: Store, tmp_path: Path) ->
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
     (again,) = [r for r in runs if r.data.tags[TAG + "attempt"] == "2"]
     assert TAG + "reason" not in again.data.tags  # why it stopped is no longer true
+    for run in runs:  # one logged model each, the one the run names as its output
+        models = store.client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+        )
+        assert [o.model_id for o in run.outputs.model_outputs] == [m.model_id for m in models]
+        assert len(models) == 1
 
 
 def uninterrupted_history(tmp_path: Path, spec: Path) -> list[tuple[int, float]]:

@@ -1,8 +1,9 @@
-"""Load a finished run's weights and tokenizer back from MLflow and generate text."""
+"""Load a finished run's logged model and tokenizer back from MLflow and generate text."""
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -95,15 +96,69 @@ def generate_text(
     seed: int | None = None,
     experiment: str | None = None,
 ) -> str:
+    """Text from the run's logged model (``mlflow.pytorch.load_model``); a run from before
+    workbench logged models is read from its weights-only ``model.pt`` artifact instead."""
     import torch
+
+    from workbench import mlflow_model
+
+    run_id = find_run_id(tracking_uri, run, experiment)
+    mlflow_client = client(tracking_uri)
+    model_id = mlflow_model.run_model_id(mlflow_client, run_id)
+    if model_id is not None:
+        logged = mlflow_model.load_model(tracking_uri, mlflow_client, model_id)
+        logits, tokenizer, block_size = logged.module, logged.tokenizer, logged.block_size
+        run_seed = _run_seed(mlflow_client, run_id)
+    else:
+        model, tokenizer, run_seed = _load_artifacts(mlflow_client, run_id, run)
+        logits, block_size = model.logits, model.block_size
+    unknown = sorted({c for c in prompt if c not in tokenizer.chars})
+    if unknown:
+        raise WorkbenchError(f"--prompt: characters not in the run's vocabulary: {unknown!r}")
+    start = torch.tensor([tokenizer.encode(prompt or "\n")])
+    generator = torch.Generator().manual_seed(run_seed if seed is None else seed)
+    out = sample(logits, start, tokens, block_size, temperature, generator)
+    return tokenizer.decode(out[0].tolist())
+
+
+def sample(
+    logits: Callable[[Any], Any],
+    idx: Any,
+    max_new_tokens: int,
+    block_size: int,
+    temperature: float = 1.0,
+    generator: Any = None,
+) -> Any:
+    """Extend ``idx`` (B, T) by ``max_new_tokens`` drawn from ``logits`` (token ids (B, T) to
+    (B, T, vocab)), feeding back at most ``block_size`` positions."""
+    import torch
+
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            last = logits(idx[:, -block_size:])[:, -1, :].float()  # (B, vocab)
+            probs = torch.softmax(last / max(temperature, 1e-8), dim=-1)
+            next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, next_id), dim=1)
+    return idx
+
+
+def _run_seed(mlflow_client: Any, run_id: str) -> int:
+    data = mlflow_client.get_run(run_id).data
+    seed = data.params.get("seed", data.tags.get(TAG + "seed", "0"))
+    try:
+        return int(seed)
+    except ValueError:
+        return 0
+
+
+def _load_artifacts(mlflow_client: Any, run_id: str, run: str) -> tuple[Any, Any, int]:
+    """The model, tokenizer and seed of a run logged before its weights were a logged model."""
     from pydantic import ValidationError
 
     from workbench.corpus import CharTokenizer
     from workbench.models import build_model
     from workbench.spec import RunConfig
 
-    run_id = find_run_id(tracking_uri, run, experiment)
-    mlflow_client = client(tracking_uri)
     with tempfile.TemporaryDirectory() as folder:
         try:
             weights = Path(mlflow_client.download_artifacts(run_id, "model.pt", folder))
@@ -112,7 +167,7 @@ def generate_text(
             )
         except Exception as exc:
             raise WorkbenchError(
-                f"run {run}: no model.pt/tokenizer.json artifacts ({exc})"
+                f"run {run}: no logged model, and no model.pt/tokenizer.json artifacts ({exc})"
             ) from None
         saved = _load_weights(weights, run)
         tokenizer = CharTokenizer.load(tokenizer_file)
@@ -123,13 +178,7 @@ def generate_text(
     model = build_model(config.model, tokenizer.vocab_size, config.train.block_size)
     model.load_state_dict(saved["state_dict"])
     model.eval()
-    unknown = sorted({c for c in prompt if c not in tokenizer.chars})
-    if unknown:
-        raise WorkbenchError(f"--prompt: characters not in the run's vocabulary: {unknown!r}")
-    start = torch.tensor([tokenizer.encode(prompt or "\n")])
-    generator = torch.Generator().manual_seed(config.seed if seed is None else seed)
-    out = model.generate(start, tokens, temperature=temperature, generator=generator)
-    return tokenizer.decode(out[0].tolist())
+    return model, tokenizer, config.seed
 
 
 def _load_weights(path: Path, run: str) -> Any:

@@ -270,7 +270,8 @@ def _train_and_record(
             best_val_loss=result.best_val_loss,
         )
 
-    _log_artifacts(mlflow_client, job, corpus, trainer, callback.artifacts)
+    _log_artifacts(mlflow_client, job, corpus, callback.artifacts)
+    _log_final_model(mlflow_client, job, trainer.model, corpus.tokenizer, result.step)
     mlflow_client.set_terminated(job.run_id, status="FINISHED")
     shutil.rmtree(run_dir, ignore_errors=True)  # resume checkpoints are not kept once done
     return JobResult(
@@ -302,11 +303,10 @@ def _signals_ignored() -> Iterator[None]:
 
 
 def _log_artifacts(
-    mlflow_client: Any, job: Job, corpus: Any, trainer: Any, artifacts: dict[str, str | bytes]
+    mlflow_client: Any, job: Job, corpus: Any, artifacts: dict[str, str | bytes]
 ) -> None:
-    """Every artifact written to one folder, then logged in one call (a call costs ~25 ms)."""
-    import torch
-
+    """Every artifact written to one folder, then logged in one call (a call costs ~25 ms).
+    The weights are not among them: they are the run's logged model."""
     from workbench.spec import RunConfig, applicable_config
 
     logged = applicable_config(RunConfig.model_validate(job.config))  # the same as the params
@@ -319,9 +319,20 @@ def _log_artifacts(
                 (out / name).write_text(content, encoding="utf-8")
             else:
                 (out / name).write_bytes(content)
-        state = {"config": job.config, "state_dict": trainer.model.state_dict()}
-        torch.save(state, out / "model.pt")
         mlflow_client.log_artifacts(job.run_id, folder)
+
+
+def _log_final_model(mlflow_client: Any, job: Job, model: Any, tokenizer: Any, step: int) -> None:
+    """The final weights as the run's MLflow model, before the run is FINISHED, and once: a
+    resumed run keeps the READY model an earlier attempt logged (its weights are the ones this
+    attempt reached again from the same checkpoint) and discards a partial one."""
+    from workbench import mlflow_model
+    from workbench.models.export import export_logits
+
+    if job.resumed and mlflow_model.reuse_or_discard(mlflow_client, job.run_id, step):
+        return
+    program = export_logits(model)
+    mlflow_model.log_model(mlflow_client, job.run_id, program, tokenizer, model.block_size, step)
 
 
 def describe_exit(exitcode: int | None) -> str:

@@ -1,0 +1,279 @@
+"""Each finished run's weights as an MLflow logged model: what `mlflow.pytorch.load_model` gives
+back (with pickle refused), the link the runs table's Models column reads, one model per run
+across a resume, and `workbench sample` through it. A real SQLite store throughout."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pytorch
+import pytest
+import torch
+import yaml
+from mlflow.entities import LoggedModelStatus
+from runs import Store, invoke
+from specs import write_spec
+
+from workbench import mlflow_model
+from workbench.corpus import CharTokenizer
+from workbench.models.attention import SDPA
+from workbench.models.export import NextTokenLogits, example_input, export_logits
+from workbench.models.ladder import build_model
+from workbench.settings import load_settings
+from workbench.spec import ModelConfig, RunConfig
+from workbench.sweep import jobs
+from workbench.sweep.jobs import Job, JobResult, execute_job
+from workbench.tracking import ensure_experiment
+
+MULTI_HEAD = {"kind": "multi_head", "n_embd": 16, "n_head": 2}
+
+
+@pytest.fixture
+def pickle_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a model may not unpickle anything (MLflow 3.17's default allows it)."""
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+
+
+def run_job(store: Store, run_id: str | None = None, max_iters: int = 20) -> JobResult:
+    """One multi_head run (block 8) through the job function every executor runs."""
+    config = RunConfig.model_validate(
+        {
+            "data": {"dataset": "tinyshakespeare"},
+            "train": {"max_iters": max_iters, "eval_interval": 10, "eval_iters": 2},
+            "model": MULTI_HEAD,
+            "seed": 1,
+        }
+    )
+    resumed = run_id is not None
+    if run_id is None:
+        experiment_id = ensure_experiment(store.uri, "t")
+        run_id = store.client.create_run(experiment_id, run_name="m").info.run_id
+    job = Job(
+        name="m",
+        key="k",
+        config=config.model_dump(mode="json"),
+        run_id=run_id,
+        tracking_uri=store.uri,
+        checkpoint_dir=str(store.checkpoints / "m"),
+        data_dir=str(load_settings().data_dir),
+        checkpoint_every_s=0.0,
+        resumed=resumed,
+    )
+    return execute_job(job)
+
+
+def models_of(store: Store, run_id: str) -> list[Any]:
+    """The run's logged models, found as the MLflow UI finds them (deleted ones excluded)."""
+    run = store.client.get_run(run_id)
+    return store.client.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+
+
+def load(store: Store, model_id: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    mlflow.set_tracking_uri(store.uri)
+    try:
+        return mlflow.pytorch.load_model(f"models:/{model_id}")
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_a_finished_run_logs_a_model_that_loads_to_its_logits(
+    store: Store, monkeypatch: pytest.MonkeyPatch, pickle_refused: None
+) -> None:
+    trained: list[Any] = []
+
+    def capture(model: Any) -> Any:
+        trained.append(model)
+        return export_logits(model)
+
+    monkeypatch.setattr("workbench.models.export.export_logits", capture)
+    result = run_job(store)
+    assert result.status == "finished", result
+    (model,) = trained
+    (logged,) = models_of(store, result.run_id)
+    assert logged.status == LoggedModelStatus.READY and logged.name == "model"
+    # The runs table's Models column: the run's model outputs.
+    outputs = store.client.get_run(result.run_id).outputs.model_outputs
+    assert [o.model_id for o in outputs] == [logged.model_id]
+    artifacts = {a.path for a in store.client.list_artifacts(result.run_id)}
+    assert "model.pt" not in artifacts  # the logged model replaces the bare weights
+
+    module = load(store, logged.model_id, monkeypatch)
+    same = build_model(model.config, model.vocab_size, model.block_size, attention=SDPA).eval()
+    same.load_state_dict(model.state_dict())
+    for batch, time in ((1, 1), (3, 5), (2, model.block_size)):
+        idx = torch.randint(0, model.vocab_size, (batch, time))
+        logits = module(idx)
+        assert logits.shape == (batch, time, model.vocab_size)
+        if time == model.block_size:  # the same computation (shorter ones run padded)
+            assert torch.equal(logits, same.logits(idx))
+        torch.testing.assert_close(logits, same.logits(idx), rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits, model.logits(idx), rtol=0, atol=1e-5)
+    with pytest.raises(Exception, match=r"time|size|constraint|range"):  # past the block size
+        module(torch.zeros(1, model.block_size + 1, dtype=torch.int64))
+
+    loaded = mlflow_model.load_model(store.uri, store.client, logged.model_id)
+    assert loaded.block_size == 8 and loaded.tokenizer.vocab_size == model.vocab_size == 65
+    info = mlflow.models.get_model_info(f"{logged.artifact_location}")
+    assert info.signature == mlflow_model.signature(65) and info.metadata["block_size"] == 8
+
+
+def test_the_model_directory_is_what_mlflow_pytorch_save_model_writes(
+    tmp_path: Path, pickle_refused: None
+) -> None:
+    model = build_model(ModelConfig(**MULTI_HEAD), 65, 8, attention=SDPA).eval()  # type: ignore[arg-type]
+    tokenizer = CharTokenizer("".join(chr(32 + i) for i in range(65)))
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    mlflow_model.save_model(ours, export_logits(model), tokenizer, 8)
+    tokenizer_file = tmp_path / "tokenizer.json"
+    tokenizer.save(tokenizer_file)
+    mlflow.pytorch.save_model(
+        NextTokenLogits(model).eval(),
+        str(theirs),
+        serialization_format="pt2",
+        signature=mlflow_model.signature(65),
+        input_example=example_input(8).numpy(),
+        pip_requirements=mlflow_model.pip_requirements(),
+        metadata={"block_size": 8, "vocab_size": 65},
+        extra_files=[str(tokenizer_file)],
+    )
+
+    def files(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+    assert files(ours) == files(theirs)
+    for name in ("conda.yaml", "requirements.txt", "python_env.yaml", "input_example.json"):
+        assert (ours / name).read_text() == (theirs / name).read_text(), name
+    assert "torch==" in (ours / "requirements.txt").read_text()
+    assert (ours / "extra_files" / "tokenizer.json").read_text() == tokenizer.to_json()
+
+    def mlmodel(root: Path) -> dict[str, Any]:
+        spec = yaml.safe_load((root / "MLmodel").read_text())
+        for varying in ("utc_time_created", "model_uuid", "model_size_bytes"):
+            assert spec.pop(varying, None) is not None or varying == "model_size_bytes"
+        return spec
+
+    assert mlmodel(ours) == mlmodel(theirs)
+    idx = torch.randint(0, 65, (2, 8))
+    for root in (ours, theirs):
+        assert torch.equal(mlflow.pytorch.load_model(str(root))(idx), model.logits(idx))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["after_logging", "while_logging"])
+def test_a_run_stopped_around_its_model_ends_with_exactly_one(
+    store: Store, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    """Stopped after its model is logged (before FINISHED), or halfway through logging it: the
+    resume keeps the READY model, or deletes the partial one and logs another."""
+    real_log, real_save = jobs._log_final_model, mlflow_model.save_model
+
+    def log_then_stop(*args: Any) -> None:
+        real_log(*args)
+        raise KeyboardInterrupt("stopped")
+
+    def stop_while_saving(*args: Any) -> None:
+        raise KeyboardInterrupt("stopped")
+
+    if stop == "after_logging":
+        monkeypatch.setattr(jobs, "_log_final_model", log_then_stop)
+    else:
+        monkeypatch.setattr(mlflow_model, "save_model", stop_while_saving)
+    first = run_job(store)
+    assert first.status == "killed", first
+    before = models_of(store, first.run_id)
+    assert len(before) == 1
+    monkeypatch.setattr(jobs, "_log_final_model", real_log)
+    monkeypatch.setattr(mlflow_model, "save_model", real_save)
+
+    again = run_job(store, run_id=first.run_id)
+    assert again.status == "finished", again
+    assert store.client.get_run(first.run_id).info.status == "FINISHED"
+    (model,) = models_of(store, first.run_id)
+    assert model.status == LoggedModelStatus.READY
+    outputs = store.client.get_run(first.run_id).outputs.model_outputs
+    assert [o.model_id for o in outputs] == [model.model_id]
+    assert (model.model_id == before[0].model_id) == (stop == "after_logging")
+
+
+@pytest.mark.slow
+def test_sample_reads_the_logged_model_and_keeps_its_errors(store: Store, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, variants={"multi_head": {"model": {"kind": "multi_head"}}})
+    assert invoke("run", str(spec), *store.args()).exit_code == 0
+    (run,) = store.runs()
+    assert "model.pt" not in {a.path for a in store.client.list_artifacts(run.info.run_id)}
+    sample = invoke("sample", run.info.run_id, "--prompt", "ROMEO:", "--tokens", "30",
+                    "--seed", "3", "--tracking-uri", store.uri)  # fmt: skip
+    assert sample.exit_code == 0, sample.output
+    assert sample.output.startswith("ROMEO:") and len(sample.output.rstrip("\n")) == 36
+    again = invoke("sample", run.info.run_id, "--prompt", "ROMEO:", "--tokens", "30",
+                   "--seed", "3", "--tracking-uri", store.uri)  # fmt: skip
+    assert again.output == sample.output  # the seed decides
+    bad = invoke("sample", run.info.run_id, "--prompt", "€", "--tracking-uri", store.uri)
+    assert bad.exit_code == 2 and "not in the run's vocabulary" in bad.stderr
+
+
+def test_a_run_from_before_logged_models_samples_from_its_weights_file(store: Store) -> None:
+    """The fallback: ``model.pt`` (weights only) and ``tokenizer.json`` run artifacts; a run
+    with neither is one line."""
+    config = RunConfig.model_validate(
+        {
+            "data": {"dataset": "tinyshakespeare"},
+            "train": {},
+            "model": {"kind": "bigram"},
+            "seed": 1,
+        }
+    )
+    tokenizer = CharTokenizer("abc \n")
+    model = build_model(config.model, tokenizer.vocab_size, config.train.block_size)
+    experiment_id = ensure_experiment(store.uri, "t")
+    old = store.client.create_run(experiment_id, run_name="old").info.run_id
+    empty = store.client.create_run(experiment_id, run_name="empty").info.run_id
+    with tempfile.TemporaryDirectory() as folder:
+        state = {"config": config.model_dump(mode="json"), "state_dict": model.state_dict()}
+        torch.save(state, Path(folder) / "model.pt")
+        tokenizer.save(Path(folder) / "tokenizer.json")
+        store.client.log_artifacts(old, folder)
+    sample = invoke("sample", old, "--prompt", "ab", "--tokens", "8", "--tracking-uri", store.uri)
+    assert sample.exit_code == 0, sample.output
+    assert sample.output.startswith("ab") and set(sample.output.rstrip("\n")) <= set("abc \n")
+    missing = invoke("sample", empty, "--tracking-uri", store.uri)
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+    (line,) = missing.stderr.splitlines()
+    assert line.startswith(f"run {empty}: no logged model, and no model.pt/tokenizer.json")
+
+
+def test_a_logged_model_that_holds_a_pickle_is_refused_in_one_line(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model someone logged into the store with pickled contents: refused, never unpickled,
+    whatever MLFLOW_ALLOW_PICKLE_DESERIALIZATION says."""
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    experiment_id = ensure_experiment(store.uri, "t")
+    run_id = store.client.create_run(experiment_id, run_name="forged").info.run_id
+    model = build_model(ModelConfig(kind="bigram"), 5, 8).eval()  # type: ignore[arg-type]
+    folder = tmp_path / "forged"
+    mlflow.pytorch.save_model(
+        NextTokenLogits(model), str(folder), serialization_format="pickle",
+        signature=mlflow_model.signature(5), pip_requirements=mlflow_model.pip_requirements(),
+    )  # fmt: skip
+    (folder / "extra_files").mkdir()
+    (folder / "extra_files" / "tokenizer.json").write_text(
+        json.dumps({"type": "char", "chars": "abcde"})
+    )
+    logged = store.client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+    store.client.log_model_artifacts(logged.model_id, str(folder))
+    store.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    from mlflow.entities import LoggedModelOutput
+
+    store.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    refused = invoke("sample", run_id, "--tracking-uri", store.uri)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith(f"logged model {logged.model_id} refused:") and "pickle" in line

@@ -1,0 +1,261 @@
+"""A run's final weights as an MLflow logged model, and the same model read back.
+
+The model directory is the one ``mlflow.pytorch.save_model(..., serialization_format="pt2")``
+writes (a test holds the two to each other), built from a program exported once per model shape
+(:mod:`workbench.models.export`) instead of one export per run, with its signature, input
+example and pip requirements stated rather than inferred (inference loads the model: seconds).
+The character vocabulary travels as the flavor's extra file ``extra_files/tokenizer.json``; the
+block size (the longest input) as the model's metadata. ``mlflow.pytorch.load_model`` returns
+a module mapping token ids (B, T) int64 to logits (B, T, vocab), with pickle refused.
+
+The model is created, written, finalized READY and only then named among the run's outputs
+(what the runs table's Models column reads), all before the run is FINISHED: a run killed on
+the way is resumed, and :func:`reuse_or_discard` keeps its READY model or deletes a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workbench.errors import WorkbenchError, first_line
+
+if TYPE_CHECKING:
+    import torch
+    from torch.export import ExportedProgram
+
+    from workbench.corpus import CharTokenizer
+
+MODEL_NAME = "model"
+TOKENIZER_FILE = "tokenizer.json"  # under the model's extra_files/
+MODEL_TYPE = "char-lm"
+
+
+@dataclass(frozen=True)
+class LoggedRunModel:
+    """A run's model read back: the module, its vocabulary and its longest input."""
+
+    module: torch.nn.Module
+    tokenizer: CharTokenizer
+    block_size: int
+    model_id: str
+
+
+def pip_requirements() -> list[str]:
+    """What loading the model needs besides MLflow (which ``save_model`` adds itself)."""
+    import torch
+    from packaging.version import Version
+
+    return [f"torch=={Version(torch.__version__).public}"]  # no local label (+cpu): installable
+
+
+@functools.cache
+def _environment_files() -> dict[str, str]:
+    """conda.yaml, requirements.txt and python_env.yaml, the same for every model of a process:
+    MLflow's own processing of the stated requirements, done once."""
+    import yaml
+    from mlflow.utils.environment import _process_pip_requirements, _PythonEnv
+
+    process: Any = _process_pip_requirements  # untyped in MLflow
+    conda_env, requirements, constraints = process(None, pip_requirements())
+    assert not constraints  # none stated
+    with tempfile.TemporaryDirectory() as folder:
+        python_env_of: Any = _PythonEnv.current  # untyped in MLflow
+        python_env_of().to_yaml(Path(folder) / "python_env.yaml")
+        python_env = (Path(folder) / "python_env.yaml").read_text()
+    return {
+        "conda.yaml": yaml.safe_dump(conda_env, default_flow_style=False),
+        "requirements.txt": "\n".join(requirements),
+        "python_env.yaml": python_env,
+    }
+
+
+def signature(vocab_size: int) -> Any:
+    """Token ids (B, T) int64 in, logits (B, T, vocab) float32 out."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, vocab_size))]),
+    )
+
+
+def save_model(
+    path: Path,
+    program: ExportedProgram,
+    tokenizer: CharTokenizer,
+    block_size: int,
+    mlflow_model: Any = None,
+) -> None:
+    """Write the MLflow model directory of ``program`` at ``path`` (which must not exist): the
+    pytorch flavor's pt2 layout, with its pyfunc flavor and environment files."""
+    import mlflow.pytorch
+    import torch
+    from mlflow import pyfunc
+    from mlflow.models import Model
+    from mlflow.models.model import MLMODEL_FILE_NAME
+    from mlflow.models.utils import _save_example
+    from mlflow.utils.file_utils import get_total_file_size
+
+    from workbench.models.export import example_input
+
+    mlflow_model = Model() if mlflow_model is None else mlflow_model
+    path.mkdir(parents=True)
+    _save_example(mlflow_model, example_input(block_size).numpy(), str(path))
+    mlflow_model.signature = signature(tokenizer.vocab_size)
+    mlflow_model.metadata = {"block_size": block_size, "vocab_size": tokenizer.vocab_size}
+    (path / "data").mkdir()
+    torch.export.save(program, path / "data" / "model.pt2")
+    (path / "extra_files").mkdir()
+    (path / "extra_files" / TOKENIZER_FILE).write_text(tokenizer.to_json(), encoding="utf-8")
+    mlflow_model.add_flavor(
+        "pytorch",
+        model_data="data",
+        pytorch_version=str(torch.__version__),
+        code=None,
+        extra_files=[{"path": f"extra_files/{TOKENIZER_FILE}"}],
+    )
+    pyfunc.add_to_model(
+        mlflow_model,
+        loader_module="mlflow.pytorch",
+        data="data",
+        pickle_module_name=mlflow.pytorch.pickle_module.__name__,
+        code=None,
+        conda_env="conda.yaml",
+        python_env="python_env.yaml",
+        model_config={"device": None},
+    )
+    if size := get_total_file_size(str(path)):
+        mlflow_model.model_size_bytes = size
+    mlflow_model.save(str(path / MLMODEL_FILE_NAME))
+    for name, text in _environment_files().items():
+        (path / name).write_text(text)
+
+
+def log_model(
+    mlflow_client: Any,
+    run_id: str,
+    program: ExportedProgram,
+    tokenizer: CharTokenizer,
+    block_size: int,
+    step: int,
+) -> str:
+    """Log ``program`` as the run's model (named ``model``, with the run's params), linked as
+    the run's output at ``step``; returns its model id."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    run = mlflow_client.get_run(run_id)
+    logged = mlflow_client.create_logged_model(
+        run.info.experiment_id,
+        name=MODEL_NAME,
+        source_run_id=run_id,
+        params=dict(run.data.params),
+        model_type=MODEL_TYPE,
+    )
+    mlflow_model = Model(
+        artifact_path=logged.artifact_location,
+        model_uuid=logged.model_id,
+        run_id=run_id,
+        model_id=logged.model_id,
+    )
+    with tempfile.TemporaryDirectory(prefix="workbench-model-") as folder:
+        local = Path(folder) / MODEL_NAME
+        save_model(local, program, tokenizer, block_size, mlflow_model)
+        mlflow_client.log_model_artifacts(logged.model_id, str(local))
+    mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    mlflow_client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
+    return str(logged.model_id)
+
+
+def reuse_or_discard(mlflow_client: Any, run_id: str, step: int) -> str | None:
+    """For a resumed run: the id of the READY model an earlier attempt logged (linked to the
+    run if the attempt stopped before that), else None, with any partial model deleted."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    run = mlflow_client.get_run(run_id)
+    models = mlflow_client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}'",
+    )
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    for model in models:
+        if model not in ready[:1]:
+            mlflow_client.delete_logged_model(model.model_id)
+    if not ready:
+        return None
+    linked = {output.model_id for output in run.outputs.model_outputs or []}
+    if ready[0].model_id not in linked:
+        mlflow_client.log_outputs(run_id, [LoggedModelOutput(ready[0].model_id, step=step)])
+    return str(ready[0].model_id)
+
+
+def run_model_id(mlflow_client: Any, run_id: str) -> str | None:
+    """The READY model among the run's outputs (the newest), or None (a run from before
+    workbench logged models)."""
+    from mlflow.entities import LoggedModelStatus
+
+    outputs = mlflow_client.get_run(run_id).outputs.model_outputs or []
+    for output in reversed(outputs):
+        model = mlflow_client.get_logged_model(output.model_id)
+        if model.status == LoggedModelStatus.READY:
+            return str(model.model_id)
+    return None
+
+
+def load_model(tracking_uri: str, mlflow_client: Any, model_id: str) -> LoggedRunModel:
+    """The model through ``mlflow.pytorch.load_model`` and its tokenizer. Only a pt2 model is
+    read, with MLflow's pickle refusal on whatever this process's setting (MLflow 3.17 allows
+    pickle by default): its check that the archive holds no pickle then runs."""
+    import mlflow.artifacts
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from workbench.corpus import CharTokenizer
+
+    location = mlflow_client.get_logged_model(model_id).artifact_location
+    with tempfile.TemporaryDirectory(prefix="workbench-model-") as folder:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=location, dst_path=folder, tracking_uri=tracking_uri
+            )
+        )
+        try:
+            metadata = Model.load(str(local)).metadata or {}
+            block_size = int(metadata["block_size"])
+            tokenizer = CharTokenizer.load(local / "extra_files" / TOKENIZER_FILE)
+            data = sorted(p.name for p in (local / "data").iterdir())
+            if data != ["model.pt2"]:
+                raise ValueError(f"data/ holds {data}, not the one pt2 program")
+            with _pickle_refused():
+                module = mlflow.pytorch.load_model(str(local))
+        except (MlflowException, KeyError, TypeError, ValueError, OSError) as exc:
+            raise WorkbenchError(
+                f"logged model {model_id} refused: not a pickle-free workbench model "
+                f"({type(exc).__name__}: {first_line(exc, 300)})"
+            ) from None
+    return LoggedRunModel(module, tokenizer, block_size, model_id)
+
+
+@contextlib.contextmanager
+def _pickle_refused() -> Iterator[None]:
+    """``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`` for the duration (MLflow reads it on use)."""
+    name = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+    saved = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
