@@ -259,3 +259,22 @@ def test_a_sweep_on_a_server_shows_datasets_sources_and_notes(tmp_path: Path) ->
         found = client.search_runs([experiment], "dataset.name = 'tinyshakespeare'")
         assert len(found) == 2
         assert not client.search_runs([experiment], "dataset.name = 'other'")
+
+
+def test_the_report_reads_the_spec_and_commit_from_mlflow_s_tags(
+    store: Store, tmp_path: Path
+) -> None:
+    from workbench.report.load import load_experiment
+    from workbench.report.page import _provenance
+
+    repo = tmp_path / "repo"
+    spec = write_spec(repo, name="ablation.yaml")
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "spec")
+    prepare_runs(spec, store)
+    for run in store.runs():
+        assert TAG + "spec" not in run.data.tags and TAG + "git_commit" not in run.data.tags
+    provenance = _provenance(load_experiment(store.uri, "t"))
+    assert provenance["spec"] == "ablation.yaml"
+    assert provenance["commit"] == git(repo, "rev-parse", "HEAD").strip()[:12]
