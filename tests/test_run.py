@@ -252,7 +252,7 @@ def test_divergence_and_failure_do_not_stop_the_grid(store: Store, tmp_path: Pat
     # The val split (111,540 characters) is shorter than one block: a run that raises.
     broken = write_spec(
         tmp_path,
-        "broken.yaml",
+        name="broken.yaml",
         experiment="t2",
         train={
             "max_iters": 40,
