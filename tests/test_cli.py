@@ -121,7 +121,7 @@ def test_plan_prints_the_table_and_totals(tmp_path: Path) -> None:
     for variant in ("bigram", "multi_head"):
         for block in (8, 16):
             for seed in (1, 2):
-                assert f"{variant}-block_size={block}-seed={seed}" in out
+                assert f"{variant} bs={block} s={seed}" in out
     assert "4,225" in out  # the bigram: a 65 x 65 table
     assert "25.6k" in out and "51.2k" in out  # 100 iters x 32 batch x 8 or 16 characters
     assert out.strip().splitlines()[-2:] == [
@@ -150,7 +150,7 @@ def test_plan_totals_mention_excluded_and_identical_runs(tmp_path: Path) -> None
         result.stdout
     )
     assert "left: 25.6k tokens" in result.stdout
-    assert "identical: b-seed=1337 = a-seed=1337" in result.stdout
+    assert "identical: b s=1337 = a s=1337" in result.stdout
 
 
 def test_plan_with_set_and_only(tmp_path: Path) -> None:
@@ -165,13 +165,13 @@ def test_plan_with_set_and_only(tmp_path: Path) -> None:
             "--set",
             "seeds=[5]",
             "--only",
-            "multi_head-*",
+            "multi_head *",
         ],
     )
     assert result.exit_code == 0, result.output
     assert "demo: 2 runs" in result.stdout
-    assert "multi_head-block_size=8-max_iters=200-seed=5" in result.stdout
-    assert "multi_head-block_size=16-max_iters=200-seed=5" in result.stdout
+    assert "multi_head bs=8 iters=200 s=5" in result.stdout
+    assert "multi_head bs=16 iters=200 s=5" in result.stdout
     assert "bigram-" not in result.stdout
     assert "left: 154k tokens" in result.stdout  # 200 x 32 x (8 + 16)
 
@@ -235,7 +235,7 @@ def test_run_dry_run_prints_the_plan_and_exits_0(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", str(path), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "demo: 8 runs" in result.stdout
-    assert "bigram-block_size=8-seed=1" in result.stdout
+    assert "bigram bs=8 s=1" in result.stdout
     assert result.stdout.strip().splitlines()[-2:] == [
         "8 runs: 0 finished, 0 to resume, 8 to train",
         "left: 307k tokens, time unknown until a run has finished",
@@ -246,7 +246,7 @@ def test_run_dry_run_prints_the_plan_and_exits_0(tmp_path: Path) -> None:
 
 def test_run_dry_run_with_only(tmp_path: Path) -> None:
     path = write_spec(tmp_path, GOOD)
-    result = runner.invoke(app, ["run", str(path), "--dry-run", "--only", "bigram-*-seed=2"])
+    result = runner.invoke(app, ["run", str(path), "--dry-run", "--only", "bigram * s=2"])
     assert result.exit_code == 0, result.output
     assert "demo: 2 runs" in result.stdout
 

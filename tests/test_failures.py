@@ -160,7 +160,7 @@ def test_a_run_alone_gives_the_numbers_it_gives_in_a_sweep(
     store: Store, tmp_path: Path, reference: Any
 ) -> None:
     spec = sweep_spec(tmp_path)
-    alone = invoke("run", str(spec), "--jobs", "2", "--only", "*seed=3", *store.args())
+    alone = invoke("run", str(spec), "--jobs", "2", "--only", "* s=3", *store.args())
     assert alone.exit_code == 0, alone.output
     (run,) = store.runs()
     assert run.data.tags[TAG + "threads"] == str(max(1, (os.cpu_count() or 1) // 2))
@@ -422,7 +422,7 @@ def test_a_read_only_folder_or_store_is_one_line(store: Store, tmp_path: Path) -
         fresh = f"sqlite:///{folder / 'mlflow.db'}"
         one_line_error(invoke("run", str(spec), "--tracking-uri", fresh), "cannot create")
 
-    made = invoke("run", str(spec), "--only", "*seed=1", *store.args())  # a real, whole store
+    made = invoke("run", str(spec), "--only", "* s=1", *store.args())  # a real, whole store
     assert made.exit_code == 0, made.output
     with mounted_tmpfs(tmp_path / "ro2") as folder:
         shutil.copy(tmp_path / "mlflow.db", folder / "mlflow.db")

@@ -16,7 +16,7 @@ import pytest
 from specs import spec_dict, write_spec
 
 from workbench.grid import Plan, expand, run_key
-from workbench.naming import format_value, short_names
+from workbench.naming import format_value, name_value, run_name_labels, short_names
 from workbench.spec import all_dotted_keys
 
 
@@ -83,20 +83,16 @@ def test_variants_times_grid_times_zip_times_seeds(tmp_path: Path) -> None:
 def test_order_is_variants_then_grid_then_zip_then_seeds(tmp_path: Path) -> None:
     plan = expand(write_spec(tmp_path, BIG))
     assert names(plan)[:7] == [
-        "bigram-block_size=8-learning_rate=0.001-n_embd=32-batch_size=8-seed=1",
-        "bigram-block_size=8-learning_rate=0.001-n_embd=32-batch_size=8-seed=2",
-        "bigram-block_size=8-learning_rate=0.001-n_embd=32-batch_size=8-seed=3",
-        "bigram-block_size=8-learning_rate=0.001-n_embd=64-batch_size=16-seed=1",
-        "bigram-block_size=8-learning_rate=0.001-n_embd=64-batch_size=16-seed=2",
-        "bigram-block_size=8-learning_rate=0.001-n_embd=64-batch_size=16-seed=3",
-        "bigram-block_size=8-learning_rate=0.003-n_embd=32-batch_size=8-seed=1",
+        "bigram bs=8 lr=1e-3 emb=32 batch=8 s=1",
+        "bigram bs=8 lr=1e-3 emb=32 batch=8 s=2",
+        "bigram bs=8 lr=1e-3 emb=32 batch=8 s=3",
+        "bigram bs=8 lr=1e-3 emb=64 batch=16 s=1",
+        "bigram bs=8 lr=1e-3 emb=64 batch=16 s=2",
+        "bigram bs=8 lr=1e-3 emb=64 batch=16 s=3",
+        "bigram bs=8 lr=3e-3 emb=32 batch=8 s=1",
     ]
-    assert names(plan)[36] == (
-        "multi_head-block_size=8-learning_rate=0.001-n_embd=32-batch_size=8-seed=1"
-    )
-    assert names(plan)[-1] == (
-        "multi_head-block_size=32-learning_rate=0.003-n_embd=64-batch_size=16-seed=3"
-    )
+    assert names(plan)[36] == "multi_head bs=8 lr=1e-3 emb=32 batch=8 s=1"
+    assert names(plan)[-1] == "multi_head bs=32 lr=3e-3 emb=64 batch=16 s=3"
 
 
 def test_variants_and_grid_values_keep_their_yaml_order(tmp_path: Path) -> None:
@@ -109,10 +105,10 @@ def test_variants_and_grid_values_keep_their_yaml_order(tmp_path: Path) -> None:
         grid={"train.block_size": [16, 8]},
     )
     assert names(expand(write_spec(tmp_path, spec))) == [
-        "zeta-block_size=16-seed=1337",
-        "zeta-block_size=8-seed=1337",
-        "alpha-block_size=16-seed=1337",
-        "alpha-block_size=8-seed=1337",
+        "zeta bs=16 s=1337",
+        "zeta bs=8 s=1337",
+        "alpha bs=16 s=1337",
+        "alpha bs=8 s=1337",
     ]
 
 
@@ -126,15 +122,13 @@ def test_expansion_is_deterministic(tmp_path: Path) -> None:
 
 def test_seeds_default_to_1337(tmp_path: Path) -> None:
     plan = expand(write_spec(tmp_path, spec_dict()))
-    assert [(r.name, r.seed, r.config.seed) for r in plan.runs] == [
-        ("bigram-seed=1337", 1337, 1337)
-    ]
+    assert [(r.name, r.seed, r.config.seed) for r in plan.runs] == [("bigram s=1337", 1337, 1337)]
 
 
 def test_each_seed_is_a_run(tmp_path: Path) -> None:
     plan = expand(write_spec(tmp_path, spec_dict(seeds=[3, 1, 2])))
     assert [r.seed for r in plan.runs] == [3, 1, 2]
-    assert names(plan) == ["bigram-seed=3", "bigram-seed=1", "bigram-seed=2"]
+    assert names(plan) == ["bigram s=3", "bigram s=1", "bigram s=2"]
 
 
 def test_tokens_of_a_run(tmp_path: Path) -> None:
@@ -165,12 +159,12 @@ def test_exclude_drops_the_matching_runs(tmp_path: Path) -> None:
     plan = expand(write_spec(tmp_path, spec))
     assert plan.excluded == 10
     assert names(plan) == [
-        "bigram-block_size=8-n_embd=32-batch_size=4-seed=1",
-        "bigram-block_size=8-n_embd=32-batch_size=4-seed=2",
-        "bigram-block_size=8-n_embd=64-batch_size=8-seed=2",
-        "mh-block_size=8-n_embd=32-batch_size=4-seed=1",
-        "mh-block_size=16-n_embd=32-batch_size=4-seed=1",
-        "mh-block_size=16-n_embd=64-batch_size=8-seed=1",
+        "bigram bs=8 emb=32 batch=4 s=1",
+        "bigram bs=8 emb=32 batch=4 s=2",
+        "bigram bs=8 emb=64 batch=8 s=2",
+        "mh bs=8 emb=32 batch=4 s=1",
+        "mh bs=16 emb=32 batch=4 s=1",
+        "mh bs=16 emb=64 batch=8 s=1",
     ]
     for run in plan.runs:
         assert not (run.variant == "bigram" and run.config.train.block_size == 16)
@@ -257,10 +251,10 @@ def test_run_name_is_variant_then_varying_values_then_seed(tmp_path: Path) -> No
         zip=[{"train.batch_size": [32, 32]}, {"model.n_layer": [1, 2]}],
     )
     plan = expand(write_spec(tmp_path, spec))
-    assert "multi_head-block_size=16-learning_rate=0.001-n_layer=1-seed=1337" in names(plan)
+    assert "multi_head bs=16 lr=1e-3 layers=1 s=1337" in names(plan)
     assert plan.varying_keys == ["train.block_size", "train.learning_rate", "model.n_layer"]
     assert all("eval_iters" not in n and "batch_size" not in n for n in names(plan))
-    prefix = "multi_head-block_size=16-learning_rate=0.001-"
+    prefix = "multi_head bs=16 lr=1e-3 "
     run = next(r for r in plan.runs if r.name.startswith(prefix))
     assert run.varying == {"train.block_size": 16, "train.learning_rate": 0.001, "model.n_layer": 1}
 
@@ -268,18 +262,18 @@ def test_run_name_is_variant_then_varying_values_then_seed(tmp_path: Path) -> No
 def test_without_variants_the_name_starts_with_the_model_kind(tmp_path: Path) -> None:
     spec = spec_dict(model={"kind": "transformer"}, grid={"model.dropout": [0.0, 0.2]})
     assert names(expand(write_spec(tmp_path, spec))) == [
-        "transformer-dropout=0.0-seed=1337",
-        "transformer-dropout=0.2-seed=1337",
+        "transformer drop=0.0 s=1337",
+        "transformer drop=0.2 s=1337",
     ]
 
 
 def test_name_values_are_formatted_like_yaml(tmp_path: Path) -> None:
     spec = spec_dict(grid={"model.residual": [True, False], "train.learning_rate": [3e-4, 1e-3]})
     assert names(expand(write_spec(tmp_path, spec))) == [
-        "bigram-residual=true-learning_rate=0.0003-seed=1337",
-        "bigram-residual=true-learning_rate=0.001-seed=1337",
-        "bigram-residual=false-learning_rate=0.0003-seed=1337",
-        "bigram-residual=false-learning_rate=0.001-seed=1337",
+        "bigram residual=true lr=3e-4 s=1337",
+        "bigram residual=true lr=1e-3 s=1337",
+        "bigram residual=false lr=3e-4 s=1337",
+        "bigram residual=false lr=1e-3 s=1337",
     ]
 
 
@@ -292,6 +286,50 @@ def test_format_value() -> None:
     assert format_value("cosine") == "cosine"
     assert format_value(None) == format_value(float("nan")) == "null"  # as YAML writes it
     assert format_value(0.1 + 0.2) != format_value(0.3)  # exact: two values, two spellings
+
+
+def test_name_values_take_the_shortest_exact_form() -> None:
+    assert name_value(0.003) == "3e-3" and name_value(3e-4) == "3e-4"
+    assert name_value(1.5e-5) == "1.5e-5" and name_value(1e16) == "1e16"
+    assert name_value(0.1) == "0.1" and name_value(0.25) == "0.25"  # not longer as 1e-1
+    assert name_value(0.0) == "0.0" and name_value(2.0) == "2.0"
+    assert name_value(0.1 + 0.2) == "0.30000000000000004"  # exact, never rounded
+    assert name_value(True) == "true" and name_value(None) == "null" and name_value(32) == "32"
+    for value in (0.003, 3e-4, 1.5e-5, 1e16, 0.1 + 0.2, 1 / 3, 2.5e-7, -1e-3):
+        assert float(name_value(value)) == value
+
+
+def test_run_names_abbreviate_common_keys_unless_that_would_clash() -> None:
+    keys = ["train.block_size", "train.learning_rate", "model.n_embd", "model.residual"]
+    assert run_name_labels(keys) == {
+        "train.block_size": "bs",
+        "train.learning_rate": "lr",
+        "model.n_embd": "emb",
+        "model.residual": "residual",
+    }
+    assert run_name_labels(["train.dropout", "model.dropout"]) == {
+        "train.dropout": "train.dropout",
+        "model.dropout": "model.dropout",
+    }
+    assert run_name_labels(["model.bs", "train.block_size"]) == {  # a key already named bs
+        "model.bs": "bs",
+        "train.block_size": "block_size",
+    }
+
+
+def test_names_of_different_configs_that_format_alike_get_their_key(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from workbench.grid import _unique_names
+
+    runs = expand(write_spec(tmp_path, spec_dict(seeds=[1, 2, 3]))).runs
+    alike = [replace(r, name="bigram s=1") for r in runs[:2]] + runs[2:]
+    named = _unique_names(alike)
+    assert [r.name for r in named] == [
+        f"bigram s=1 {runs[0].key[:8]}",
+        f"bigram s=1 {runs[1].key[:8]}",
+        "bigram s=3",
+    ]
 
 
 def test_short_names_keep_the_section_when_two_keys_clash() -> None:
@@ -320,8 +358,8 @@ def test_identical_variants_are_reported_and_run_once(tmp_path: Path) -> None:
         seeds=[1, 2],
     )
     plan = expand(write_spec(tmp_path, spec))
-    assert names(plan) == ["a-seed=1", "a-seed=2", "c-seed=1", "c-seed=2"]
-    assert plan.duplicates == [("b-seed=1", "a-seed=1"), ("b-seed=2", "a-seed=2")]
+    assert names(plan) == ["a s=1", "a s=2", "c s=1", "c s=2"]
+    assert plan.duplicates == [("b s=1", "a s=1"), ("b s=2", "a s=2")]
     assert len(set(keys(plan))) == len(plan.runs)
 
 
@@ -330,12 +368,12 @@ def test_set_over_a_grid_key_makes_the_grid_points_identical(tmp_path: Path) -> 
     plan = expand(write_spec(tmp_path, spec), ["train.block_size=64"])
     assert plan.varying_keys == ["train.batch_size"]
     assert names(plan) == [
-        "bigram-batch_size=4-block_size=64-seed=1337",
-        "bigram-batch_size=8-block_size=64-seed=1337",
+        "bigram batch=4 bs=64 s=1337",
+        "bigram batch=8 bs=64 s=1337",
     ]
     assert [r.config.train.block_size for r in plan.runs] == [64, 64]
     assert len(plan.duplicates) == 4
-    same = "bigram-batch_size=4-block_size=64-seed=1337"
+    same = "bigram batch=4 bs=64 s=1337"
     assert (same, same) in plan.duplicates
 
 
@@ -353,10 +391,10 @@ def test_set_values_unlike_the_spec_are_in_the_name(tmp_path: Path) -> None:
     sets = ["train.max_iters=200", "train.eval_interval=10", "train.weight_decay=0.01"]
     changed = expand(path, sets)  # eval_interval and weight_decay: as the spec already has them
     assert names(changed) == [
-        "a-block_size=8-max_iters=200-seed=1337",
-        "a-block_size=16-max_iters=200-seed=1337",
-        "b-block_size=8-max_iters=200-seed=1337",
-        "b-block_size=16-max_iters=200-seed=1337",
+        "a bs=8 iters=200 s=1337",
+        "a bs=16 iters=200 s=1337",
+        "b bs=8 iters=200 s=1337",
+        "b bs=16 iters=200 s=1337",
     ]
     assert [r.changed for r in changed.runs] == [{"train.max_iters": 200}] * 4
     assert not set(names(changed)) & set(names(plain))  # never the name of another config
@@ -381,7 +419,7 @@ def test_a_set_value_shows_only_in_the_runs_it_changes(tmp_path: Path) -> None:
         },
     )
     plan = expand(write_spec(tmp_path, spec), ["model.n_embd=16", "model.n_embd=32"])
-    assert names(plan) == ["a-seed=1337", "b-n_embd=32-seed=1337"]  # the last --set wins
+    assert names(plan) == ["a s=1337", "b emb=32 s=1337"]  # the last --set wins
 
 
 def test_names_are_unique_per_config_and_deterministic(tmp_path: Path) -> None:
@@ -390,7 +428,7 @@ def test_names_are_unique_per_config_and_deterministic(tmp_path: Path) -> None:
     plan = expand(path, sets)
     assert len(set(names(plan))) == len(set(keys(plan))) == len(plan.runs)
     assert names(expand(path, sets)) == names(plan)
-    assert "bigram-block_size=8-learning_rate=0.001-max_iters=50-n_embd=64-seed=1" in names(plan)
+    assert "bigram bs=8 lr=1e-3 iters=50 emb=64 s=1" in names(plan)
 
 
 def test_the_variant_index_is_its_position_in_the_spec(tmp_path: Path) -> None:
@@ -399,7 +437,7 @@ def test_the_variant_index_is_its_position_in_the_spec(tmp_path: Path) -> None:
         ("bigram", 0),
         ("multi_head", 1),
     }
-    only_second = expand(path, [], ["multi_head-*"])
+    only_second = expand(path, [], ["multi_head *"])
     assert {r.variant_index for r in only_second.runs} == {1}
 
 
@@ -440,26 +478,26 @@ def test_set_does_not_change_the_file(tmp_path: Path) -> None:
 
 def test_only_keeps_runs_matching_any_glob_in_plan_order(tmp_path: Path) -> None:
     path = write_spec(tmp_path, TWO_VARIANTS)
-    plan = expand(path, [], ["mh-*-seed=2"])
+    plan = expand(path, [], ["mh * s=2"])
     assert names(plan) == [
-        "mh-block_size=8-n_embd=32-batch_size=4-seed=2",
-        "mh-block_size=8-n_embd=64-batch_size=8-seed=2",
-        "mh-block_size=16-n_embd=32-batch_size=4-seed=2",
-        "mh-block_size=16-n_embd=64-batch_size=8-seed=2",
+        "mh bs=8 emb=32 batch=4 s=2",
+        "mh bs=8 emb=64 batch=8 s=2",
+        "mh bs=16 emb=32 batch=4 s=2",
+        "mh bs=16 emb=64 batch=8 s=2",
     ]
-    plan = expand(path, [], ["*block_size=16-n_embd=64*seed=1", "bigram-block_size=8-n_embd=32*"])
+    plan = expand(path, [], ["*bs=16 emb=64*s=1", "bigram bs=8 emb=32*"])
     assert names(plan) == [
-        "bigram-block_size=8-n_embd=32-batch_size=4-seed=1",
-        "bigram-block_size=8-n_embd=32-batch_size=4-seed=2",
-        "bigram-block_size=16-n_embd=64-batch_size=8-seed=1",
-        "mh-block_size=16-n_embd=64-batch_size=8-seed=1",
+        "bigram bs=8 emb=32 batch=4 s=1",
+        "bigram bs=8 emb=32 batch=4 s=2",
+        "bigram bs=16 emb=64 batch=8 s=1",
+        "mh bs=16 emb=64 batch=8 s=1",
     ]
 
 
 def test_only_is_a_glob_not_a_substring_and_is_case_sensitive(tmp_path: Path) -> None:
     path = write_spec(tmp_path, TWO_VARIANTS)
-    assert len(expand(path, [], ["bigram-block_size=8-n_embd=32-batch_size=4-seed=[12]"]).runs) == 2
-    assert len(expand(path, [], ["mh-block_size=?-*"]).runs) == 4
+    assert len(expand(path, [], ["bigram bs=8 emb=32 batch=4 s=[12]"]).runs) == 2
+    assert len(expand(path, [], ["mh bs=? *"]).runs) == 4
     for glob in ["mh", "MH-*"]:
         with pytest.raises(Exception, match="no run name matches"):
             expand(path, [], [glob])
@@ -468,8 +506,8 @@ def test_only_is_a_glob_not_a_substring_and_is_case_sensitive(tmp_path: Path) ->
 def test_only_keeps_keys_unchanged(tmp_path: Path) -> None:
     path = write_spec(tmp_path, TWO_VARIANTS)
     full = {r.name: r.key for r in expand(path).runs}
-    some = expand(path, [], ["mh-*"])
-    expected = {n: k for n, k in full.items() if n.startswith("mh-")}
+    some = expand(path, [], ["mh *"])
+    expected = {n: k for n, k in full.items() if n.startswith("mh ")}
     assert {r.name: r.key for r in some.runs} == expected
 
 

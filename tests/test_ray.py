@@ -174,7 +174,7 @@ def test_the_retry_budget_counts_crashes_in_this_sweep_not_earlier_attempts(
     from workbench.tracking import ensure_experiment
 
     spec = ray_spec(tmp_path, "ray-budget", {"bigram": {"model": {"kind": "bigram"}}}, 100_000)
-    run = expand(spec, [], ["*seed=1"]).runs[0]
+    run = expand(spec, [], ["* s=1"]).runs[0]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = ensure_experiment(uri, "ray-budget")
     run_id = (

@@ -296,11 +296,11 @@ def test_every_run_failed(store: Store) -> None:
     assert "No run finished, so there is no leaderboard yet." in text
     rows = _table_rows(store.html("allfail"), "Failed and diverged runs")
     by_name = {r[0]: r for r in rows}
-    assert by_name["exploding-seed=1"][1] == "diverged"
-    assert "exceeded" in by_name["exploding-seed=1"][3]
-    assert by_name["too_long-seed=1"][1] == "failed"
-    assert "too few for block_size 200000" in by_name["too_long-seed=1"][3]
-    assert by_name["too_long-seed=1"][2] == "0"
+    assert by_name["exploding s=1"][1] == "diverged"
+    assert "exceeded" in by_name["exploding s=1"][3]
+    assert by_name["too_long s=1"][1] == "failed"
+    assert "too few for block_size 200000" in by_name["too_long s=1"][3]
+    assert by_name["too_long s=1"][2] == "0"
 
 
 @slow

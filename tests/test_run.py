@@ -26,8 +26,8 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
     result = invoke("run", str(spec), "--jobs", "2", *store.args())
     assert result.exit_code == 0, result.output
     runs = store.by_name()
-    assert set(runs) == {"bigram-seed=1", "multi_head-seed=1"}
-    name = "multi_head-seed=1"
+    assert set(runs) == {"bigram s=1", "multi_head s=1"}
+    name = "multi_head s=1"
     run = runs[name]
     assert run.info.status == "FINISHED"
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
@@ -49,7 +49,7 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
     assert "train.attention" not in params or params["train.attention"] == "auto"
     assert params["train.max_iters"] == "40" and params["model.kind"] == "multi_head"
     assert TAG + "kind" not in tags  # model.kind says it
-    assert [runs[n].data.tags[TAG + "variant_index"] for n in ("bigram-seed=1", name)] == ["0", "1"]
+    assert [runs[n].data.tags[TAG + "variant_index"] for n in ("bigram s=1", name)] == ["0", "1"]
     assert int(params["num_params"]) > 0 and len(params["data_sha256"]) == 64
     for key in (
         "best_val_loss",
@@ -78,15 +78,15 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
 
     forced = invoke("run", str(spec), "--force", "--only", "bigram*", *store.args())
     assert forced.exit_code == 0, forced.output
-    assert [r.info.run_name for r in store.runs()].count("bigram-seed=1") == 2
+    assert [r.info.run_name for r in store.runs()].count("bigram s=1") == 2
 
     shorter = invoke("run", str(spec), "--set", "train.max_iters=20", "--only", "b*", *store.args())
     assert shorter.exit_code == 0, shorter.output
-    assert "bigram-max_iters=20-seed=1" in store.by_name()  # not another "bigram-seed=1"
+    assert "bigram iters=20 s=1" in store.by_name()  # not another "bigram s=1"
 
     sample = invoke(
         "sample",
-        "multi_head-seed=1",
+        "multi_head s=1",
         "--tokens",
         "50",
         "--prompt",
@@ -116,7 +116,7 @@ def test_plan_and_dry_run_say_what_is_left(store: Store, tmp_path: Path) -> None
     assert totals(invoke(*dry)) == [first, left]  # --dry-run reads the store as plan does
     assert "0 finished, 0 to resume, 4 to train" in totals(invoke(*dry, "--force"))[0]
 
-    killed = store.by_name()["bigram-seed=2"]
+    killed = store.by_name()["bigram s=2"]
     store.client.set_terminated(killed.info.run_id, status="KILLED")  # as Ctrl-C leaves it
     first, left = totals(invoke(*plan))
     assert first == "4 runs: 1 finished, 1 to resume, 2 to train"
@@ -149,17 +149,17 @@ def test_sample_takes_a_name_id_or_key_and_never_guesses(store: Store, tmp_path:
     assert invoke("run", str(spec), *store.args()).exit_code == 0
     assert invoke("run", str(spec), "--force", *store.args()).exit_code == 0
     runs = sorted(store.runs(), key=lambda r: r.info.start_time)
-    assert {r.info.run_name for r in runs} == {"bigram-seed=1"}
+    assert {r.info.run_name for r in runs} == {"bigram s=1"}
     old_key, new_key = runs[0].data.tags[TAG + "run_key"], runs[2].data.tags[TAG + "run_key"]
     assert old_key != new_key == runs[1].data.tags[TAG + "run_key"]
 
     def sample(run: str) -> Any:
         return invoke("sample", run, "--tokens", "5", "--tracking-uri", store.uri)
 
-    ambiguous = sample("bigram-seed=1")
+    ambiguous = sample("bigram s=1")
     assert ambiguous.exit_code == 2 and "Traceback" not in ambiguous.output
     lines = ambiguous.stderr.splitlines()
-    assert "'bigram-seed=1' names 3 finished runs of 2 different configs" in lines[0]
+    assert "'bigram s=1' names 3 finished runs of 2 different configs" in lines[0]
     assert len(lines) == 4
     for line, run in zip(lines[1:], reversed(runs), strict=True):  # newest first
         assert run.info.run_id in line and run.data.tags[TAG + "run_key"] in line
@@ -202,7 +202,7 @@ def test_params_and_config_yaml_say_only_what_applies(store: Store, tmp_path: Pa
     result = invoke("run", str(spec), *store.args())
     assert result.exit_code == 0, result.output
     for variant, model_params in MODEL_PARAMS.items():
-        run = store.by_name()[f"{variant}-seed=1"]
+        run = store.by_name()[f"{variant} s=1"]
         params = run.data.params
         assert {k: v for k, v in params.items() if k.startswith("model.")} == model_params
         assert "None" not in params.values()
@@ -250,8 +250,8 @@ def test_divergence_and_failure_do_not_stop_the_grid(store: Store, tmp_path: Pat
     result = invoke("run", str(spec), *store.args())
     assert result.exit_code == 1, result.output
     runs = store.by_name()
-    assert runs["ok-seed=1"].info.status == "FINISHED"
-    hot = runs["hot-seed=1"]
+    assert runs["ok s=1"].info.status == "FINISHED"
+    hot = runs["hot s=1"]
     assert hot.info.status == "FAILED"
     assert hot.data.tags[TAG + "diverged"] == "true"
     assert "step" in hot.data.tags[TAG + "reason"]

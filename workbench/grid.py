@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from workbench.checks import Override, Source, structure_problems, validate_run
 from workbench.datasets import DEFAULT_DATASET, data_checksum
 from workbench.errors import SpecError
-from workbench.naming import format_value, short_names
+from workbench.naming import RUN_NAME_KEYS, name_value, run_name_labels
 from workbench.spec import (
     DEFAULT_SEEDS,
     SECTIONS,
@@ -127,7 +127,7 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
     excluded = 0
     checksums: dict[tuple[str | None, str | None], str] = {}  # each file hashed once per expand
     shown_keys = varying + [k for k in dict.fromkeys(o.key for o in overrides) if k not in varying]
-    labels = short_names(shown_keys)
+    labels = run_name_labels(shown_keys)
     for index, (variant, layers) in enumerate(_variants(raw)):
         for point in points:
             for seed in raw.get("seeds", DEFAULT_SEEDS):
@@ -358,11 +358,13 @@ def _changed_by_set(as_written: dict[str, Any], overrides: list[Override]) -> di
 
 
 def _named(run: Run, changed: dict[str, Any], labels: dict[str, str], index: int) -> Run:
-    """The run named variant, grid values, then ``--set`` values unlike the spec's, then seed:
-    two runs of different configs in one plan never share a name."""
-    values = [f"{labels[k]}={format_value(v)}" for k, v in run.varying.items()]
-    values += [f"{labels[k]}={format_value(v)}" for k, v in changed.items()]
-    name = "-".join([run.variant, *values, f"seed={run.seed}"])
+    """The run named variant, grid values, then ``--set`` values unlike the spec's, then seed,
+    short keys first so that the runs table's ~25 characters show what varies
+    (``multi_head bs=32 lr=3e-3 s=1337``): two runs of different configs in one plan never
+    share a name."""
+    values = [f"{labels[k]}={name_value(v)}" for k, v in run.varying.items()]
+    values += [f"{labels[k]}={name_value(v)}" for k, v in changed.items()]
+    name = " ".join([run.variant, *values, f"{RUN_NAME_KEYS['seed']}={run.seed}"])
     return replace(run, name=name, changed=changed, variant_index=index)
 
 
@@ -372,7 +374,7 @@ def _unique_names(runs: list[Run]) -> list[Run]:
     counts: dict[str, int] = {}
     for run in runs:
         counts[run.name] = counts.get(run.name, 0) + 1
-    return [replace(r, name=f"{r.name}-{r.key[:8]}") if counts[r.name] > 1 else r for r in runs]
+    return [replace(r, name=f"{r.name} {r.key[:8]}") if counts[r.name] > 1 else r for r in runs]
 
 
 def run_key(config: RunConfig, data_sha256: str) -> str:

@@ -22,6 +22,49 @@ def format_value(value: object) -> str:
     return str(value)
 
 
+# Run names: the runs table of ``mlflow ui`` cuts a name at about 25 characters, so each key the
+# grid varies is written short. A key not listed here is written by its ``short_name``.
+RUN_NAME_KEYS = {
+    "block_size": "bs",
+    "learning_rate": "lr",
+    "batch_size": "batch",
+    "n_embd": "emb",
+    "n_head": "heads",
+    "n_layer": "layers",
+    "dropout": "drop",
+    "max_iters": "iters",
+    "seed": "s",
+}
+
+
+def name_value(value: object) -> str:
+    """A config value as short as it can be written exactly, for run names: as
+    :func:`format_value`, except that a float takes its exponent form where that is shorter
+    (``3e-3`` for ``0.003``, ``1e-4``); both read back as the same float."""
+    if not isinstance(value, float) or not math.isfinite(value):
+        return format_value(value)
+    decimal = repr(value)
+    for digits in range(17):  # the fewest digits that read back as the same float
+        mantissa, _, exponent = f"{value:.{digits}e}".partition("e")
+        if float(f"{mantissa}e{exponent}") == value:
+            break
+    exponential = f"{mantissa}e{int(exponent)}"
+    return exponential if len(exponential) < len(decimal) else decimal
+
+
+def run_name_labels(keys: Sequence[str]) -> dict[str, str]:
+    """Each of ``keys`` as a run name writes it: its abbreviation (``train.block_size`` →
+    ``bs``), else its ``short_name``; a label two keys would share, or that another key's short
+    name already is, is left long (names must tell every config apart)."""
+    short = short_names(keys)
+    labels = {k: RUN_NAME_KEYS.get(name, name) for k, name in short.items()}
+    taken = [*labels.values(), *short.values(), RUN_NAME_KEYS["seed"]]
+    return {
+        key: label if label == short[key] or taken.count(label) == 1 else short[key]
+        for key, label in labels.items()
+    }
+
+
 def short_name(key: str, keys: Sequence[str]) -> str:
     """``train.block_size`` → ``block_size``, unless another of ``keys`` ends the same way."""
     last = key.rsplit(".", 1)[-1]

@@ -8,6 +8,7 @@ marks a run KILLED itself.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import math
 import os
@@ -174,20 +175,139 @@ def existing_runs(uri: str, experiment_id: str) -> dict[str, RunRecord]:
 
 def git_state(folder: Path) -> tuple[str | None, bool | None]:
     """(commit, dirty) of the git checkout holding ``folder``, or (None, None)."""
+    checkout = git_checkout(folder)
+    return (None, None) if checkout is None else (checkout.commit, checkout.dirty)
+
+
+@dataclass(frozen=True)
+class GitCheckout:
+    root: Path
+    commit: str
+    dirty: bool  # tracked files changed since the commit
+    remote_url: str | None  # origin's (else the first remote's) URL, without credentials
+
+
+def git_checkout(folder: Path) -> GitCheckout | None:
+    """The git checkout holding ``folder``, or None (no checkout, or no git)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=folder, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=folder,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        commit, root = git("rev-parse", "HEAD", "--show-toplevel").splitlines()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        remotes = git("remote").split()
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        return None
+    remote = "origin" if "origin" in remotes else (remotes[0] if remotes else None)
+    try:
+        url = _without_credentials(git("remote", "get-url", remote)) if remote else None
     except (OSError, subprocess.CalledProcessError):
-        return None, None
-    return commit, bool(status)
+        url = None
+    return GitCheckout(Path(root), commit, dirty, url or None)
+
+
+def _without_credentials(url: str) -> str:
+    """``https://user:token@host/x.git`` → ``https://host/x.git``: a URL recorded in a store
+    that others read must not carry a secret (``git@host:x.git`` has none)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
+
+
+def user() -> str:
+    """Who runs this, as MLflow's own runs say it (``getpass.getuser``)."""
+    try:
+        return getpass.getuser()
+    except (ImportError, KeyError, OSError):  # no name for this uid (some containers)
+        return "unknown"
+
+
+def source_tags(spec_path: Path) -> dict[str, str]:
+    """MLflow's own source tags for the runs of a spec, which ``mlflow ui`` shows in its Source,
+    Version and User columns, and workbench's ``git_dirty``.
+
+    The source is the spec file and the commit is that of the git checkout the spec lives in:
+    the user's experiment repository, which holds what the runs were asked to be. A spec outside
+    any checkout names its absolute path and has no ``mlflow.source.git.*`` tags; the commit of
+    workbench's own checkout (where it runs from one) is then ``workbench.git_commit``.
+    """
+    spec = spec_path.resolve()
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.user": user()}
+    checkout = git_checkout(spec.parent)
+    if checkout is not None and spec.is_relative_to(checkout.root.resolve()):
+        tags["mlflow.source.name"] = spec.relative_to(checkout.root.resolve()).as_posix()
+        tags["mlflow.source.git.commit"] = checkout.commit
+        if checkout.remote_url is not None:
+            tags["mlflow.source.git.repoURL"] = checkout.remote_url
+    else:
+        tags["mlflow.source.name"] = str(spec)
+        checkout = git_checkout(Path(__file__).resolve().parent)
+        if checkout is not None:
+            tags[TAG + "git_commit"] = checkout.commit
+    if checkout is not None:
+        tags[TAG + "git_dirty"] = str(checkout.dirty).lower()
+    return tags
+
+
+def commit_of(tags: dict[str, str]) -> str | None:
+    """The commit a run records: its source's, else (older runs, or a spec outside any
+    checkout) workbench's own ``git_commit`` tag."""
+    return tags.get("mlflow.source.git.commit") or tags.get(TAG + "git_commit")
+
+
+def spec_of(tags: dict[str, str]) -> str | None:
+    """The spec file a run came from (older runs: the ``workbench.spec`` tag)."""
+    return tags.get("mlflow.source.name") or tags.get(TAG + "spec")
+
+
+DATASET_DIGEST_LENGTH = 16
+DATASET_CONTEXTS = {"train": "training", "val": "evaluation"}
+
+
+def dataset_digest(data_sha256: str, part: str, val_fraction: float) -> str:
+    """The MLflow digest of one part (``train`` or ``val``) of a text: derived from the text's
+    sha256 and the split, so the two parts of one run, and texts split differently, never share
+    a digest (MLflow keeps one dataset per name and digest in an experiment)."""
+    blob = f"{data_sha256}:{part}:{val_fraction!r}".encode()
+    return hashlib.sha256(blob).hexdigest()[:DATASET_DIGEST_LENGTH]
+
+
+def dataset_inputs(
+    dataset: str | None, path: str | None, data_sha256: str, val_fraction: float
+) -> list[Any]:
+    """What a run trained and was evaluated on, as MLflow dataset inputs (what
+    ``mlflow.log_input`` records): named after the data set or the file, with its source (the
+    data set's URL, or the file's path) as MLflow's HTTP and local dataset sources write it."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from workbench.datasets import KNOWN_DATASETS
+
+    if dataset is not None:
+        name, source_type, source = dataset, "http", {"url": KNOWN_DATASETS[dataset].url}
+    else:
+        assert path is not None
+        name, source_type, source = Path(path).name, "local", {"uri": path}
+    shares = {"train": f"the first {1 - val_fraction:.0%}", "val": f"the last {val_fraction:.0%}"}
+    inputs = []
+    for part, context in DATASET_CONTEXTS.items():
+        profile = {"data_sha256": data_sha256, "part": part, "val_fraction": val_fraction,
+                   "text": f"{shares[part]} of the characters"}  # fmt: skip
+        data = Dataset(
+            name=name,
+            digest=dataset_digest(data_sha256, part, val_fraction),
+            source_type=source_type,
+            source=json.dumps(source),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(data, tags=[InputTag("mlflow.data.context", context)]))
+    return inputs
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -216,10 +216,20 @@ def run(
         int,
         typer.Option("--max-retries", min=0, help="Ray: retries of a crashed worker, per run."),
     ] = 2,
+    system_metrics: Annotated[
+        bool,
+        typer.Option(
+            "--system-metrics",
+            help="Record MLflow's system metrics (CPU, memory, GPU) of each run; needs psutil "
+            "(pip install 'workbench[system-metrics]'), and pynvml for GPUs.",
+        ),
+    ] = False,
 ) -> None:
     """Train every run of a spec and record it in MLflow; runs already finished are skipped,
     interrupted ones resume from their checkpoint."""
     with user_errors():
+        if system_metrics:
+            _require_psutil()
         expanded = _expand(spec, set_, only)
         from workbench.cli.plan_view import make_console
 
@@ -242,10 +252,24 @@ def run(
             rerun_failed=rerun_failed,
             threads_per_job=threads,
             checkpoint_every_s=checkpoint_every,
+            system_metrics=system_metrics,
         )
         _fetch_data(expanded, options.data_dir)
         code = _sweep(expanded, chosen, options, console, live=progress and console.is_terminal)
         raise typer.Exit(code=code)
+
+
+def _require_psutil() -> None:
+    """MLflow samples system metrics with psutil, which workbench does not require."""
+    import importlib
+
+    try:
+        importlib.import_module("psutil")
+    except ImportError:
+        raise WorkbenchError(
+            "--system-metrics needs psutil, which is not installed: "
+            "pip install 'workbench[system-metrics]'"
+        ) from None
 
 
 def _sweep(expanded: Plan, chosen: Executor, options: Options, console: Console, live: bool) -> int:

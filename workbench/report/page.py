@@ -158,19 +158,35 @@ def _provenance(data: ExperimentData) -> dict[str, str]:
     def distinct(column: str) -> list[str]:
         return sorted(str(v) for v in runs[column].dropna().unique()) if column in runs else []
 
+    # MLflow's source tags, else (older runs, a spec outside any checkout) workbench's own
+    sources = {"commit": ("mlflow.source.git.commit", "git_commit"),
+               "spec": ("mlflow.source.name", "spec")}  # fmt: skip
+    runs = runs.assign(**{column: _first_of(runs, f"tags.{mlflow}", f"tags.{TAG}{ours}")
+                          for column, (mlflow, ours) in sources.items()})  # fmt: skip
     commits = []
-    for commit in distinct(f"tags.{TAG}git_commit"):
-        dirty = runs.loc[runs[f"tags.{TAG}git_commit"] == commit].get(f"tags.{TAG}git_dirty")
+    for commit in distinct("commit"):
+        dirty = runs.loc[runs["commit"] == commit].get(f"tags.{TAG}git_dirty")
         mark = " (uncommitted changes)" if dirty is not None and (dirty == "true").any() else ""
         commits.append(commit[:12] + mark)
     data_sets = distinct("params.data.dataset") + distinct("params.data.path")
     return {
-        "spec": ", ".join(distinct(f"tags.{TAG}spec")),
+        "spec": ", ".join(distinct("spec")),
         "commit": ", ".join(commits),
         "data": ", ".join(v for v in data_sets if v != "None"),
         "checksum": ", ".join(_clip(v, 16) for v in distinct("params.data_sha256")),
         "torch": ", ".join(distinct(f"tags.{TAG}torch_version")),
     }
+
+
+def _first_of(runs: pd.DataFrame, *columns: str) -> pd.Series:
+    """Per run, the first of ``columns`` that has a value."""
+    present = [runs[c] for c in columns if c in runs]
+    if not present:
+        return runs["run_id"].map(lambda _: None)
+    values = present[0]
+    for more in present[1:]:
+        values = values.fillna(more)
+    return values
 
 
 def _clip(text: str, limit: int = 40) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from workbench.grid import Plan, Run
+from workbench.naming import format_value
 from workbench.spec import applicable_config
 from workbench.store import client, ensure_experiment, sqlite_path, store_error_types, store_errors
 from workbench.sweep.claims import Claims
@@ -25,10 +26,11 @@ from workbench.tracking import (
     RunRecord,
     RunState,
     base_tags,
+    dataset_inputs,
     existing_runs,
     experiment_slug,
     flatten,
-    git_state,
+    source_tags,
 )
 
 
@@ -60,6 +62,7 @@ class Options:
     # the run and reused by its resume.
     threads_per_job: int = 1
     checkpoint_every_s: float = 10.0
+    system_metrics: bool = False  # MLflow's CPU, memory and GPU metrics of each run
 
 
 class Action(str, Enum):
@@ -233,25 +236,14 @@ def _execute(
 
 
 def _sweep_tags(plan: Plan, sweep_id: str) -> dict[str, str]:
-    """The tags every run of this sweep gets: host, sweep, driver, spec and git commit."""
-    commit, dirty = git_state(plan.spec_path.resolve().parent)
-    if commit is None:  # a spec outside any checkout: record the code's own commit
-        commit, dirty = git_state(Path(__file__).resolve().parent)
-    tags = {
+    """The tags every run of this sweep gets: host, sweep, driver, and MLflow's source tags
+    (the spec, its checkout's commit and remote, the user)."""
+    return {
         **base_tags(),
         TAG + "sweep": sweep_id,
         TAG + "driver_pid": str(os.getpid()),
-        TAG + "spec": str(plan.spec_path),
+        **source_tags(plan.spec_path),
     }
-    if commit is not None:
-        tags.update(
-            {
-                TAG + "git_commit": commit,
-                TAG + "git_dirty": str(dirty).lower(),
-                "mlflow.source.git.commit": commit,
-            }
-        )
-    return tags
 
 
 @dataclass
@@ -305,6 +297,7 @@ class _StoreRuns:
             checkpoint_every_s=self.options.checkpoint_every_s,
             resumed=previous is not None,
             attempt=attempt,
+            system_metrics=self.options.system_metrics,
         )
 
     def _reopen(self, previous: RunRecord, attempt: int, threads: int) -> None:
@@ -348,6 +341,8 @@ class _StoreRuns:
 def _create_run(
     mlflow_client: Any, experiment_id: str, run: Run, sweep_tags: dict[str, str]
 ) -> str:
+    """The MLflow run of a grid point: its tags, note, params and dataset inputs, written once
+    (a resume reopens the run and keeps them)."""
     from mlflow.entities import Param
 
     config = run.config
@@ -360,6 +355,7 @@ def _create_run(
         TAG + "attempt": "1",
         TAG + "heartbeat": f"{time.time():.0f}",
         **{TAG + "grid." + k: str(v) for k, v in run.varying.items()},
+        "mlflow.note.content": run_note(run, sweep_tags.get("mlflow.source.name", "")),
     }
     if run.reference_val_loss is not None:  # the published figure, for the report
         tags[TAG + "reference_val_loss"] = str(run.reference_val_loss)
@@ -368,4 +364,22 @@ def _create_run(
     values = flatten(applicable_config(config))  # what the run was, nothing that does not apply
     values["data_sha256"] = run.data_sha256  # num_params: the worker's, once it built the model
     mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
+    data = config.data
+    inputs = dataset_inputs(data.dataset, data.path, run.data_sha256, data.val_fraction)
+    mlflow_client.log_inputs(run_id, datasets=inputs)
     return run_id
+
+
+def run_note(run: Run, spec: str) -> str:
+    """One line saying what a run is, MLflow's run description (``mlflow.note.content``):
+    its variant and seed, the values its spec's grid gives it, the ``--set`` values that change
+    it, and the spec file."""
+    values = ", ".join(f"`{k}={format_value(v)}`" for k, v in run.varying.items())
+    changed = ", ".join(f"`{k}={format_value(v)}`" for k, v in run.changed.items())
+    parts = [f"Variant `{run.variant}`, seed {run.seed}"]
+    if values:
+        parts.append(f"grid: {values}")
+    if changed:
+        parts.append(f"--set: {changed}")
+    where = f" of `{spec}`" if spec else ""
+    return "; ".join(parts) + where + "."

@@ -58,6 +58,7 @@ class Job:
     checkpoint_every_s: float = 10.0  # checkpoint (and store metrics) at most this often
     resumed: bool = False  # continuing an MLflow run that already holds points
     attempt: int = 1
+    system_metrics: bool = False  # MLflow's CPU, memory and GPU metrics, sampled beside training
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,13 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
             job.key, job.run_id, RunState.KILLED, reason=f"tracking store: {first_line(exc)}"
         )
     callback = _MlflowCallback(buffer, job.key, progress)
+    with _system_metrics(job, buffer):
+        return _execute(job, mlflow_client, buffer, callback)
+
+
+def _execute(
+    job: Job, mlflow_client: Any, buffer: MetricBuffer, callback: _MlflowCallback
+) -> JobResult:
     try:
         if job.resumed:  # points after the last checkpoint may be stored already
             buffer.skip_stored(list(PROGRESS_KEYS + EVAL_KEYS + SUMMARY_KEYS))
@@ -137,6 +145,33 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
         mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
         mlflow_client.set_terminated(job.run_id, status="KILLED")
     return JobResult(job.key, job.run_id, RunState.KILLED, step=callback.last_step, reason=reason)
+
+
+@contextlib.contextmanager
+def _system_metrics(job: Job, buffer: MetricBuffer) -> Iterator[None]:
+    """MLflow's system metrics monitor for the job's run (``system/...`` metrics, sampled every
+    ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds, 10 by default) while the job runs. A
+    worker that cannot sample (no psutil there) trains anyway and says why in a tag."""
+    if not job.system_metrics:
+        yield
+        return
+    unavailable: tuple[type[BaseException], ...] = (ImportError, *store_error_types())
+    try:
+        from mlflow.system_metrics import system_metrics_monitor
+
+        monitor_class: Any = system_metrics_monitor.SystemMetricsMonitor  # untyped
+        monitor = monitor_class(
+            job.run_id, resume_logging=job.resumed, tracking_uri=job.tracking_uri
+        )
+        monitor.start()
+    except unavailable as exc:
+        buffer.tags({TAG + "system_metrics": f"not recorded: {first_line(exc)}"})
+        yield
+        return
+    try:
+        yield
+    finally:
+        monitor.finish()  # joins its thread and stores what it sampled
 
 
 def ended_result(mlflow_client: Any, job: Job) -> JobResult | None:
