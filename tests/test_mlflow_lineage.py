@@ -55,6 +55,12 @@ class Preparer:
         self.jobs += [prepare(item) for item in items]
         return []
 
+    def warm_up(self, runs: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 def prepare_runs(spec: Path, store: Store, *sets: str) -> Preparer:
     executor = Preparer()
