@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import signal
@@ -266,7 +267,7 @@ def _train_and_record(
             best_val_loss=result.best_val_loss,
         )
 
-    _log_artifacts(mlflow_client, job, corpus, trainer, callback.artifacts)
+    _log_artifacts(mlflow_client, job, corpus, trainer, callback.artifacts, result.history)
     mlflow_client.set_terminated(job.run_id, status="FINISHED")
     shutil.rmtree(run_dir, ignore_errors=True)  # resume checkpoints are not kept once done
     return JobResult(
@@ -298,7 +299,12 @@ def _signals_ignored() -> Iterator[None]:
 
 
 def _log_artifacts(
-    mlflow_client: Any, job: Job, corpus: Any, trainer: Any, artifacts: dict[str, str | bytes]
+    mlflow_client: Any,
+    job: Job,
+    corpus: Any,
+    trainer: Any,
+    artifacts: dict[str, str | bytes],
+    history: list[dict[str, float]],
 ) -> None:
     """Every artifact written to one folder, then logged in one call (a call costs ~25 ms)."""
     import torch
@@ -317,7 +323,29 @@ def _log_artifacts(
                 (out / name).write_bytes(content)
         state = {"config": job.config, "state_dict": trainer.model.state_dict()}
         torch.save(state, out / "model.pt")
+        _write_figures(out, job.name, artifacts, history)
         mlflow_client.log_artifacts(job.run_id, folder)
+
+
+def _write_figures(
+    folder: Path, name: str, artifacts: dict[str, str | bytes], history: list[dict[str, float]]
+) -> None:
+    """The loss curve and, with attention, the attention maps as PNG files, which mlflow ui
+    shows as images: drawn by the report's own code (small and cheap: they are drawn for every
+    run), logged with the other artifacts. The attention JSON stays, for programs. A figure
+    that cannot be drawn is left out: it is never a verdict on the run."""
+    from workbench.report.figures import attention_png, loss_curve_png
+
+    with contextlib.suppress(Exception):
+        curve = loss_curve_png(history, name)
+        if curve is not None:
+            (folder / "loss_curve.png").write_bytes(curve)
+    attention = artifacts.get("attention.json")
+    if attention is not None:
+        with contextlib.suppress(Exception):
+            payload = json.loads(attention)
+            png = attention_png(str(payload["prompt"]), payload["weights"])
+            (folder / "attention.png").write_bytes(png)
 
 
 def describe_exit(exitcode: int | None) -> str:
