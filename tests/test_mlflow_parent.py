@@ -235,6 +235,20 @@ def test_a_rerun_reuses_the_parent_and_set_or_only_get_their_own(
     assert {p.info.status for p in store.parents()} == {"FINISHED"}
     assert len({p.data.tags[PLAN_TAG] for p in store.parents()}) == 3
 
+    report = ["report", "--tracking-uri", store.uri, "--out", str(tmp_path / "reports")]
+    assert invoke(*report).exit_code == 0
+    latest = parents["1"].info.run_id  # the parent a sweep opened last gets the report
+    for p in store.parents():
+        attached = artifact_paths(store.client, p.info.run_id, "report")
+        assert attached == ({"report/t.html", "report/t.csv"} if p.info.run_id == latest else set())
+
+    for p in store.parents():  # a store from before parents: the files only, and no warning
+        store.client.delete_run(p.info.run_id)
+    (tmp_path / "reports" / "t.html").unlink()
+    result = invoke(*report)
+    assert result.exit_code == 0 and "attached" not in result.output, result.output
+    assert (tmp_path / "reports" / "t.html").exists()
+
 
 # --- interruptions ----------------------------------------------------------------------------
 
