@@ -47,8 +47,15 @@ class Store:
         ]
 
     def runs(self, experiment: str = "t") -> list[Any]:
+        """The trained runs (the sweeps' parent runs left out: see ``parents``)."""
         exp = self.client.get_experiment_by_name(experiment)
-        return [] if exp is None else self.client.search_runs([exp.experiment_id])
+        found = [] if exp is None else self.client.search_runs([exp.experiment_id])
+        return [r for r in found if "workbench.plan" not in r.data.tags]
+
+    def parents(self, experiment: str = "t") -> list[Any]:
+        exp = self.client.get_experiment_by_name(experiment)
+        found = [] if exp is None else self.client.search_runs([exp.experiment_id])
+        return [r for r in found if "workbench.plan" in r.data.tags]
 
     def by_name(self, experiment: str = "t") -> dict[str, Any]:
         return {r.info.run_name: r for r in self.runs(experiment)}

@@ -72,7 +72,8 @@ def workbench_run(spec: Path, uri: str, *extra: str) -> subprocess.Popen[str]:
 def runs_of(uri: str, experiment: str) -> list[Any]:
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
-    return [] if found is None else client.search_runs([found.experiment_id])
+    runs = [] if found is None else client.search_runs([found.experiment_id])
+    return [r for r in runs if "workbench.plan" not in r.data.tags]  # a sweep's parent: not a run
 
 
 def test_grid_on_ray_logs_to_the_server_and_reruns_skip(server: str, tmp_path: Path) -> None:

@@ -78,7 +78,8 @@ class Store:
     def runs(self, experiment: str) -> list[Any]:
         client = self.client()
         exp = client.get_experiment_by_name(experiment)
-        return list(client.search_runs([exp.experiment_id], max_results=1000))
+        runs = client.search_runs([exp.experiment_id], max_results=1000)
+        return [r for r in runs if TAG + "plan" not in r.data.tags]  # a sweep's parent: not a run
 
     def html(self, experiment: str) -> str:
         return (self.reports / f"{experiment}.html").read_text(encoding="utf-8")
@@ -355,7 +356,8 @@ def test_csv_is_tidy(store: Store) -> None:
     with sqlite3.connect(db) as connection:
         points = connection.execute(
             "SELECT m.key FROM metrics m JOIN runs r ON r.run_uuid = m.run_uuid "
-            "JOIN experiments e ON e.experiment_id = r.experiment_id WHERE e.name = 'grid'"
+            "JOIN experiments e ON e.experiment_id = r.experiment_id WHERE e.name = 'grid' "
+            "AND r.run_uuid NOT IN (SELECT run_uuid FROM tags WHERE key = 'workbench.plan')"
         ).fetchall()
     assert len(table) == len(points)  # one row per run × metric × step, none lost or doubled
     assert not table.duplicated(["run_id", "metric", "step"]).any()

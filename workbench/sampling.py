@@ -11,7 +11,7 @@ from typing import Any
 from workbench.errors import WorkbenchError, first_line
 from workbench.spec import clip
 from workbench.store import client
-from workbench.tracking import TAG, WORKBENCH_RUNS
+from workbench.tracking import PLAN_TAG, TAG, WORKBENCH_RUNS
 
 MAX_CANDIDATES = 20  # runs listed when a name or key is ambiguous
 
@@ -34,9 +34,16 @@ def find_run_id(tracking_uri: str, run: str, experiment: str | None = None) -> s
 
     mlflow_client = client(tracking_uri)
     try:
-        return str(mlflow_client.get_run(run).info.run_id)
+        by_id = mlflow_client.get_run(run)
     except MlflowException:
         pass
+    else:
+        if PLAN_TAG in by_id.data.tags:  # a sweep's parent holds no model
+            raise WorkbenchError(
+                f"run {clip(run)} is a sweep's parent run, not a trained run: pass the id, "
+                "name or key of one of its runs"
+            )
+        return str(by_id.info.run_id)
     names = {
         e.experiment_id: e.name
         for e in mlflow_client.search_experiments()

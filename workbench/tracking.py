@@ -16,7 +16,7 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -137,7 +137,36 @@ def _pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-WORKBENCH_RUNS = f"tags.`{TAG}run_key` != ''"  # a search filter: runs workbench created
+WORKBENCH_RUNS = f"tags.`{TAG}run_key` != ''"  # a search filter: runs workbench trained
+# A sweep's parent run carries the plan's identity and no run key, so every reader of runs
+# (WORKBENCH_RUNS, existing_runs, the report, sample) passes it by.
+PLAN_TAG = TAG + "plan"
+PARENT_RUNS = f"tags.`{PLAN_TAG}` != ''"  # a search filter: the sweeps' parent runs
+
+
+def plan_id(run_keys: Iterable[str]) -> str:
+    """A plan's identity: a hash of its sorted run keys (the same runs, the same plan)."""
+    joined = "\n".join(sorted(set(run_keys)))
+    return hashlib.sha256(joined.encode("utf-8")).hexdigest()[:16]
+
+
+def parent_runs(mlflow_client: Any, experiment_id: str, plan: str | None = None) -> list[Any]:
+    """The parent runs of an experiment (of one plan, if given), oldest first."""
+    filter_string = PARENT_RUNS if plan is None else f"tags.`{PLAN_TAG}` = '{plan}'"
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = mlflow_client.search_runs(
+            [experiment_id],
+            filter_string=filter_string,
+            max_results=1000,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def search_workbench_runs(mlflow_client: Any, experiment_id: str) -> Iterator[Any]:

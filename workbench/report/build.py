@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
+import tempfile
 import time
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from workbench.errors import first_line
+from workbench.errors import WorkbenchError, first_line
 from workbench.report import page
 from workbench.report.load import (
     ExperimentData,
@@ -21,6 +23,7 @@ from workbench.report.load import (
     load_experiment,
     tidy,
 )
+from workbench.tracking import TAG, client, int_tag, parent_runs, store_error_types
 
 if TYPE_CHECKING:
     pass
@@ -100,7 +103,41 @@ def _write_one(
     tidy(data).to_csv(csv_path, index=False)
     data.load_seconds["csv"] = time.perf_counter() - started
     html_path.write_text(render_page(data, csv_name=csv_path.name), encoding="utf-8")
+    attach_to_parent(data, html_path, csv_path, warn)
     return [html_path, csv_path]
+
+
+def attach_to_parent(
+    data: ExperimentData, html_path: Path, csv_path: Path, warn: Callable[[str], None] | None
+) -> str | None:
+    """The page and its CSV, also as artifacts of the experiment's latest parent run (the one
+    a sweep opened last), under ``report/<slug>.html`` and ``.csv``: each report replaces the
+    previous one there, and mlflow ui renders the page. An experiment without a parent run (a
+    store from before parents) gets none; a store that refuses the write is a warning, and the
+    files are written all the same. Returns the parent's run id, if it got the report."""
+    errors: tuple[type[BaseException], ...] = (WorkbenchError, *store_error_types())
+    try:
+        mlflow_client = client(data.tracking_uri)
+        parents = parent_runs(mlflow_client, data.experiment_id)
+        if not parents:
+            return None
+        latest = max(parents, key=_opened)
+        run_id = str(latest.info.run_id)
+        stem = slug(data.name)
+        with tempfile.TemporaryDirectory(prefix="workbench-report-") as folder:
+            shutil.copyfile(html_path, Path(folder) / f"{stem}.html")
+            shutil.copyfile(csv_path, Path(folder) / f"{stem}.csv")
+            mlflow_client.log_artifacts(run_id, folder, "report")
+    except errors as exc:
+        if warn is not None:
+            warn(f"{data.name}: the report is not attached to its sweep's run: {first_line(exc)}")
+        return None
+    return run_id
+
+
+def _opened(run: Any) -> int:
+    """When a parent run was last opened by a sweep (seconds): its heartbeat, else its start."""
+    return int_tag(run.data.tags, TAG + "heartbeat") or (run.info.start_time or 0) // 1000
 
 
 def output_paths(out: Path | None, names: list[str]) -> dict[str, Path]:

@@ -25,8 +25,11 @@ if TYPE_CHECKING:
     from workbench.report.load import ExperimentData
 
 DPI = 96
+RUN_DPI = 72  # the figures a run logs: small and cheap (they are drawn at the end of every run)
 PAGE_WIDTH_IN = 11.5  # the page's column is about 1120 px wide
 CURVE_SPLITS = {"val_loss": "val", "train_loss": "train"}
+SPLIT_DASHES: dict[str, Any] = {"val": "", "train": (4, 2)}  # val solid, train dashed
+ATTENTION_CMAP = "magma"
 BEST_MEAN = "mean over seeds of best val loss"  # best val loss: a run's min over its evals
 
 
@@ -51,6 +54,29 @@ def plotting() -> Iterator[None]:
     style = {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook", font_scale=0.9)}
     with plt.rc_context({**style, "text.parse_math": False, "text.usetex": False}):
         yield
+
+
+@contextmanager
+def plain_text() -> Iterator[None]:
+    """No mathtext or TeX in text drawn inside, and nothing else changed (a run's figures)."""
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        yield
+
+
+def new_figure(width_in: float, height_in: float) -> MplFigure:
+    """A figure drawn by Agg outside pyplot: no global state, nothing to close. Importing this
+    much of matplotlib (not seaborn, not pyplot) is what a run's figures cost a worker."""
+    from matplotlib.figure import Figure as MplFigure
+
+    return MplFigure(figsize=(width_in, height_in))
+
+
+def png_bytes(figure: MplFigure, dpi: int = RUN_DPI) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def render(figure: MplFigure, title: str, alt: str) -> Figure:
@@ -154,7 +180,7 @@ def curves_plot(data: ExperimentData, curves: pd.DataFrame, x: str) -> Figure:
     grid = sns.relplot(
         data=curves, kind="line", x=x, y="value", hue="variant", hue_order=order,
         palette=colors, style="split", style_order=["val", "train"],
-        dashes={"val": "", "train": (4, 2)}, estimator=None, sort=True,
+        dashes=SPLIT_DASHES, estimator=None, sort=True,
         height=height, aspect=aspect,
         facet_kws={"sharey": True, "sharex": True, "margin_titles": "row" in facets},
         **facets, **marker,
@@ -176,15 +202,61 @@ def curves_plot(data: ExperimentData, curves: pd.DataFrame, x: str) -> Figure:
 def loss_range(curves: pd.DataFrame) -> tuple[float, float] | None:
     """The y-range of the curves after the first eval (the step-0 loss, ~4.2-4.7, would squash
     the endings that tell variants apart), with a margin; None when there is nothing after it."""
+    return loss_limits(curves["step"].to_numpy(dtype=float), curves["value"].to_numpy(dtype=float))
+
+
+def loss_limits(steps: Any, values: Any) -> tuple[float, float] | None:
+    """``loss_range`` on arrays: the y-range of the losses after the first step, or None."""
     import numpy as np
 
-    later = curves.loc[curves["step"] > curves["step"].min(), "value"].to_numpy(dtype=float)
+    steps, values = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+    if steps.size == 0:
+        return None
+    later = values[steps > steps.min()]
     later = later[np.isfinite(later)]
     if later.size == 0:
         return None
     low, high = float(later.min()), float(np.quantile(later, 0.98))
     margin = max(0.05 * (high - low), 0.01)
     return (low - margin, high + margin)
+
+
+def loss_curve_png(history: Sequence[dict[str, float]], title: str) -> bytes | None:
+    """One run's val (solid) and train (dashed) loss at its eval steps, the y-range as the
+    report's curves have it; None without evals. Drawn at the end of every run: small."""
+    lines = {
+        split: [(p["step"], p[metric]) for p in history if metric in p and "step" in p]
+        for metric, split in CURVE_SPLITS.items()
+    }
+    if not any(lines.values()):
+        return None
+    with plain_text():
+        figure = new_figure(4.2, 2.8)
+        ax = figure.subplots()
+        for split, points in lines.items():
+            if points:
+                steps, values = zip(*points, strict=True)
+                style: dict[str, Any] = (
+                    {"dashes": SPLIT_DASHES[split]} if SPLIT_DASHES[split] else {}
+                )
+                if len(points) < 3:  # a lone point shows
+                    style.update(marker="o", markersize=3)
+                ax.plot(steps, values, label=split, color="C0", **style)
+        every = [point for points in lines.values() for point in points]
+        limits = loss_limits([s for s, _ in every], [v for _, v in every])
+        if limits is not None:
+            ax.set_ylim(*limits)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(4, integer=True))  # each tick label costs ~1 ms
+        ax.yaxis.set_major_locator(MaxNLocator(4))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        figure.text(0.5, 0.95, title, ha="center", fontsize=9)  # a title costs a layout pass
+        ax.grid(True, alpha=0.3)
+        ax.legend(frameon=False, fontsize=8)
+        figure.subplots_adjust(left=0.15, right=0.97, bottom=0.17, top=0.88)
+        return png_bytes(figure)
 
 
 def _facets(frame: pd.DataFrame, axes: Sequence[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -396,11 +468,23 @@ def display_char(char: str) -> str:
     return char
 
 
+def draw_attention_map(ax: Any, weights: Any, left: float = 0.0) -> Any:
+    """One head's attention map into ``ax``: query (rows, top to bottom) attending to key
+    (columns), 0 to 1 in one colour scale, its first column at ``x = left`` (a run's figure
+    puts a layer's heads side by side in one axes). Returns the image."""
+    queries, keys = weights.shape
+    ax.grid(False)
+    return ax.imshow(
+        weights, vmin=0.0, vmax=1.0, cmap=ATTENTION_CMAP, interpolation="nearest",
+        extent=(left - 0.5, left + keys - 0.5, queries - 0.5, -0.5),
+    )  # fmt: skip
+
+
 def attention_plot(title: str, prompt: str, weights: list[Any]) -> Figure:
-    """One heatmap per layer and head: query (rows) attending to key (columns)."""
+    """The report's attention maps: one panel per layer and head, each labelled with the
+    prompt's characters, one colour bar."""
     import matplotlib.pyplot as plt
     import numpy as np
-    import seaborn as sns
 
     array = np.asarray(weights, dtype=float)  # (layer, head, query, key)
     layers, heads, queries, keys = array.shape
@@ -411,24 +495,43 @@ def attention_plot(title: str, prompt: str, weights: list[Any]) -> Figure:
     figure, axs = plt.subplots(rows, cols, figsize=(side * cols, side * rows), squeeze=False)
     for ax in axs.flat:
         ax.set_visible(False)
+    images = []
     for layer in range(layers):
         for head in range(heads):
-            index = layer * math.ceil(heads / cols) * cols + head
-            ax = axs.flat[index]
+            ax = axs.flat[layer * math.ceil(heads / cols) * cols + head]
             ax.set_visible(True)
-            sns.heatmap(
-                array[layer, head], vmin=0.0, vmax=1.0, cmap="magma", square=True, cbar=False,
-                xticklabels=chars[:keys], yticklabels=chars[:queries], ax=ax,
-            )  # fmt: skip
-            ax.tick_params(axis="both", length=0, labelsize=8)
-            ax.tick_params(axis="y", rotation=0)
-            ax.tick_params(axis="x", rotation=0)
-            for label in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
-                label.set_fontfamily("DejaVu Sans Mono")
+            images.append(draw_attention_map(ax, array[layer, head]))
+            ax.set_xticks(range(keys), chars[:keys], fontfamily="DejaVu Sans Mono")
+            ax.set_yticks(range(queries), chars[:queries], fontfamily="DejaVu Sans Mono")
+            ax.tick_params(axis="both", length=0, labelsize=8, rotation=0)
             ax.set_title(f"layer {layer}, head {head}" if layers > 1 else f"head {head}")
             ax.set_xlabel("key")
             ax.set_ylabel("query")
     figure.tight_layout()
-    shown = [ax for ax in axs.flat if ax.get_visible()]
-    figure.colorbar(shown[0].collections[0], ax=shown, shrink=0.6, label="attention weight")
+    figure.colorbar(images[0], ax=[i.axes for i in images], shrink=0.6, label="attention weight")
     return render(figure, title, f"attention weights of {title}")
+
+
+def attention_png(prompt: str, weights: Any) -> bytes:
+    """A run's attention maps, small and cheap (drawn at the end of every run with attention):
+    one axes per layer with its heads side by side, no tick labels, the prompt in the title."""
+    import numpy as np
+
+    array = np.asarray(weights, dtype=float)  # (layer, head, query, key)
+    layers, heads, queries, keys = array.shape
+    gap = max(1, keys // 8)
+    with plain_text():
+        figure = new_figure(0.4 + 1.5 * heads, 0.45 + 1.5 * layers * queries / keys)
+        axs = figure.subplots(layers, 1, squeeze=False)
+        for layer, ax in enumerate(axs.flat):
+            ax.set_axis_off()  # no ticks made or drawn: most of an axes' cost
+            for head in range(heads):
+                left = head * (keys + gap)
+                draw_attention_map(ax, array[layer, head], left)
+                name = f"layer {layer}, head {head}" if layers > 1 else f"head {head}"
+                ax.text(left + keys / 2 - 0.5, -1.0, name, ha="center", fontsize=7)
+            ax.set_xlim(-0.5, heads * (keys + gap) - gap - 0.5)
+        shown = "".join(display_char(c) for c in prompt)
+        figure.suptitle(f"attention, query row → key column: {shown}", fontsize=8)
+        figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.8, hspace=0.3)
+        return png_bytes(figure)

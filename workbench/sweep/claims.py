@@ -6,6 +6,10 @@ the same checkpoint folder. MLflow has no atomic compare-and-set, so the claim i
 process dies, however it dies, so a crash never leaves a run claimed. Runs are claimed *before*
 the store is read, so whatever another process finished before it let go is seen as done.
 
+A sweep's parent run is found or created, and ended, by one process at a time: the same kind of
+lock on ``plan-<plan id>.lock`` (:meth:`Claims.holding`), held for those moments only, so two
+``workbench run`` of one plan share one parent and each can end it.
+
 The locks only reach as far as the folder is shared: one machine, or a cluster whose nodes
 share ``--checkpoint-dir``, as the README's cluster recipe has it.
 """
@@ -13,11 +17,14 @@ share ``--checkpoint-dir``, as the README's cluster recipe has it.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from workbench.errors import WorkbenchError
+
+HOLD_TIMEOUT_S = 120.0  # what holding() waits for; held for a few store calls, never longer
 
 
 class Claims:
@@ -42,6 +49,25 @@ class Claims:
             raise WorkbenchError(f"--checkpoint-dir {self.folder.parent}: {exc}") from None
         self.held[key] = lock
         return True
+
+    @contextlib.contextmanager
+    def holding(self, name: str, timeout_s: float = HOLD_TIMEOUT_S) -> Iterator[None]:
+        """``name`` held for the ``with`` block, waiting up to ``timeout_s`` while another
+        process holds it (for the moments that a sweep finds or ends its parent run)."""
+        lock = FileLock(self.folder / f"{name}.lock", timeout=timeout_s, thread_local=False)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except Timeout:
+            raise WorkbenchError(
+                f"{lock.lock_file}: held by another process for {timeout_s:.0f} s"
+            ) from None
+        except OSError as exc:
+            raise WorkbenchError(f"--checkpoint-dir {self.folder.parent}: {exc}") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def release(self, key: str) -> None:
         lock = self.held.pop(key, None)

@@ -1,11 +1,20 @@
 """The sweep driver, shared by every executor: what to train, skip or resume against the store;
-MLflow runs created before their job starts; progress; the summary and the exit code."""
+MLflow runs created before their job starts; progress; the summary and the exit code.
+
+Every run a sweep creates is a child (``mlflow.parentRunId``, written once, at its creation) of
+its plan's parent run: one parent per distinct plan, the plan's identity a hash of its sorted
+run keys. A rerun of the same plan reuses the parent (RUNNING while the sweep runs, ended
+after); a ``--set`` or ``--only`` that changes the set of runs gets its own; a resumed run
+keeps the parent it was created under. A sweep with nothing to train writes nothing. See
+:mod:`workbench.sweep.parent`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -14,6 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
+from workbench.errors import WorkbenchError
 from workbench.grid import Plan, Run
 from workbench.naming import format_value
 from workbench.spec import applicable_config
@@ -21,6 +31,7 @@ from workbench.store import client, ensure_experiment, sqlite_path, store_error_
 from workbench.sweep.claims import Claims
 from workbench.sweep.events import CrashFn, Ended, Event, EventFn
 from workbench.sweep.jobs import Job, JobResult, JobStatus, ended_result
+from workbench.sweep.parent import PARENT_TAG, SweepParent, end_parent, open_parent
 from workbench.tracking import (
     TAG,
     RunRecord,
@@ -91,6 +102,7 @@ class Summary:
     decisions: list[Decision]
     results: dict[str, JobResult] = field(default_factory=dict)
     interrupted: bool = False
+    parent_run_id: str | None = None  # the plan's parent run, when this sweep trained anything
 
     @property
     def exit_code(self) -> int:
@@ -183,8 +195,11 @@ def _run_sweep(
         todo = [d for d in decisions if d.action is not Action.SKIP]
         if todo:
             _fetch_data(todo, options.data_dir)
-            runs = _StoreRuns.open(plan, options, summary, experiment_dir, todo)
-            _execute(executor, todo, runs, summary, on_event)
+            runs = _StoreRuns.open(plan, options, summary, experiment_dir, todo, claims)
+            try:
+                _execute(executor, todo, runs, summary, on_event)
+            finally:
+                runs.end(plan, claims, summary.interrupted or sys.exc_info()[0] is not None)
     finally:
         claims.release_all()
     return summary
@@ -256,6 +271,7 @@ class _StoreRuns:
     experiment_dir: Path
     mlflow_client: Any
     tags: dict[str, str]  # of every run of this sweep
+    parent: SweepParent  # of the runs this sweep creates
 
     @classmethod
     def open(
@@ -265,14 +281,28 @@ class _StoreRuns:
         summary: Summary,
         experiment_dir: Path,
         todo: list[Decision],
+        claims: Claims,
     ) -> _StoreRuns:
+        mlflow_client = client(options.tracking_uri)
+        tags = _sweep_tags(plan, summary.sweep_id)
+        with store_errors(options.tracking_uri):
+            parent = open_parent(mlflow_client, summary.experiment_id, plan, tags, claims)
+        summary.parent_run_id = parent.run_id
         return cls(
             options,
             summary.experiment_id,
             experiment_dir,
-            client(options.tracking_uri),
-            _sweep_tags(plan, summary.sweep_id),
+            mlflow_client,
+            tags,
+            parent,
         )
+
+    def end(self, plan: Plan, claims: Claims, interrupted: bool) -> None:
+        """The parent ended with this sweep's counts; a store that is down leaves it RUNNING
+        (the next sweep of the plan reopens it), and never hides why the sweep stopped."""
+        with contextlib.suppress(WorkbenchError, *store_error_types()):
+            end_parent(self.mlflow_client, self.options.tracking_uri, self.experiment_id,
+                       plan, self.parent, claims, interrupted)  # fmt: skip
 
     def prepare(self, decision: Decision) -> Job:
         run = decision.run
@@ -320,7 +350,7 @@ class _StoreRuns:
             self.mlflow_client.set_terminated(record.run_id, status="KILLED")
         # A fresh start, not someone's leftovers.
         shutil.rmtree(self.experiment_dir / run.key, ignore_errors=True)
-        tags = {**self.tags, TAG + "threads": str(threads)}
+        tags = {**self.tags, TAG + "threads": str(threads), PARENT_TAG: self.parent.run_id}
         return _create_run(self.mlflow_client, self.experiment_id, run, tags)
 
     def on_crash(self, job: Job, reason: str, status: JobStatus) -> JobResult:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import signal
@@ -112,8 +113,12 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
     """
     unreachable: tuple[type[BaseException], ...] = (WorkbenchError, *store_error_types())
     try:
-        mlflow_client = client(job.tracking_uri)
-        buffer = MetricBuffer(job.tracking_uri, job.run_id, EVAL_KEYS + SUMMARY_KEYS)
+        # Opening the store imports MLflow's database modules: a signal in the middle of an
+        # import would leave them half-made for the rest of the process (and the run RUNNING),
+        # so it waits until the store is open, then interrupts as usual.
+        with _signals_deferred():
+            mlflow_client = client(job.tracking_uri)
+            buffer = MetricBuffer(job.tracking_uri, job.run_id, EVAL_KEYS + SUMMARY_KEYS)
     except unreachable as exc:  # no store to record anything in
         return JobResult(
             job.key, job.run_id, RunState.KILLED, reason=f"tracking store: {first_line(exc)}"
@@ -136,15 +141,23 @@ def _execute(
         if not is_environment_failure(exc):
             return _failed(job, mlflow_client, buffer, callback, exc)
         reason = describe_environment_failure(exc)
-    # A second signal must not leave the run RUNNING. Unflushed points come after the last
-    # checkpoint: the resume recomputes them.
-    with _signals_ignored(), contextlib.suppress(*store_error_types()):
+    # Unflushed points come after the last checkpoint: the resume recomputes them.
+    return end_killed(job, reason, mlflow_client, step=callback.last_step)
+
+
+def end_killed(job: Job, reason: str, mlflow_client: Any | None = None, step: int = 0) -> JobResult:
+    """End an interrupted job's run KILLED (resumable) where the store answers, unless it
+    already ended: interrupted after its end, the verdict stands. Also for a job interrupted
+    before it could reach its own handler (a SIGTERM while the worker was opening the store).
+    A second signal must not leave the run RUNNING, so signals wait until this is done."""
+    with _signals_ignored(), contextlib.suppress(WorkbenchError, *store_error_types()):
+        mlflow_client = mlflow_client or client(job.tracking_uri)
         ended = ended_result(mlflow_client, job)
-        if ended is not None:  # interrupted after it ended: the verdict stands
+        if ended is not None:
             return ended
         mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
         mlflow_client.set_terminated(job.run_id, status="KILLED")
-    return JobResult(job.key, job.run_id, RunState.KILLED, step=callback.last_step, reason=reason)
+    return JobResult(job.key, job.run_id, RunState.KILLED, step=step, reason=reason)
 
 
 @contextlib.contextmanager
@@ -305,7 +318,7 @@ def _train_and_record(
             best_val_loss=result.best_val_loss,
         )
 
-    _log_artifacts(mlflow_client, job, corpus, callback.artifacts)
+    _log_artifacts(mlflow_client, job, corpus, callback.artifacts, result.history)
     _log_final_model(mlflow_client, job, trainer.model, corpus.tokenizer, result.step)
     mlflow_client.set_terminated(job.run_id, status="FINISHED")
     shutil.rmtree(run_dir, ignore_errors=True)  # resume checkpoints are not kept once done
@@ -319,6 +332,20 @@ def _train_and_record(
         wall_time_s=result.wall_time_s,
         device=device,
     )
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM held back for a moment and delivered after it (POSIX; else a no-op)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    blocked = hasattr(signal, "pthread_sigmask")
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 @contextlib.contextmanager
@@ -338,7 +365,11 @@ def _signals_ignored() -> Iterator[None]:
 
 
 def _log_artifacts(
-    mlflow_client: Any, job: Job, corpus: Any, artifacts: dict[str, str | bytes]
+    mlflow_client: Any,
+    job: Job,
+    corpus: Any,
+    artifacts: dict[str, str | bytes],
+    history: list[dict[str, float]],
 ) -> None:
     """Every artifact written to one folder, then logged in one call (a call costs ~25 ms).
     The weights are not among them: they are the run's logged model."""
@@ -354,7 +385,29 @@ def _log_artifacts(
                 (out / name).write_text(content, encoding="utf-8")
             else:
                 (out / name).write_bytes(content)
+        _write_figures(out, job.name, artifacts, history)
         mlflow_client.log_artifacts(job.run_id, folder)
+
+
+def _write_figures(
+    folder: Path, name: str, artifacts: dict[str, str | bytes], history: list[dict[str, float]]
+) -> None:
+    """The loss curve and, with attention, the attention maps as PNG files, which mlflow ui
+    shows as images: drawn by the report's own code (small and cheap: they are drawn for every
+    run), logged with the other artifacts. The attention JSON stays, for programs. A figure
+    that cannot be drawn is left out: it is never a verdict on the run."""
+    from workbench.report.figures import attention_png, loss_curve_png
+
+    with contextlib.suppress(Exception):
+        curve = loss_curve_png(history, name)
+        if curve is not None:
+            (folder / "loss_curve.png").write_bytes(curve)
+    attention = artifacts.get("attention.json")
+    if attention is not None:
+        with contextlib.suppress(Exception):
+            payload = json.loads(attention)
+            png = attention_png(str(payload["prompt"]), payload["weights"])
+            (folder / "attention.png").write_bytes(png)
 
 
 def _log_final_model(mlflow_client: Any, job: Job, model: Any, tokenizer: Any, step: int) -> None:

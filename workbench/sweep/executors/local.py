@@ -34,6 +34,7 @@ from workbench.sweep.jobs import (
     JobResult,
     JobStatus,
     describe_exit,
+    end_killed,
     execute_job,
 )
 from workbench.tracking import RunState
@@ -53,8 +54,11 @@ def _worker_main(env: dict[str, str], conn: Connection) -> None:
     parent = os.getppid()
     # What every job needs, imported now: a worker started early (``warm_up``) imports while
     # the driver is still creating the store, not when its first job arrives.
-    import workbench.tracking
-    import workbench.train.factory  # noqa: F401  (torch)
+    try:
+        import workbench.tracking
+        import workbench.train.factory  # noqa: F401  (torch)
+    except KeyboardInterrupt:  # stopped before it held any job
+        os._exit(0)
 
     while True:
         try:
@@ -76,8 +80,8 @@ def _worker_main(env: dict[str, str], conn: Connection) -> None:
 
         try:
             result = execute_job(job, progress)
-        except KeyboardInterrupt:
-            result = JobResult(job.key, job.run_id, RunState.KILLED, reason="interrupted")
+        except KeyboardInterrupt:  # before execute_job could handle it itself
+            result = end_killed(job, "interrupted")
         try:
             conn.send(Ended(job.key, result))
         except OSError:
