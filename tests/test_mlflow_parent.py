@@ -279,7 +279,8 @@ def test_resume_after_sigint_and_sigkill_of_the_driver_keeps_one_parent(
     proc.communicate(timeout=120)
     (parent,) = store.parents()
     assert parent.info.status == "KILLED"
-    assert parent.data.metrics["runs_killed"] + parent.data.metrics["runs_finished"] == 2, sorted(parent.data.metrics.items())
+    metrics = parent.data.metrics
+    assert metrics["runs_killed"] + metrics["runs_finished"] == 2, sorted(metrics.items())
 
     before = newest_checkpoint(store)
     proc = start(spec, store, "--jobs", "2")  # resumes, then is killed outright
