@@ -36,8 +36,6 @@ from workbench.corpus import Corpus
 from workbench.datasets import fetch_known
 from workbench.settings import load_settings
 from workbench.spec import RunConfig
-from workbench.train.factory import build_trainer
-from workbench.train.process import prepare_process
 
 # The lecture rungs as workbench configs (the same as experiments/lecture.yaml).
 MODELS: dict[int, dict[str, Any]] = {
@@ -85,6 +83,11 @@ def workbench_config(rung: int, max_iters: int | None, seed: int) -> RunConfig:
 
 
 def run_workbench(rung: int, corpus: Corpus, max_iters: int | None, seed: int) -> dict[str, Any]:
+    # Imported here: ab_models.py imports workbench_config from this file beside an older
+    # revision of the package, which has no factory.
+    from workbench.train.factory import build_trainer
+    from workbench.train.process import prepare_process
+
     config = workbench_config(rung, max_iters, seed)
     prepare_process(config.train)
     start = time.perf_counter()

@@ -25,7 +25,8 @@ from runs import Store, invoke, mlflow_server, start, wait_for
 from specs import write_spec
 
 from workbench.grid import expand
-from workbench.report.figures import attention_png, loss_curve_png
+from workbench.report.attention import attention_png
+from workbench.report.figures import loss_curve_png
 from workbench.report.load import load_experiment
 from workbench.store import client, ensure_experiment
 from workbench.sweep.claims import Claims

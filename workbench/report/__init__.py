@@ -3,8 +3,8 @@
 Importing this package is cheap: pandas, matplotlib, seaborn and mlflow load when a report is
 written. The modules, in the order data flows: ``load`` (MLflow → tidy frames, with
 ``history`` for the curves in bulk), ``analysis`` (grid points, leaderboard, intervals),
-``figures`` (seaborn → PNG), ``page`` (the page's tables, sentences and figures), ``build``
-(the files: HTML page and CSV).
+``figures`` (seaborn → PNG, with ``sensitivity`` and ``attention``), ``page`` (the page's
+tables, sentences and figures), ``build`` (the files: HTML page and CSV).
 """
 
 from __future__ import annotations

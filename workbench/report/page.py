@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from workbench.naming import format_value, human_count, short_name
-from workbench.report import analysis, figures, text
+from workbench.report import analysis, attention, figures, sensitivity, text
 from workbench.report.analysis import LOSS
 from workbench.report.load import SEED_PARAMS, STATES, ExperimentData, artifact_text
 from workbench.tracking import TAG
@@ -301,12 +301,12 @@ def _sensitivity(
     notes = []
     if len(by_size) >= 2:
         pair = (by_size[0], by_size[1])
-        result["heatmap"] = figures.heatmaps(data, points, board, pair)
+        result["heatmap"] = sensitivity.heatmaps(data, points, board, pair)
         others = [short_name(a, data.axes) for a in data.axes if a not in pair]
         if others:
             notes.append(f"Heatmaps hold {', '.join(others)} at each variant's best value.")
         notes.append("Each cell is the mean over seeds; the red box is the best cell.")
-    result["axis_lines"] = figures.axis_lines(data, done, points, intervals)
+    result["axis_lines"] = sensitivity.axis_lines(data, done, points, intervals)
     if len(data.axes) > 1:
         notes.append(
             "Along each axis, every point is at the best values of the other axes"
@@ -402,7 +402,7 @@ def _attention(
             continue
         try:
             payload = json.loads(text)
-            figure = figures.attention_plot(
+            figure = attention.attention_plot(
                 f"{variant} ({run['run_name']})", str(payload["prompt"]), payload["weights"]
             )
         except (ValueError, KeyError, TypeError):

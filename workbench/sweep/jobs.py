@@ -396,7 +396,8 @@ def _write_figures(
     shows as images: drawn by the report's own code (small and cheap: they are drawn for every
     run), logged with the other artifacts. The attention JSON stays, for programs. A figure
     that cannot be drawn is left out: it is never a verdict on the run."""
-    from workbench.report.figures import attention_png, loss_curve_png
+    from workbench.report.attention import attention_png
+    from workbench.report.figures import loss_curve_png
 
     with contextlib.suppress(Exception):
         curve = loss_curve_png(history, name)
