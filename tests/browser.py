@@ -17,6 +17,7 @@ import select
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,11 +129,38 @@ class DevTools:
         os.close(self._from_browser)
 
 
-def open_page(
-    page: Path, profile: Path, screenshot: Path | None = None, width: int = 1280
-) -> PageVisit:
-    """Load ``page`` from disk, record every network request it attempts, check its images, and
-    save a full-page screenshot."""
+class Page:
+    """One tab, attached: evaluate JavaScript in it, wait for the page to get somewhere."""
+
+    def __init__(self, browser: DevTools, session: str) -> None:
+        self.browser = browser
+        self.session = session
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of ``expression`` (a promise is awaited); a JavaScript error raises."""
+        result = self.browser.send("Runtime.evaluate", self.session, expression=expression,
+                                   returnByValue=True, awaitPromise=True)  # fmt: skip
+        if "exceptionDetails" in result:
+            raise RuntimeError(result["exceptionDetails"]["exception"]["description"])
+        return result["result"].get("value")
+
+    def wait_until(self, expression: str, timeout: float = 30.0) -> Any:
+        """Evaluate ``expression`` until its value is truthy and return that value (a page that
+        renders with JavaScript fills in after its load event)."""
+        deadline = time.monotonic() + timeout
+        value = self.evaluate(expression)
+        while not value:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"still {value!r} after {timeout:.0f} s: {expression}")
+            time.sleep(0.2)
+            value = self.evaluate(expression)
+        return value
+
+
+@contextlib.contextmanager
+def browse(url: str, profile: Path, width: int = 1280, height: int = 900) -> Iterator[Page]:
+    """A headless Chromium tab that has loaded ``url``, its network requests recorded in
+    ``page.browser.events``; the browser is closed on exit."""
     binary = chromium()
     assert binary is not None, "chromium is not installed"
     browser = DevTools(binary, profile)
@@ -143,16 +171,22 @@ def open_page(
         browser.send("Page.enable", session)
         browser.send(
             "Emulation.setDeviceMetricsOverride", session,
-            width=width, height=900, deviceScaleFactor=1, mobile=False,
+            width=width, height=height, deviceScaleFactor=1, mobile=False,
         )  # fmt: skip
-        browser.send("Page.navigate", session, url=page.resolve().as_uri())
+        browser.send("Page.navigate", session, url=url)
         browser.wait_for("Page.loadEventFired", timeout=60)
+        yield Page(browser, session)
+    finally:
+        browser.close()
 
-        def evaluate(expression: str) -> Any:
-            result = browser.send("Runtime.evaluate", session, expression=expression,
-                                  returnByValue=True)  # fmt: skip
-            return result["result"].get("value")
 
+def open_page(
+    page: Path, profile: Path, screenshot: Path | None = None, width: int = 1280
+) -> PageVisit:
+    """Load ``page`` from disk, record every network request it attempts, check its images, and
+    save a full-page screenshot."""
+    with browse(page.resolve().as_uri(), profile, width) as tab:
+        browser, session, evaluate = tab.browser, tab.session, tab.evaluate
         visit = PageVisit(
             images=int(evaluate("document.images.length")),
             images_decoded=bool(
@@ -176,5 +210,3 @@ def open_page(
             if e.get("method") == "Network.requestWillBeSent"
         ]
         return visit
-    finally:
-        browser.close()
