@@ -45,7 +45,7 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
         assert tags.get(TAG + tag), tag
     assert tags[TAG + "variant"] == "multi_head" and tags[TAG + "device"] == "cpu"
     assert tags[TAG + "attention"] in ("native", "torch")  # auto on a CPU, blocks of 8
-    assert TAG + "attention" not in runs["bigram-seed=1"].data.tags  # no attention there
+    assert TAG + "attention" not in runs["bigram s=1"].data.tags  # no attention there
     assert "train.attention" not in params or params["train.attention"] == "auto"
     assert params["train.max_iters"] == "40" and params["model.kind"] == "multi_head"
     assert TAG + "kind" not in tags  # model.kind says it
