@@ -277,3 +277,34 @@ def test_a_logged_model_that_holds_a_pickle_is_refused_in_one_line(
     assert refused.exit_code == 2 and "Traceback" not in refused.output
     (line,) = refused.stderr.splitlines()
     assert line.startswith(f"logged model {logged.model_id} refused:") and "pickle" in line
+
+
+def test_a_logged_model_that_names_code_is_refused_before_mlflow_loads_it(
+    store: Store, tmp_path: Path
+) -> None:
+    """A pt2 model whose MLmodel names a ``code`` folder: MLflow would put that folder first on
+    ``sys.path`` while loading it. Refused in one line; the folder never reaches ``sys.path``."""
+    import sys
+
+    experiment_id = ensure_experiment(store.uri, "t")
+    run_id = store.client.create_run(experiment_id, run_name="forged").info.run_id
+    model = build_model(ModelConfig(kind="bigram"), 5, 8, attention=SDPA).eval()  # type: ignore[arg-type]
+    folder = tmp_path / "forged"
+    tokenizer = CharTokenizer.from_text("abcde")
+    mlflow_model.save_model(folder, export_logits(model), tokenizer, 8)
+    (folder / "code").mkdir()
+    (folder / "code" / "json.py").write_text("raise SystemExit('code from the store ran')\n")
+    spec = yaml.safe_load((folder / "MLmodel").read_text())
+    spec["flavors"]["pytorch"]["code"] = "code"
+    (folder / "MLmodel").write_text(yaml.safe_dump(spec))
+    logged = store.client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+    store.client.log_model_artifacts(logged.model_id, str(folder))
+    store.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    from mlflow.entities import LoggedModelOutput
+
+    store.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    refused = invoke("sample", run_id, "--tracking-uri", store.uri)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith(f"logged model {logged.model_id} refused:") and "code" in line
+    assert not any(entry.endswith("code") for entry in sys.path)

@@ -121,7 +121,8 @@ def test_one_parent_per_sweep_holds_the_spec_counts_and_best_run(
     children = store.runs()
     assert len(children) == 2
     assert {parent_of(c) for c in children} == {parent.info.run_id}
-    assert parent.info.run_name == "t" and parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == f"t [{parent.data.tags[TAG + 'plan'][:8]}]"
     plan = expand(spec)
     assert parent.data.tags[PLAN_TAG] == plan_id(r.key for r in plan.runs)
     assert TAG + "run_key" not in parent.data.tags and parent_of(parent) is None

@@ -56,6 +56,10 @@ def test_a_template_that_is_not_empty_is_never_copied(
     assert names == {"Default"}  # nothing planted came along
     assert rows(cache, "SELECT count(*) FROM runs") == [(0,)]  # the template was made again
 
+    MlflowClient(f"sqlite:///{cache}").create_registered_model("planted")  # any other table
+    store.open_store(f"sqlite:///{tmp_path / 'fourth.db'}")
+    assert rows(tmp_path / "fourth.db", "SELECT count(*) FROM registered_models") == [(0,)]
+
     cache.write_bytes(b"not a database" * 100)
     store.open_store(f"sqlite:///{tmp_path / 'third.db'}")
     assert rows(tmp_path / "third.db", "SELECT name FROM experiments") == [("Default",)]

@@ -230,7 +230,11 @@ def load_model(tracking_uri: str, mlflow_client: Any, model_id: str) -> LoggedRu
             )
         )
         try:
-            metadata = Model.load(str(local)).metadata or {}
+            model = Model.load(str(local))
+            flavor = model.flavors.get("pytorch") or {}
+            if flavor.get("code") or flavor.get("model_data") != "data":  # code: on sys.path
+                raise ValueError("its pytorch flavor names code, or data other than data/")
+            metadata = model.metadata or {}
             block_size = int(metadata["block_size"])
             tokenizer = CharTokenizer.load(local / "extra_files" / TOKENIZER_FILE)
             data = sorted(p.name for p in (local / "data").iterdir())

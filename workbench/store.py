@@ -183,8 +183,9 @@ def _make_template(template: Path) -> None:
 
 
 def _is_empty_store(path: Path) -> bool:
-    """A complete MLflow database without experiments or runs (a template is never trusted
-    further than that: a store copied from it holds nothing of its own)."""
+    """A complete MLflow database holding nothing but its schema version and the default
+    workspace (a template is never trusted further than that: a store copied from it holds
+    nothing of its own)."""
     if not path.is_file():
         return False
     try:
@@ -194,13 +195,19 @@ def _is_empty_store(path: Path) -> bool:
             tables = {row[0] for row in connection.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}  # fmt: skip
             if not {"alembic_version", "experiments", "runs"} <= tables or any(
-                t.startswith("_alembic_tmp_") for t in tables
+                t.startswith(("_alembic_tmp_", "sqlite_")) and t != "sqlite_sequence"
+                for t in tables
             ):
                 return False
-            return not any(
-                connection.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
-                for table in ("experiments", "runs")
-            )
+            for table in tables - {"alembic_version", "sqlite_sequence"}:
+                quoted = '"' + table.replace('"', '""') + '"'
+                if table == "workspaces":
+                    names = connection.execute(f"SELECT name FROM {quoted}").fetchall()
+                    if names not in ([], [("default",)]):
+                        return False
+                elif connection.execute(f"SELECT 1 FROM {quoted} LIMIT 1").fetchone():
+                    return False
+            return True
     except sqlite3.Error:
         return False
 

@@ -30,7 +30,7 @@ from workbench.spec import applicable_config
 from workbench.store import client, ensure_experiment, sqlite_path, store_error_types, store_errors
 from workbench.sweep.claims import Claims
 from workbench.sweep.events import CrashFn, Ended, Event, EventFn
-from workbench.sweep.jobs import Job, JobResult, JobStatus, ended_result
+from workbench.sweep.jobs import Job, JobResult, JobStatus, ended_result, signals_deferred
 from workbench.sweep.parent import PARENT_TAG, SweepParent, end_parent, open_parent
 from workbench.tracking import (
     TAG,
@@ -351,7 +351,8 @@ class _StoreRuns:
         # A fresh start, not someone's leftovers.
         shutil.rmtree(self.experiment_dir / run.key, ignore_errors=True)
         tags = {**self.tags, TAG + "threads": str(threads), PARENT_TAG: self.parent.run_id}
-        return _create_run(self.mlflow_client, self.experiment_id, run, tags)
+        with signals_deferred():  # a run is created whole: tags, params and inputs, or not
+            return _create_run(self.mlflow_client, self.experiment_id, run, tags)
 
     def on_crash(self, job: Job, reason: str, status: JobStatus) -> JobResult:
         """A worker that died or never answered: ``killed`` leaves the run resumable. A worker

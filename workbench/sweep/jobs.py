@@ -116,9 +116,11 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
         # Opening the store imports MLflow's database modules: a signal in the middle of an
         # import would leave them half-made for the rest of the process (and the run RUNNING),
         # so it waits until the store is open, then interrupts as usual.
-        with _signals_deferred():
+        with signals_deferred():
             mlflow_client = client(job.tracking_uri)
             buffer = MetricBuffer(job.tracking_uri, job.run_id, EVAL_KEYS + SUMMARY_KEYS)
+    except KeyboardInterrupt:  # held back until the store was open: now it can be recorded
+        return end_killed(job, "interrupted")
     except unreachable as exc:  # no store to record anything in
         return JobResult(
             job.key, job.run_id, RunState.KILLED, reason=f"tracking store: {first_line(exc)}"
@@ -335,17 +337,24 @@ def _train_and_record(
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """SIGINT/SIGTERM held back for a moment and delivered after it (POSIX; else a no-op)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    blocked = hasattr(signal, "pthread_sigmask")
-    if blocked:
-        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+def signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM held back for a moment, then handled as they would have been (main
+    thread only; elsewhere a no-op). The handler is swapped, not the signal mask blocked: a
+    mask holds the signal back from this thread only, not from the others."""
+    caught: list[int] = []
+    saved: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            saved[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main thread
+        pass
     try:
         yield
     finally:
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        for number, previous in saved.items():
+            signal.signal(number, previous)
+        if caught and callable(first := saved.get(caught[0])):
+            first(caught[0], None)
 
 
 @contextlib.contextmanager
@@ -420,8 +429,18 @@ def _log_final_model(mlflow_client: Any, job: Job, model: Any, tokenizer: Any, s
 
     if job.resumed and mlflow_model.reuse_or_discard(mlflow_client, job.run_id, step):
         return
-    program = export_logits(model)
-    mlflow_model.log_model(mlflow_client, job.run_id, program, tokenizer, model.block_size, step)
+    try:
+        program = export_logits(model)
+        mlflow_model.log_model(
+            mlflow_client, job.run_id, program, tokenizer, model.block_size, step
+        )
+    except Exception as exc:
+        if is_environment_failure(exc):
+            raise  # the store or the disk: KILLED, resumable, as anywhere in the job
+        # The run trained: a model that cannot be exported is not a verdict on it. It ends
+        # FINISHED without one, and says why.
+        reason = f"{type(exc).__name__}: {first_line(exc, 200)}"
+        mlflow_client.set_tag(job.run_id, TAG + "model_error", reason)
 
 
 def describe_exit(exitcode: int | None) -> str:

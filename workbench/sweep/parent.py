@@ -81,7 +81,9 @@ def open_parent(
             attempt = 1
             tags.update({PLAN_TAG: identity, TAG + "attempt": "1",
                          "mlflow.note.content": _note(plan, identity)})  # fmt: skip
-            created = mlflow_client.create_run(experiment_id, run_name=plan.experiment, tags=tags)
+            # Named after the experiment and the plan: two plans' parents never share a name.
+            name = f"{plan.experiment} [{identity[:8]}]"
+            created = mlflow_client.create_run(experiment_id, run_name=name, tags=tags)
             run_id = str(created.info.run_id)
             mlflow_client.log_batch(run_id, params=[Param("grid_size", str(len(plan.runs)))])
         mlflow_client.log_text(run_id, resolved_spec(plan), "spec.yaml")  # this sweep's
