@@ -107,18 +107,23 @@ def mlflow_server(backend_uri: str, folder: Path, port: int | None = None) -> It
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-
-        def healthy() -> bool:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    return bool(response.status == 200)
-            except OSError:
-                assert proc.poll() is None, "mlflow server exited"
-                return False
-
-        wait_for(healthy, timeout=120)
+        wait_healthy(url, proc)
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
+    """Until the ``mlflow server`` at ``url`` answers ``/health`` (it must not exit first)."""
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            assert proc.poll() is None, "mlflow server exited"
+            return False
+
+    wait_for(healthy, timeout=120)

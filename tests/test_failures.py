@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from runs import Store, invoke, start, wait_for
+from runs import Store, invoke, start, wait_for, wait_healthy
 from specs import write_spec
 
 from workbench.tracking import TAG, experiment_slug
@@ -477,16 +476,7 @@ def server(tmp_path: Path) -> Iterator[Any]:
         proc = subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         procs.append(proc)
-
-        def healthy() -> bool:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    return bool(response.status == 200)
-            except OSError:
-                assert proc.poll() is None, "mlflow server exited"
-                return False
-
-        wait_for(healthy, timeout=120)
+        wait_healthy(uri, proc)
 
     def down() -> None:
         proc = procs[-1]

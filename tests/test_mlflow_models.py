@@ -249,14 +249,30 @@ def test_a_run_from_before_logged_models_samples_from_its_weights_file(store: St
     assert line.startswith(f"run {empty}: no logged model, and no model.pt/tokenizer.json")
 
 
+def refused_line(store: Store, folder: Path) -> str:
+    """Log ``folder`` as the model of a forged run, ask ``workbench sample`` for that run: it
+    must refuse in one line, exit 2, which is returned."""
+    from mlflow.entities import LoggedModelOutput
+
+    experiment_id = ensure_experiment(store.uri, "t")
+    run_id = store.client.create_run(experiment_id, run_name="forged").info.run_id
+    logged = store.client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+    store.client.log_model_artifacts(logged.model_id, str(folder))
+    store.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    store.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    refused = invoke("sample", run_id, "--tracking-uri", store.uri)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith(f"logged model {logged.model_id} refused:")
+    return line
+
+
 def test_a_logged_model_that_holds_a_pickle_is_refused_in_one_line(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model someone logged into the store with pickled contents: refused, never unpickled,
     whatever MLFLOW_ALLOW_PICKLE_DESERIALIZATION says."""
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
-    experiment_id = ensure_experiment(store.uri, "t")
-    run_id = store.client.create_run(experiment_id, run_name="forged").info.run_id
     model = build_model(ModelConfig(kind="bigram"), 5, 8).eval()  # type: ignore[arg-type]
     folder = tmp_path / "forged"
     mlflow.pytorch.save_model(
@@ -267,16 +283,8 @@ def test_a_logged_model_that_holds_a_pickle_is_refused_in_one_line(
     (folder / "extra_files" / "tokenizer.json").write_text(
         json.dumps({"type": "char", "chars": "abcde"})
     )
-    logged = store.client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
-    store.client.log_model_artifacts(logged.model_id, str(folder))
-    store.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    from mlflow.entities import LoggedModelOutput
-
-    store.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-    refused = invoke("sample", run_id, "--tracking-uri", store.uri)
-    assert refused.exit_code == 2 and "Traceback" not in refused.output
-    (line,) = refused.stderr.splitlines()
-    assert line.startswith(f"logged model {logged.model_id} refused:") and "pickle" in line
+    line = refused_line(store, folder)
+    assert "pickle" in line
 
 
 def test_a_logged_model_that_names_code_is_refused_before_mlflow_loads_it(
@@ -286,8 +294,6 @@ def test_a_logged_model_that_names_code_is_refused_before_mlflow_loads_it(
     ``sys.path`` while loading it. Refused in one line; the folder never reaches ``sys.path``."""
     import sys
 
-    experiment_id = ensure_experiment(store.uri, "t")
-    run_id = store.client.create_run(experiment_id, run_name="forged").info.run_id
     model = build_model(ModelConfig(kind="bigram"), 5, 8, attention=SDPA).eval()  # type: ignore[arg-type]
     folder = tmp_path / "forged"
     tokenizer = CharTokenizer.from_text("abcde")
@@ -297,14 +303,6 @@ def test_a_logged_model_that_names_code_is_refused_before_mlflow_loads_it(
     spec = yaml.safe_load((folder / "MLmodel").read_text())
     spec["flavors"]["pytorch"]["code"] = "code"
     (folder / "MLmodel").write_text(yaml.safe_dump(spec))
-    logged = store.client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
-    store.client.log_model_artifacts(logged.model_id, str(folder))
-    store.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    from mlflow.entities import LoggedModelOutput
-
-    store.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-    refused = invoke("sample", run_id, "--tracking-uri", store.uri)
-    assert refused.exit_code == 2 and "Traceback" not in refused.output
-    (line,) = refused.stderr.splitlines()
-    assert line.startswith(f"logged model {logged.model_id} refused:") and "code" in line
+    line = refused_line(store, folder)
+    assert "code" in line
     assert not any(entry.endswith("code") for entry in sys.path)

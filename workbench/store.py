@@ -161,11 +161,12 @@ def _store_template() -> Path | None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with FileLock(f"{template}.lock", timeout=STORE_LOCK_TIMEOUT_S):
-            if not _is_empty_store(template):
-                _make_template(template)
+            if _is_empty_store(template):
+                return template
+            _make_template(template)
+            return template if _is_empty_store(template) else None
     except Exception:  # any failure here: MLflow creates the store itself, and says why not
         return None
-    return template if _is_empty_store(template) else None
 
 
 def _make_template(template: Path) -> None:
@@ -182,6 +183,17 @@ def _make_template(template: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+def _read_only(database: Path) -> contextlib.closing[sqlite3.Connection]:
+    uri = f"file:{quote(str(database))}?mode=ro"
+    return contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30))
+
+
+def _tables(connection: sqlite3.Connection) -> set[str]:
+    return {
+        row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+
+
 def _is_empty_store(path: Path) -> bool:
     """A complete MLflow database holding nothing but its schema version and the default
     workspace (a template is never trusted further than that: a store copied from it holds
@@ -189,11 +201,8 @@ def _is_empty_store(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        with contextlib.closing(
-            sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=30)
-        ) as connection:
-            tables = {row[0] for row in connection.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}  # fmt: skip
+        with _read_only(path) as connection:
+            tables = _tables(connection)
             if not {"alembic_version", "experiments", "runs"} <= tables or any(
                 t.startswith(("_alembic_tmp_", "sqlite_")) and t != "sqlite_sequence"
                 for t in tables
@@ -234,11 +243,8 @@ def _sqlite_problem(uri: str, database: Path) -> str | None:
     if not database.exists() or database.stat().st_size == 0:
         return None  # MLflow creates it
     try:
-        with contextlib.closing(
-            sqlite3.connect(f"file:{quote(str(database))}?mode=ro", uri=True, timeout=30)
-        ) as connection:
-            tables = {row[0] for row in connection.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}  # fmt: skip
+        with _read_only(database) as connection:
+            tables = _tables(connection)
     except sqlite3.Error as exc:
         return (
             f"tracking store {uri}: {database} is not a readable SQLite database "

@@ -153,31 +153,25 @@ def plan_id(run_keys: Iterable[str]) -> str:
 def parent_runs(mlflow_client: Any, experiment_id: str, plan: str | None = None) -> list[Any]:
     """The parent runs of an experiment (of one plan, if given), oldest first."""
     filter_string = PARENT_RUNS if plan is None else f"tags.`{PLAN_TAG}` = '{plan}'"
-    runs: list[Any] = []
+    return list(_search_pages(mlflow_client, experiment_id, filter_string, "ASC"))
+
+
+def search_workbench_runs(mlflow_client: Any, experiment_id: str) -> Iterator[Any]:
+    """Every workbench run of an experiment, newest first, page by page."""
+    return _search_pages(mlflow_client, experiment_id, WORKBENCH_RUNS, "DESC")
+
+
+def _search_pages(
+    mlflow_client: Any, experiment_id: str, filter_string: str, order: str
+) -> Iterator[Any]:
+    """The runs ``filter_string`` finds, by start time (``order``: ASC or DESC), page by page."""
     token = None
     while True:
         page = mlflow_client.search_runs(
             [experiment_id],
             filter_string=filter_string,
             max_results=1000,
-            order_by=["attributes.start_time ASC"],
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def search_workbench_runs(mlflow_client: Any, experiment_id: str) -> Iterator[Any]:
-    """Every workbench run of an experiment, newest first, page by page."""
-    token = None
-    while True:
-        page = mlflow_client.search_runs(
-            [experiment_id],
-            filter_string=WORKBENCH_RUNS,
-            max_results=1000,
-            order_by=["attributes.start_time DESC"],
+            order_by=[f"attributes.start_time {order}"],
             page_token=token,
         )
         yield from page

@@ -342,35 +342,33 @@ def signals_deferred() -> Iterator[None]:
     thread only; elsewhere a no-op). The handler is swapped, not the signal mask blocked: a
     mask holds the signal back from this thread only, not from the others."""
     caught: list[int] = []
-    saved: dict[int, Any] = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            saved[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
-    except ValueError:  # not the main thread
-        pass
-    try:
+    with _signals_handled_by(lambda signum, frame: caught.append(signum)) as saved:
         yield
-    finally:
-        for number, previous in saved.items():
-            signal.signal(number, previous)
-        if caught and callable(first := saved.get(caught[0])):
-            first(caught[0], None)
+    if caught and callable(first := saved.get(caught[0])):
+        first(caught[0], None)
 
 
 @contextlib.contextmanager
 def _signals_ignored() -> Iterator[None]:
     """SIGINT/SIGTERM ignored for a moment (main thread only; elsewhere a no-op)."""
-    saved = {}
+    with _signals_handled_by(signal.SIG_IGN):
+        yield
+
+
+@contextlib.contextmanager
+def _signals_handled_by(handler: Any) -> Iterator[dict[int, Any]]:
+    """SIGINT and SIGTERM go to ``handler`` for a moment; yields the handlers it replaced."""
+    saved: dict[int, Any] = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            saved[sig] = signal.signal(sig, signal.SIG_IGN)
+            saved[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread
         pass
     try:
-        yield
+        yield saved
     finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+        for number, previous in saved.items():
+            signal.signal(number, previous)
 
 
 def _log_artifacts(
