@@ -30,7 +30,7 @@ from workbench.models import build_model
 from workbench.models.export import export_logits
 from workbench.settings import load_settings
 from workbench.spec import RunConfig
-from workbench.sweep import jobs
+from workbench.sweep import record
 from workbench.sweep.jobs import Job, execute_job
 from workbench.tracking import client, ensure_experiment
 from workbench.train.factory import build_trainer
@@ -76,12 +76,12 @@ def tracked(run_config: RunConfig, data_dir: Path, uri: str, experiment_id: str,
 
 
 def tracked_without_model(*args: object) -> float:
-    log_final_model = jobs._log_final_model
-    jobs._log_final_model = lambda *_: None  # type: ignore[assignment]
+    log_final_model = record.log_final_model
+    record.log_final_model = lambda *_: None  # type: ignore[assignment]
     try:
         return tracked(*args)  # type: ignore[arg-type]
     finally:
-        jobs._log_final_model = log_final_model
+        record.log_final_model = log_final_model
 
 
 def export_time(run_config: RunConfig, block_size: int) -> float:

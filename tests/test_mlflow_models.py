@@ -25,7 +25,7 @@ from workbench.models.export import NextTokenLogits, example_input, export_logit
 from workbench.models.ladder import build_model
 from workbench.settings import load_settings
 from workbench.spec import ModelConfig, RunConfig
-from workbench.sweep import jobs
+from workbench.sweep import record
 from workbench.sweep.jobs import Job, JobResult, execute_job
 from workbench.tracking import ensure_experiment
 
@@ -172,7 +172,7 @@ def test_a_run_stopped_around_its_model_ends_with_exactly_one(
 ) -> None:
     """Stopped after its model is logged (before FINISHED), or halfway through logging it: the
     resume keeps the READY model, or deletes the partial one and logs another."""
-    real_log, real_save = jobs._log_final_model, mlflow_model.save_model
+    real_log, real_save = record.log_final_model, mlflow_model.save_model
 
     def log_then_stop(*args: Any) -> None:
         real_log(*args)
@@ -182,14 +182,14 @@ def test_a_run_stopped_around_its_model_ends_with_exactly_one(
         raise KeyboardInterrupt("stopped")
 
     if stop == "after_logging":
-        monkeypatch.setattr(jobs, "_log_final_model", log_then_stop)
+        monkeypatch.setattr(record, "log_final_model", log_then_stop)
     else:
         monkeypatch.setattr(mlflow_model, "save_model", stop_while_saving)
     first = run_job(store)
     assert first.status == "killed", first
     before = models_of(store, first.run_id)
     assert len(before) == 1
-    monkeypatch.setattr(jobs, "_log_final_model", real_log)
+    monkeypatch.setattr(record, "log_final_model", real_log)
     monkeypatch.setattr(mlflow_model, "save_model", real_save)
 
     again = run_job(store, run_id=first.run_id)
