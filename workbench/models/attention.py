@@ -177,6 +177,67 @@ class NativeAttention(_Backend):
         return self.kernel.blocks(qkv, n_head)
 
 
+class PackedAttention(_Backend):
+    """``inner`` for a pack of models run under ``torch.func.vmap`` (workbench.train.packed):
+    the pack dimension folded into the batch, so ``inner`` runs once for every member, and
+    autograd records its own backward. vmap cannot see through the ``torch`` and ``native``
+    backends (autograd Functions); this is their vmap rule. Outside vmap it is ``inner``."""
+
+    def __init__(self, inner: AttentionBackend) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def __call__(
+        self, qkv: torch.Tensor, n_head: int, causal_bias: torch.Tensor, dropout_p: float
+    ) -> torch.Tensor:
+        if dropout_p:
+            raise ValueError("packed attention has no dropout: its masks would not be a solo run's")
+        out: torch.Tensor = _FoldPack.apply(qkv, n_head, causal_bias, self.inner)  # type: ignore[no-untyped-call]
+        return out
+
+
+class _FoldPack(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        qkv: torch.Tensor, n_head: int, bias: torch.Tensor, inner: AttentionBackend
+    ) -> torch.Tensor:
+        return inner(qkv, n_head, bias, 0.0)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        qkv, n_head, bias, inner = inputs
+        ctx.save_for_backward(qkv, bias)
+        ctx.n_head, ctx.inner = n_head, inner
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        # Outside vmap only (under vmap, ``inner``'s own backward runs): recompute, differentiate.
+        qkv, bias = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = qkv.detach().requires_grad_()
+            (dqkv,) = torch.autograd.grad(ctx.inner(leaf, ctx.n_head, bias, 0.0), leaf, dy)
+        return dqkv, None, None, None
+
+    @staticmethod
+    def vmap(
+        info: Any,
+        in_dims: tuple[int | None, ...],
+        qkv: torch.Tensor,
+        n_head: int,
+        bias: torch.Tensor,
+        inner: AttentionBackend,
+    ) -> tuple[torch.Tensor, int | None]:
+        qkv_dim, bias_dim = in_dims[0], in_dims[2]
+        if bias_dim is not None:
+            raise ValueError("packed attention needs one causal bias for every member")
+        if qkv_dim is None:
+            return inner(qkv, n_head, bias, 0.0), None
+        qkv = qkv.movedim(qkv_dim, 0)  # (K, B, T, W)
+        K, B, T, W = qkv.shape
+        out = inner(qkv.reshape(K * B, T, W), n_head, bias, 0.0)  # (K * B, T, nh * hs)
+        return out.view(K, B, T, -1), 0
+
+
 SDPA = SDPAttention()
 TORCH_OPS = TorchOpsAttention()
 

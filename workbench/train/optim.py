@@ -40,7 +40,8 @@ class FlatAdamW:
     ``params`` is one list of parameters, or a list of groups (lists), each of which may have a
     learning rate of its own: ``lr`` is one float for every parameter, or a tensor, either 0-d
     (one rate, kept on the device: setting it never waits for the device) or with one rate per
-    group. Groups lie one after another in the flat buffer.
+    group. Groups lie one after another in the flat buffer. ``weight_decay`` is likewise one
+    float, or a tensor with one decay per group (members of a pack that differ in it).
 
     The gradients are never ``None``: autograd accumulates into the views, so call
     :meth:`zero_grad` before each backward. ``model.zero_grad()`` (which sets gradients to
@@ -54,7 +55,7 @@ class FlatAdamW:
         lr: float | torch.Tensor,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.01,
+        weight_decay: float | torch.Tensor = 0.01,
         fused: bool | None = None,
     ) -> None:
         groups = _as_groups(params)
@@ -64,6 +65,13 @@ class FlatAdamW:
         first = flat_params[0]
         if any(p.device != first.device or p.dtype != first.dtype for p in flat_params):
             raise ValueError("FlatAdamW needs every parameter on one device with one dtype")
+        if isinstance(weight_decay, torch.Tensor):
+            if weight_decay.shape != (len(groups),):
+                raise ValueError(
+                    f"weight_decay must be a float or one decay per group ({len(groups)}), "
+                    f"not a tensor of shape {tuple(weight_decay.shape)}"
+                )
+            weight_decay = weight_decay.detach().to(first.device, torch.float32)
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         self.fused = _fused_available(first.device) if fused is None else fused
         self.params = flat_params
@@ -125,18 +133,30 @@ class FlatAdamW:
             )
         self.steps.add_(1)
         self.step_number += 1
-        lr = self._lr
-        if not isinstance(lr, torch.Tensor) or lr.dim() == 0:
-            self._update(self.flat, lr, self.weight_decay)  # one rate: one fused call
+        lr, weight_decay = self._lr, self.weight_decay
+        one_rate = not isinstance(lr, torch.Tensor) or lr.dim() == 0
+        if one_rate and not isinstance(weight_decay, torch.Tensor):
+            self._update(self.flat, lr, weight_decay)  # one rate: one fused call
             return
+        if one_rate:  # one rate, a decay per group
+            lr = torch.as_tensor(lr, dtype=torch.float32, device=self.flat.device)
+            lr = lr.expand(len(self.group_sizes))
+        assert isinstance(lr, torch.Tensor)
         # One rate per group: the update at rate 1 without decay (AdamW's update is linear in
         # the rate), then each element scaled by its group's rate, decay included.
         if self.direction is None:
             self.direction = torch.empty_like(self.flat)
         self.direction.zero_()
         self._update(self.direction, 1.0, 0.0)
-        lr_each = torch.repeat_interleave(lr, self.group_sizes, output_size=self.flat.numel())
-        self.flat.addcmul_(lr_each, self.flat, value=-self.weight_decay)
+        numel = self.flat.numel()
+        lr_each = torch.repeat_interleave(lr, self.group_sizes, output_size=numel)
+        if isinstance(weight_decay, torch.Tensor):
+            decay_each = torch.repeat_interleave(
+                lr * weight_decay, self.group_sizes, output_size=numel
+            )
+            self.flat.addcmul_(decay_each, self.flat, value=-1.0)
+        else:
+            self.flat.addcmul_(lr_each, self.flat, value=-weight_decay)
         self.flat.addcmul_(lr_each, self.direction)
 
     def _update(self, param: torch.Tensor, lr: float | torch.Tensor, weight_decay: float) -> None:

@@ -250,7 +250,10 @@ class Trainer:
         self.callback.on_metrics(metrics, self.loop.step)
 
     def _eval_point(self) -> dict[str, float]:
-        losses = self.evaluate()
+        return self._record_eval(self.evaluate())
+
+    def _record_eval(self, losses: dict[str, float]) -> dict[str, float]:
+        """Check, keep and report one eval point's losses (a packed trainer's too)."""
         for name, value in losses.items():
             self._check_divergence(value, name)
         self.loop.best_val_loss = min(self.loop.best_val_loss, losses["val_loss"])

@@ -1,0 +1,346 @@
+"""Packed training: runs that differ only in seed and learning-rate settings, trained as one.
+
+The K members of a pack share every shape: model, block and batch size, the schedule of steps,
+evals and progress points, the device. Their trainable parameters live in one flat buffer of
+shape (K, P), member k's in row k, so one ``FlatAdamW`` step, with a rate and a decay per
+member, updates them all; the stacked (K, *shape) parameters the forward reads are strided
+views into that buffer, and so are their gradients. One forward and one backward serve every
+member: ``torch.func.vmap`` over ``functional_call`` of the ladder's own model, its attention
+backend folded over the pack (``PackedAttention``).
+
+Everything else a member has is its solo run's, built by ``build_trainer``: its initial
+weights, batch sampler, eval sets, loop state, divergence rules, metrics, checkpoints and final
+artifacts. So a member's curves are its solo run's to float rounding, and a checkpoint written
+here resumes a solo run and the other way round.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from workbench.corpus import Corpus
+from workbench.models import LanguageModel, build_model
+from workbench.models.attention import PackedAttention
+from workbench.spec import RunConfig
+from workbench.train.checkpoint import CHECKPOINT_NAME, load_checkpoint_file, save_checkpoint
+from workbench.train.factory import build_trainer
+from workbench.train.optim import FlatAdamW
+from workbench.train.trainer import Callback, Diverged, Trainer, TrainResult, learning_rate_at
+
+# What may differ between the members of one pack (besides the seed).
+PER_MEMBER = ("learning_rate", "lr_schedule", "warmup_iters", "min_lr", "weight_decay",
+              "grad_clip", "divergence_factor")  # fmt: skip
+
+
+def pack_key(config: RunConfig) -> str | None:
+    """Runs with equal keys may be packed; None: this run is never packed (dropout: a solo
+    run's masks cannot be reproduced; ``train.compile``: the pack's forward is not compiled).
+    The key is a JSON string of the config without the per-member values."""
+    if config.model.dropout > 0 or config.train.compile:
+        return None
+    shared = config.model_dump(mode="json")
+    del shared["seed"]
+    for name in PER_MEMBER:
+        del shared["train"][name]
+    return json.dumps(shared, sort_keys=True)
+
+
+def build_packed_trainer(
+    configs: list[RunConfig],
+    corpus: Corpus,
+    callbacks: list[Callback | None],
+    run_dirs: list[Path | None],
+    *,
+    log_interval: int = 10,
+    checkpoint_every_s: float = 0.0,
+) -> PackedTrainer:
+    """The trainer of a pack, each member built as ``build_trainer`` builds its solo run.
+
+    Raises ValueError when the runs cannot share a pack: a run that is never packed, keys
+    that differ, or checkpoints at different steps (a fresh run and a resumed one included:
+    pack only runs that stand at one step).
+    """
+    if not configs or len(callbacks) != len(configs) or len(run_dirs) != len(configs):
+        raise ValueError("a pack needs at least one run, and a callback and a run_dir for each")
+    keys = [pack_key(config) for config in configs]
+    if None in keys:
+        raise ValueError("runs with dropout or train.compile are never packed")
+    if len(set(keys)) > 1:
+        raise ValueError("packed runs may differ only in seed and learning-rate settings")
+    steps = sorted({checkpoint_step(run_dir) for run_dir in run_dirs})
+    if len(steps) > 1:
+        raise ValueError(f"packed runs must resume from one step, not from steps {steps}")
+    members = [
+        build_trainer(
+            config,
+            corpus,
+            callback,
+            run_dir,
+            log_interval=log_interval,
+            checkpoint_every_s=checkpoint_every_s,
+        )
+        for config, callback, run_dir in zip(configs, callbacks, run_dirs, strict=True)
+    ]
+    return PackedTrainer(members)
+
+
+def checkpoint_step(run_dir: Path | None) -> int:
+    """The step a run would resume from (0: no checkpoint)."""
+    if run_dir is None or not (run_dir / CHECKPOINT_NAME).exists():
+        return 0
+    return int(load_checkpoint_file(run_dir / CHECKPOINT_NAME)["step"])
+
+
+class PackedTrainer:
+    """Trains the models of K solo trainers (``members``) in one step.
+
+    The members keep their models, samplers, eval sets, loop states and callbacks; their
+    trainable parameters are moved into this trainer's optimizer (row k of its buffer). A
+    member that diverges is masked out: its row is zeroed and stepped at rate 0 from then on.
+    """
+
+    def __init__(self, members: list[Trainer]) -> None:
+        first = members[0]
+        self.members = members
+        self.device = first.device
+        self.train_config = first.train_config  # the shapes and schedules the members share
+        self.active = [True] * len(members)
+        self.active_mask = torch.ones(len(members), dtype=torch.bool, device=self.device)
+        groups = [[p for p in m.model.parameters() if p.requires_grad] for m in members]
+        decay = torch.tensor([m.train_config.weight_decay for m in members])
+        self.optimizer = FlatAdamW(groups, lr=torch.zeros(len(members)), weight_decay=decay)
+        self.grad_clip = torch.tensor([m.train_config.grad_clip for m in members]).to(self.device)
+        self.params = self._stacked_params()
+        self.eval_sets = {
+            split: (
+                torch.stack([m.eval_sets[split][0] for m in members]),
+                torch.stack([m.eval_sets[split][1] for m in members]),
+            )
+            for split in first.eval_sets
+        }
+        backend = first.model.attention_backend
+        with torch.random.fork_rng(devices=[]):  # its weights are never used
+            self.template = build_model(
+                first.model.config,
+                first.model.vocab_size,
+                first.model.block_size,
+                PackedAttention(backend) if backend is not None else None,
+            ).to(self.device)
+        self.losses: Callable[..., torch.Tensor] = vmap(self._member_loss)
+
+    def _member_loss(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        return functional_call(self.template, params, (x, y))[1]
+
+    def _stacked_params(self) -> dict[str, torch.Tensor]:
+        """(K, *shape) views of the flat buffer, gradients likewise; untrainable ones stacked."""
+        K, models = len(self.members), [m.model for m in self.members]
+        row = self.optimizer.flat.numel() // K
+        stacked: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, p in models[0].named_parameters():
+            if not p.requires_grad:
+                stacked[name] = torch.stack([m.get_parameter(name).detach() for m in models])
+                continue
+            size, stride = (K, *p.shape), (row, *p.contiguous().stride())
+            view = nn.Parameter(self.optimizer.flat.as_strided(size, stride, offset))
+            view.grad = self.optimizer.grad.as_strided(size, stride, offset)
+            stacked[name] = view
+            offset += p.numel()
+        return stacked
+
+    def _rows(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer.view(len(self.members), -1)  # (K, P)
+
+    # -- one step, one eval ------------------------------------------------------------
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step of every member; returns the (detached) losses (K,)."""
+        step = self.members[0].loop.step
+        self.optimizer.lr = torch.tensor(
+            [
+                learning_rate_at(step, m.train_config) * on
+                for m, on in zip(self.members, self.active, strict=True)
+            ]
+        )
+        batches = [m.sampler.sample() for m in self.members]
+        x = torch.stack([b[0] for b in batches]).to(self.device)  # (K, B, T)
+        y = torch.stack([b[1] for b in batches]).to(self.device)
+        with self.members[0].autocast():
+            losses = self.losses(self.params, x, y)  # (K,)
+        self.optimizer.zero_grad()
+        with warnings.catch_warnings():
+            # The stacked views have gaps (rows of P), so autograd warns that their gradients
+            # are not laid out as it would choose; it accumulates into them all the same.
+            warnings.filterwarnings("ignore", "grad and param do not obey")
+            torch.where(self.active_mask, losses, 0.0).sum().backward()  # type: ignore[no-untyped-call]
+        self._check_gradients()
+        if bool((self.grad_clip > 0).any()):
+            self._clip_gradients()
+        self.optimizer.step()
+        for member in self.members:
+            member.loop.step += 1
+        return losses.detach()
+
+    def _check_gradients(self) -> None:
+        first = next(p for p in self.params.values() if p.requires_grad)
+        if first.grad is None or first.grad.data_ptr() != self.optimizer.grad.data_ptr():
+            raise RuntimeError("the packed gradients no longer live in the optimizer's buffer")
+
+    def _clip_gradients(self) -> None:
+        """Each member's gradient clipped by its own norm, as a solo run's is."""
+        grad = self._rows(self.optimizer.grad)
+        norm = torch.linalg.vector_norm(grad, dim=1)
+        scale = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+        grad.mul_(torch.where(self.grad_clip > 0, scale, 1.0)[:, None])
+
+    @torch.no_grad()
+    def evaluate(self) -> list[dict[str, float]]:
+        """Each member's mean loss over its own eval sets, in the solo trainer's passes."""
+        rows = self.members[0].eval_rows
+        losses: list[dict[str, float]] = [{} for _ in self.members]
+        for split, (x_all, y_all) in self.eval_sets.items():
+            total, count = torch.zeros(len(self.members), device=self.device), 0
+            for start in range(0, x_all.size(1), rows):
+                x = x_all[:, start : start + rows].to(self.device)
+                y = y_all[:, start : start + rows].to(self.device)
+                with self.members[0].autocast():
+                    loss = self.losses(self.params, x, y)
+                total += loss.float() * x.size(1)
+                count += x.size(1)
+            for k, value in enumerate((total / count).tolist()):
+                losses[k][f"{split}_loss"] = value
+        return losses
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def fit(self) -> list[TrainResult]:
+        """Train every member to the end or to its divergence; one result per member."""
+        train, members = self.train_config, self.members
+        resumed = [m.load_checkpoint() for m in members]  # all or none (build_packed_trainer)
+        if any(resumed):
+            self._load_optimizer_rows()
+        tokens_per_step = train.batch_size * train.block_size
+        self.results: list[TrainResult | None] = [None] * len(members)
+        self.start, self.train_time = time.perf_counter(), 0.0
+        self.last_eval: list[dict[str, float] | None] = [None] * len(members)
+        if not any(resumed):
+            self._eval_point()
+        last_checkpoint = time.perf_counter()
+        window_start = time.perf_counter()
+        window_steps = [m.loop.window_steps for m in members]
+        pending = torch.tensor([m.loop.window_loss for m in members], device=self.device)
+        while any(self.active) and members[0].loop.step < train.max_iters:
+            losses = self.step()
+            step = members[0].loop.step
+            pending += losses
+            window_steps = [n + 1 for n in window_steps]
+            if self.device.type == "cpu" and not bool(torch.isfinite(losses).all()):
+                for k, value in enumerate(losses.tolist()):
+                    if self.active[k] and not math.isfinite(value):
+                        self._diverged(k, Diverged(f"loss became {value} at step {step}"))
+            if step % self.members[0].log_interval == 0 or step == train.max_iters:
+                means = (pending / torch.tensor(window_steps, device=self.device)).tolist()
+                elapsed = time.perf_counter() - window_start
+                self.train_time += elapsed
+                for k in self._active():
+                    try:
+                        members[k]._check_divergence(means[k])
+                    except Diverged as exc:
+                        self._diverged(k, exc)
+                        continue
+                    members[k]._log_progress(means[k], window_steps[k] * tokens_per_step / elapsed)
+                pending.zero_()
+                window_start, window_steps = time.perf_counter(), [0] * len(members)
+            at_eval = step % train.eval_interval == 0
+            if at_eval or step == train.max_iters:
+                self._eval_point()
+                due = time.perf_counter() - last_checkpoint >= members[0].checkpoint_every_s
+                if at_eval and step < train.max_iters and due:
+                    window_losses = pending.tolist()
+                    for k in self._active():
+                        members[k].callback.on_checkpoint(step)
+                        members[k].loop.window_loss = window_losses[k]
+                        members[k].loop.window_steps = window_steps[k]
+                        self._save_checkpoint(k)
+                    last_checkpoint = time.perf_counter()
+                window_start = time.perf_counter()
+        loop_end = time.perf_counter()
+        for k in self._active():
+            members[k]._final_artifacts()
+            self.results[k] = members[k]._result(
+                "finished", self.start, self.train_time, self.last_eval[k], None, loop_end
+            )
+        assert all(result is not None for result in self.results)
+        return [result for result in self.results if result is not None]
+
+    def _active(self) -> list[int]:
+        return [k for k, on in enumerate(self.active) if on]
+
+    def _eval_point(self) -> None:
+        losses = self.evaluate()
+        for k in self._active():
+            try:
+                self.last_eval[k] = self.members[k]._record_eval(losses[k])
+            except Diverged as exc:
+                self._diverged(k, exc)
+
+    def _diverged(self, k: int, exc: Diverged) -> None:
+        """Member k's result as its solo run's, then masked out: its row zeroed (nothing
+        non-finite left to compute) and stepped at rate 0 from now on."""
+        member = self.members[k]
+        self.results[k] = member._result(
+            "diverged", self.start, self.train_time, self.last_eval[k], str(exc)
+        )
+        self.active[k] = False
+        self.active_mask[k] = False
+        with torch.no_grad():
+            for buffer in (self.optimizer.flat, self.optimizer.exp_avg, self.optimizer.exp_avg_sq):
+                self._rows(buffer)[k].zero_()
+
+    # -- members, checkpoints ---------------------------------------------------------
+
+    def member_model(self, k: int) -> LanguageModel:
+        """Member k's current weights as a plain ladder model of its own tensors."""
+        model = self.members[k].model
+        memo: dict[int, object] = {
+            id(p): nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            for p in model.parameters()
+        }
+        return copy.deepcopy(model, memo)
+
+    def _save_checkpoint(self, k: int) -> None:
+        """Member k's checkpoint in the solo format: its optimizer state as its solo FlatAdamW
+        (built by ``build_trainer``, otherwise unused) would hold it."""
+        member = self.members[k]
+        if member.checkpoint_path is None:
+            return
+        solo = member.optimizer
+        solo.exp_avg.copy_(self._rows(self.optimizer.exp_avg)[k])
+        solo.exp_avg_sq.copy_(self._rows(self.optimizer.exp_avg_sq)[k])
+        solo.steps.copy_(self.optimizer.steps)
+        solo.step_number = self.optimizer.step_number
+        solo.lr = learning_rate_at(member.loop.step - 1, member.train_config)  # the last step's
+        save_checkpoint(
+            member.checkpoint_path, self.member_model(k), solo, member.sampler, member.loop
+        )
+
+    def _load_optimizer_rows(self) -> None:
+        """After each member loaded its checkpoint (weights straight into row k), its moments
+        from its solo optimizer into row k."""
+        for k, member in enumerate(self.members):
+            self._rows(self.optimizer.exp_avg)[k].copy_(member.optimizer.exp_avg)
+            self._rows(self.optimizer.exp_avg_sq)[k].copy_(member.optimizer.exp_avg_sq)
+        self.optimizer.steps.copy_(self.members[0].optimizer.steps)
+        self.optimizer.step_number = self.members[0].optimizer.step_number
