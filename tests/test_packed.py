@@ -12,11 +12,11 @@ from torch import nn
 
 from workbench.corpus import Corpus
 from workbench.models.attention import SDPA, TORCH_OPS, PackedAttention
-from workbench.spec import RunConfig
+from workbench.spec import RunConfig, pack_key
 from workbench.train.checkpoint import CHECKPOINT_NAME
 from workbench.train.factory import build_trainer
 from workbench.train.optim import FlatAdamW
-from workbench.train.packed import build_packed_trainer, pack_key
+from workbench.train.packed import build_packed_trainer
 from workbench.train.trainer import TrainResult
 
 ROUNDING = 1e-5  # float32 rounding over a few dozen steps (batched kernels sum in other orders)

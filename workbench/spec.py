@@ -9,6 +9,7 @@ spec into runs lives in :mod:`workbench.grid`; this module only knows the shapes
 from __future__ import annotations
 
 import difflib
+import json
 import reprlib
 from typing import Annotated, Any, Literal, get_args
 
@@ -302,3 +303,21 @@ def spec_json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "workbench experiment spec"
     return schema
+
+
+# What may differ between the members of one pack (besides the seed).
+PER_MEMBER = ("learning_rate", "lr_schedule", "warmup_iters", "min_lr", "weight_decay",
+              "grad_clip", "divergence_factor")  # fmt: skip
+
+
+def pack_key(config: RunConfig) -> str | None:
+    """Runs with equal keys may be packed; None: this run is never packed (dropout: a solo
+    run's masks cannot be reproduced; ``train.compile``: the pack's forward is not compiled).
+    The key is a JSON string of the config without the per-member values."""
+    if config.model.dropout > 0 or config.train.compile:
+        return None
+    shared = config.model_dump(mode="json")
+    del shared["seed"]
+    for name in PER_MEMBER:
+        del shared["train"][name]
+    return json.dumps(shared, sort_keys=True)

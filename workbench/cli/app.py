@@ -216,6 +216,18 @@ def run(
         int,
         typer.Option("--max-retries", min=0, help="Ray: retries of a crashed worker, per run."),
     ] = 2,
+    pack: Annotated[
+        bool | None,
+        typer.Option(
+            "--pack/--no-pack",
+            help="Train runs that differ only in seed, learning rate or schedule together, as "
+            "one stacked model (default: on a GPU only).",
+        ),
+    ] = None,
+    pack_size: Annotated[
+        int | None,
+        typer.Option("--pack-size", min=2, help="Runs per pack at most (default: 64)."),
+    ] = None,
     system_metrics: Annotated[
         bool,
         typer.Option(
@@ -240,6 +252,7 @@ def run(
         from workbench.settings import load_settings
         from workbench.sweep.driver import Options
         from workbench.sweep.executors import make_executor
+        from workbench.sweep.packs import DEFAULT_PACK_SIZE
 
         chosen, threads = make_executor(
             executor, jobs, jobs_per_gpu, address, cpus_per_run, gpus_per_run, max_retries
@@ -253,6 +266,8 @@ def run(
             threads_per_job=threads,
             checkpoint_every_s=checkpoint_every,
             system_metrics=system_metrics,
+            pack="auto" if pack is None else "on" if pack else "off",
+            pack_size=pack_size or DEFAULT_PACK_SIZE,
         )
         _fetch_data(expanded, options.data_dir)
         code = _sweep(expanded, chosen, options, console, live=progress and console.is_terminal)

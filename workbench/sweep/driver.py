@@ -31,6 +31,7 @@ from workbench.store import client, ensure_experiment, sqlite_path, store_error_
 from workbench.sweep.claims import Claims
 from workbench.sweep.events import CrashFn, Ended, Event, EventFn
 from workbench.sweep.jobs import Job, JobResult, JobStatus, ended_result, signals_deferred
+from workbench.sweep.packs import DEFAULT_PACK_SIZE, Pack, PackSetting, Unit, group
 from workbench.sweep.parent import PARENT_TAG, SweepParent, end_parent, open_parent
 from workbench.tracking import (
     TAG,
@@ -49,7 +50,7 @@ class Executor(Protocol):
     def run(
         self,
         items: list[Any],
-        prepare: Callable[[Any], Job],
+        prepare: Callable[[Any], Unit],
         on_event: EventFn,
         on_crash: CrashFn,
     ) -> list[JobResult]: ...
@@ -74,6 +75,8 @@ class Options:
     threads_per_job: int = 1
     checkpoint_every_s: float = 10.0
     system_metrics: bool = False  # MLflow's CPU, memory and GPU metrics of each run
+    pack: PackSetting = "auto"  # train runs that share every shape together (workbench.sweep.packs)
+    pack_size: int = DEFAULT_PACK_SIZE
 
 
 class Action(str, Enum):
@@ -197,7 +200,7 @@ def _run_sweep(
             _fetch_data(todo, options.data_dir)
             runs = _StoreRuns.open(plan, options, summary, experiment_dir, todo, claims)
             try:
-                _execute(executor, todo, runs, summary, on_event)
+                _execute(executor, _work(todo, options), runs, summary, on_event)
             finally:
                 runs.end(plan, claims, summary.interrupted or sys.exc_info()[0] is not None)
     finally:
@@ -228,9 +231,19 @@ def _fetch_data(todo: list[Decision], data_dir: Path) -> None:
         resolve_text_path(*data, data_dir)
 
 
+def _work(todo: list[Decision], options: Options) -> list[Decision | list[Decision]]:
+    """The runs to train, alone or in packs."""
+    gpus = 0
+    if options.pack == "auto":
+        from workbench.sweep.executors import gpu_count
+
+        gpus = gpu_count()
+    return group(todo, options.pack, gpus, options.pack_size)
+
+
 def _execute(
     executor: Executor,
-    todo: list[Decision],
+    work: list[Decision | list[Decision]],
     runs: _StoreRuns,
     summary: Summary,
     on_event: EventFn | None,
@@ -245,7 +258,7 @@ def _execute(
 
     try:
         with store_errors(runs.options.tracking_uri):
-            executor.run(todo, runs.prepare, record, runs.on_crash)
+            executor.run(work, runs.prepare_unit, record, runs.on_crash)
     except KeyboardInterrupt:
         summary.interrupted = True
 
@@ -303,6 +316,12 @@ class _StoreRuns:
         with contextlib.suppress(WorkbenchError, *store_error_types()):
             end_parent(self.mlflow_client, self.options.tracking_uri, self.experiment_id,
                        plan, self.parent, claims, interrupted)  # fmt: skip
+
+    def prepare_unit(self, item: Decision | list[Decision]) -> Unit:
+        """A run's job, or a pack of them, with each MLflow run created or reopened now."""
+        if isinstance(item, list):
+            return Pack(tuple(self.prepare(decision) for decision in item))
+        return self.prepare(item)
 
     def prepare(self, decision: Decision) -> Job:
         run = decision.run

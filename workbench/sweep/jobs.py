@@ -69,7 +69,7 @@ class JobResult:
     reason: str | None = None
 
 
-class _MlflowCallback:
+class MlflowCallback:
     """The trainer's callback (``workbench.train.trainer.Callback``): metrics to a batching
     buffer (and a progress function), artifacts kept until the end, the buffer flushed before
     each checkpoint."""
@@ -119,13 +119,13 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
         return JobResult(
             job.key, job.run_id, RunState.KILLED, reason=f"tracking store: {first_line(exc)}"
         )
-    callback = _MlflowCallback(buffer, job.key, progress)
-    with _system_metrics(job, buffer):
-        return _execute(job, mlflow_client, buffer, callback)
+    callback = MlflowCallback(buffer, job.key, progress)
+    with system_metrics_of(job, buffer):
+        return train_recorded(job, mlflow_client, buffer, callback)
 
 
-def _execute(
-    job: Job, mlflow_client: Any, buffer: MetricBuffer, callback: _MlflowCallback
+def train_recorded(
+    job: Job, mlflow_client: Any, buffer: MetricBuffer, callback: MlflowCallback
 ) -> JobResult:
     try:
         if job.resumed:  # points after the last checkpoint may be stored already
@@ -157,7 +157,7 @@ def end_killed(job: Job, reason: str, mlflow_client: Any | None = None, step: in
 
 
 @contextlib.contextmanager
-def _system_metrics(job: Job, buffer: MetricBuffer) -> Iterator[None]:
+def system_metrics_of(job: Job, buffer: MetricBuffer) -> Iterator[None]:
     """MLflow's system metrics monitor for the job's run (``system/...`` metrics, sampled every
     ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds, 10 by default) while the job runs. A
     worker that cannot sample (no psutil there) trains anyway and says why in a tag."""
@@ -221,7 +221,7 @@ def _failed(
     job: Job,
     mlflow_client: Any,
     buffer: MetricBuffer,
-    callback: _MlflowCallback,
+    callback: MlflowCallback,
     exc: BaseException,
 ) -> JobResult:
     """Training raised: the run is FAILED, with the reason and the traceback."""
@@ -239,7 +239,7 @@ def _failed(
 
 
 def _train_and_record(
-    job: Job, mlflow_client: Any, buffer: MetricBuffer, callback: _MlflowCallback
+    job: Job, mlflow_client: Any, buffer: MetricBuffer, callback: MlflowCallback
 ) -> JobResult:
     import torch
 

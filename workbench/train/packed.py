@@ -17,7 +17,6 @@ here resumes a solo run and the other way round.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 import warnings
@@ -31,28 +30,11 @@ from torch.func import functional_call, vmap
 from workbench.corpus import Corpus
 from workbench.models import LanguageModel, build_model
 from workbench.models.attention import PackedAttention
-from workbench.spec import RunConfig
+from workbench.spec import RunConfig, pack_key
 from workbench.train.checkpoint import CHECKPOINT_NAME, load_checkpoint_file, save_checkpoint
 from workbench.train.factory import build_trainer
 from workbench.train.optim import FlatAdamW
 from workbench.train.trainer import Callback, Diverged, Trainer, TrainResult, learning_rate_at
-
-# What may differ between the members of one pack (besides the seed).
-PER_MEMBER = ("learning_rate", "lr_schedule", "warmup_iters", "min_lr", "weight_decay",
-              "grad_clip", "divergence_factor")  # fmt: skip
-
-
-def pack_key(config: RunConfig) -> str | None:
-    """Runs with equal keys may be packed; None: this run is never packed (dropout: a solo
-    run's masks cannot be reproduced; ``train.compile``: the pack's forward is not compiled).
-    The key is a JSON string of the config without the per-member values."""
-    if config.model.dropout > 0 or config.train.compile:
-        return None
-    shared = config.model_dump(mode="json")
-    del shared["seed"]
-    for name in PER_MEMBER:
-        del shared["train"][name]
-    return json.dumps(shared, sort_keys=True)
 
 
 def build_packed_trainer(

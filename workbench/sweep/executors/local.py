@@ -28,15 +28,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from workbench.sweep.events import CrashFn, Ended, EventFn, Progress, Started
-from workbench.sweep.jobs import (
-    DriverLost,
-    Job,
-    JobResult,
-    JobStatus,
-    describe_exit,
-    end_killed,
-    execute_job,
-)
+from workbench.sweep.jobs import DriverLost, JobResult, JobStatus, describe_exit, end_killed
+from workbench.sweep.packs import Unit, execute_unit, members
 from workbench.tracking import RunState
 
 PARENT_CHECK_S = 1.0
@@ -65,12 +58,13 @@ def _worker_main(env: dict[str, str], conn: Connection) -> None:
             while not conn.poll(PARENT_CHECK_S):
                 if os.getppid() != parent:  # the driver died without a word
                     return
-            job: Job | None = conn.recv()
+            unit: Unit | None = conn.recv()
         except (KeyboardInterrupt, EOFError, OSError):
             break
-        if job is None:
+        if unit is None:
             break
-        conn.send(Started(job.key, os.getpid()))
+        for job in members(unit):
+            conn.send(Started(job.key, os.getpid()))
 
         def progress(event: Progress) -> None:
             try:
@@ -79,11 +73,12 @@ def _worker_main(env: dict[str, str], conn: Connection) -> None:
                 raise DriverLost("the driver process is gone") from None
 
         try:
-            result = execute_job(job, progress)
-        except KeyboardInterrupt:  # before execute_job could handle it itself
-            result = end_killed(job, "interrupted")
+            results = execute_unit(unit, progress)
+        except KeyboardInterrupt:  # before the job function could handle it itself
+            results = [end_killed(job, "interrupted") for job in members(unit)]
         try:
-            conn.send(Ended(job.key, result))
+            for result in results:
+                conn.send(Ended(result.key, result))
         except OSError:
             break
     # Every run this worker held is ended in the store and reported: nothing is left to write,
@@ -97,7 +92,12 @@ def _worker_main(env: dict[str, str], conn: Connection) -> None:
 class _Worker:
     process: Any
     conn: Connection
-    job: Job | None = None
+    job: Unit | None = None  # a run alone or a pack
+    open_keys: set[str] = field(default_factory=set)  # its runs that have not ended yet
+
+    def hand(self, unit: Unit) -> None:
+        self.job = unit
+        self.open_keys = {job.key for job in members(unit)}
 
 
 def worker_gpu(slot: int, gpus: int, jobs_per_gpu: int, visible: str | None) -> str:
@@ -122,13 +122,14 @@ class LocalExecutor:
     def run(
         self,
         items: list[Any],
-        prepare: Callable[[Any], Job],
+        prepare: Callable[[Any], Unit],
         on_event: EventFn,
         on_crash: CrashFn,
     ) -> list[JobResult]:
-        """Run every item; ``prepare`` turns an item into a Job just before it is dispatched
-        (so runs that never start are never created); ``on_crash(job, reason, status)`` records
-        a run whose worker died or never answered. Returns results in completion order.
+        """Run every item; ``prepare`` turns an item into a job (or a pack) just before it is
+        dispatched (so runs that never start are never created); ``on_crash(job, reason,
+        status)`` records a run whose worker died or never answered. Returns results in
+        completion order.
 
         On KeyboardInterrupt the workers are interrupted too: each marks its run KILLED and
         the interrupt is re-raised once they have.
@@ -146,7 +147,7 @@ class LocalExecutor:
             while pending or any(w.job is not None for w in self.workers):
                 for worker in self.workers:
                     if worker.job is None and pending:
-                        worker.job = prepare(pending.popleft())
+                        worker.hand(prepare(pending.popleft()))
                         with contextlib.suppress(OSError):  # it died idle: handled just below
                             worker.conn.send(worker.job)
                 self._drain(results, on_event, timeout=0.2)
@@ -213,7 +214,9 @@ class LocalExecutor:
                     continue
                 if isinstance(event, Ended):
                     results.append(event.result)
-                    worker.job = None
+                    worker.open_keys.discard(event.key)
+                    if not worker.open_keys:
+                        worker.job = None
                 on_event(event)
 
     def _crashed(
@@ -226,10 +229,12 @@ class LocalExecutor:
         on_crash: CrashFn,
     ) -> None:
         assert worker.job is not None
-        result = on_crash(worker.job, reason, status)
-        results.append(result)
-        on_event(Ended(worker.job.key, result))
-        worker.job = None
+        for job in members(worker.job):
+            if job.key in worker.open_keys:
+                result = on_crash(job, reason, status)
+                results.append(result)
+                on_event(Ended(job.key, result))
+        worker.job, worker.open_keys = None, set()
 
     def _interrupt(
         self,

@@ -20,7 +20,8 @@ from typing import Any
 from workbench.errors import WorkbenchError
 from workbench.store import client
 from workbench.sweep.events import CrashFn, Ended, EventFn, Progress, Started
-from workbench.sweep.jobs import Job, JobResult, execute_job
+from workbench.sweep.jobs import Job, JobResult
+from workbench.sweep.packs import Pack, Unit, execute_unit, members
 from workbench.tracking import TAG, RunState
 
 PROGRESS_EVERY_S = 1.0
@@ -36,8 +37,9 @@ def _ray() -> Any:
     return ray
 
 
-def _run_job(job: Job, progress_queue: Any) -> JobResult:
-    """The Ray task: the job function, with progress sent at most once a second."""
+def _run_job(unit: Unit, progress_queue: Any) -> list[JobResult]:
+    """The Ray task: the job function (of a run alone or a pack), with progress sent at most
+    once a second."""
     last = 0.0
 
     def progress(event: Progress) -> None:
@@ -48,8 +50,9 @@ def _run_job(job: Job, progress_queue: Any) -> JobResult:
         with contextlib.suppress(Exception):  # a full or gone queue never stops training
             progress_queue.put_nowait(event)
 
-    progress_queue.put_nowait(Started(job.key, os.getpid()))
-    return execute_job(job, progress)
+    for job in members(unit):
+        progress_queue.put_nowait(Started(job.key, os.getpid()))
+    return execute_unit(unit, progress)
 
 
 @dataclass
@@ -71,7 +74,7 @@ class RayExecutor:
     def run(
         self,
         items: list[Any],
-        prepare: Callable[[Any], Job],
+        prepare: Callable[[Any], Unit],
         on_event: EventFn,
         on_crash: CrashFn,
     ) -> list[JobResult]:
@@ -94,7 +97,7 @@ class RayExecutor:
         )
         queue = Queue(maxsize=10_000)
         waiting = deque(items)
-        pending: dict[Any, Job] = {}
+        pending: dict[Any, Unit] = {}
         results: list[JobResult] = []
         # Worker deaths per run key in this sweep: the retry budget. Not job.attempt, which also
         # counts the attempts of earlier sweeps (each resume is one).
@@ -117,28 +120,34 @@ class RayExecutor:
         try:
             while waiting or pending:
                 while waiting and len(pending) < limit:
-                    job = prepare(waiting.popleft())
-                    pending[remote.remote(job, queue)] = job
+                    unit = prepare(waiting.popleft())
+                    pending[remote.remote(unit, queue)] = unit
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
                 drain_progress()
                 for ref in ready:
-                    job = pending.pop(ref)
+                    unit = pending.pop(ref)
                     try:
-                        finish(job, ray.get(ref))
+                        for job, result in zip(members(unit), ray.get(ref), strict=True):
+                            finish(job, result)
                     except (RayTaskError, TaskCancelledError) as exc:
                         cause = getattr(exc, "cause", None) or exc
                         reason = f"{type(cause).__name__}: {cause}"[:500]
-                        finish(job, on_crash(job, reason, RunState.FAILED))
+                        for job in members(unit):
+                            finish(job, on_crash(job, reason, RunState.FAILED))
                     except RayError as exc:  # the worker died: crash, OOM kill, lost node
-                        crashes[job.key] = crashes.get(job.key, 0) + 1
-                        if crashes[job.key] <= self.max_retries:
-                            retry = replace(job, attempt=job.attempt + 1, resumed=True)
-                            self._tag_attempt(retry)
+                        # One budget per unit, counted on its first run (a pack's runs died
+                        # together).
+                        first = members(unit)[0].key
+                        crashes[first] = crashes.get(first, 0) + 1
+                        if crashes[first] <= self.max_retries:
+                            retry = _retry(unit)
+                            for job in members(retry):
+                                self._tag_attempt(job)
                             pending[remote.remote(retry, queue)] = retry
                         else:  # still a crash, not a verdict: the next sweep resumes it
-                            died = crashes[job.key]
-                            reason = f"worker died {died} times: {type(exc).__name__}"
-                            finish(job, on_crash(job, reason, RunState.KILLED))
+                            reason = f"worker died {crashes[first]} times: {type(exc).__name__}"
+                            for job in members(unit):
+                                finish(job, on_crash(job, reason, RunState.KILLED))
         except KeyboardInterrupt:
             self._interrupt(ray, pending, finish, on_crash)
             raise
@@ -160,7 +169,7 @@ class RayExecutor:
     @staticmethod
     def _interrupt(
         ray: Any,
-        pending: dict[Any, Job],
+        pending: dict[Any, Unit],
         finish: Callable[[Job, JobResult], None],
         on_crash: CrashFn,
         grace_s: float = 30.0,
@@ -169,9 +178,17 @@ class RayExecutor:
         for ref in pending:
             ray.cancel(ref, force=False)
         deadline = time.time() + grace_s
-        for ref, job in list(pending.items()):
+        for ref, unit in list(pending.items()):
             try:
-                result = ray.get(ref, timeout=max(0.1, deadline - time.time()))
-                finish(job, result)
+                got = ray.get(ref, timeout=max(0.1, deadline - time.time()))
             except Exception:
-                finish(job, on_crash(job, "interrupted", RunState.KILLED))
+                got = [on_crash(job, "interrupted", RunState.KILLED) for job in members(unit)]
+            for job, result in zip(members(unit), got, strict=True):
+                finish(job, result)
+
+
+def _retry(unit: Unit) -> Unit:
+    """The unit again after its worker died: each run's next attempt, from its checkpoint."""
+    if isinstance(unit, Pack):
+        return Pack(tuple(replace(job, attempt=job.attempt + 1, resumed=True) for job in unit.jobs))
+    return replace(unit, attempt=unit.attempt + 1, resumed=True)

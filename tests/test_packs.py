@@ -1,0 +1,175 @@
+"""Packs in a sweep: which runs the driver packs, and `workbench run --pack` end to end against a
+real SQLite store (real worker processes, real signals): each member's MLflow run as a run
+trained alone has it, skip and --force per member, a diverged member, a killed pack resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from runs import Store, invoke, start, wait_for
+from specs import write_spec
+
+from workbench.grid import expand
+from workbench.sweep.driver import Action, Decision
+from workbench.sweep.packs import group, pack_key
+from workbench.tracking import TAG, RunState
+
+MH = {"multi_head": {"model": {"kind": "multi_head"}}}
+GRID = {"train.learning_rate": [1.0e-3, 3.0e-3]}
+# Tags that say which process trained a run and when: they differ between any two sweeps.
+PER_PROCESS = {"pid", "driver_pid", "sweep", "heartbeat", "host", "pack", "pack_size", "threads"}
+
+
+def decisions(tmp_path: Path, action: Action = Action.NEW, **top: Any) -> list[Decision]:
+    plan = expand(write_spec(tmp_path, **top))
+    return [Decision(run, action, RunState.TO_DO) for run in plan.runs]
+
+
+def names(work: list[Any]) -> list[Any]:
+    return [
+        [d.run.name for d in item] if isinstance(item, list) else item.run.name for item in work
+    ]
+
+
+# --- which runs pack together (no training) ---------------------------------------------------
+
+
+def test_runs_that_differ_in_seed_and_rate_pack_and_other_shapes_do_not(tmp_path: Path) -> None:
+    train = {"max_iters": 40, "eval_interval": 20, "device": "auto"}
+    shapes = {**GRID, "train.block_size": [8, 16]}
+    todo = decisions(tmp_path, seeds=[1, 2], grid=shapes, variants=MH, train=train)
+    work = group(todo, "on", gpus=0)
+    assert [len(item) for item in work] == [4, 4]  # one pack per block size
+    for pack in work:
+        assert len({d.run.config.train.block_size for d in pack}) == 1
+        assert len({(d.run.seed, d.run.config.train.learning_rate) for d in pack}) == 4
+    assert group(todo, "off", gpus=0) == todo
+    assert group(todo, "auto", gpus=0) == todo  # a CPU: alone, as fast as packed or faster
+    assert [len(item) for item in group(todo, "auto", gpus=1)] == [4, 4]  # a GPU: packed
+    on_cpu = decisions(tmp_path / "cpu", seeds=[1, 2], variants=MH)  # train.device: cpu
+    assert group(on_cpu, "auto", gpus=1) == on_cpu
+    chunked = group(todo, "on", gpus=0, size=3)
+    assert [len(item) if isinstance(item, list) else 1 for item in chunked] == [3, 1, 3, 1]
+    assert isinstance(chunked[1], Decision)  # a pack of one is a run alone
+    flat = [n for item in names(chunked) for n in (item if isinstance(item, list) else [item])]
+    assert sorted(flat) == sorted(d.run.name for d in todo)  # every run once
+
+
+def test_runs_that_cannot_pack_train_alone(tmp_path: Path) -> None:
+    dropout = decisions(tmp_path / "a", seeds=[1, 2], variants=MH, model={"dropout": 0.1})
+    assert pack_key(dropout[0].run.config) is None
+    assert group(dropout, "on", gpus=0) == dropout
+    kinds = decisions(tmp_path / "b", seeds=[1, 2])  # bigram and multi_head: two shapes
+    assert sorted(len(item) for item in group(kinds, "on", gpus=0)) == [2, 2]
+    new = decisions(tmp_path / "c", seeds=[1, 2], variants=MH)
+    resumed = [Decision(d.run, Action.RESUME, RunState.KILLED) for d in new]
+    work = group([new[0], resumed[1]], "on", gpus=0)
+    assert work == [new[0], resumed[1]]  # a new run never packs with a resumed one
+
+
+# --- end to end (slow) ------------------------------------------------------------------------
+
+
+def member_view(store: Store, run: Any) -> dict[str, Any]:
+    """What a user compares between two runs of one config: everything but who trained it."""
+    tags = {
+        k: v
+        for k, v in run.data.tags.items()
+        if not (k.startswith(TAG) and k.removeprefix(TAG) in PER_PROCESS)
+        and not k.startswith("mlflow.source")
+        and k != "mlflow.parentRunId"  # each store's own parent run
+    }
+    assert run.data.tags["mlflow.parentRunId"]
+    artifacts = sorted(a.path for a in store.client.list_artifacts(run.info.run_id))
+    curves = {key: [s for s, _ in store.history(run.info.run_id, key)] for key in run.data.metrics}
+    return {"tags": tags, "params": run.data.params, "artifacts": artifacts, "steps": curves}
+
+
+@pytest.mark.slow
+def test_a_packed_sweep_records_each_run_as_if_trained_alone(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, seeds=[1, 2], grid=GRID, variants=MH)
+    packed, alone = Store(tmp_path / "packed"), Store(tmp_path / "alone")
+    assert invoke("run", str(spec), "--pack", "--jobs", "1", *packed.args()).exit_code == 0
+    assert invoke("run", str(spec), "--no-pack", "--jobs", "1", *alone.args()).exit_code == 0
+    got, want = packed.by_name(), alone.by_name()
+    assert sorted(got) == sorted(want) and len(got) == 4
+    assert len({r.data.tags[TAG + "pack"] for r in got.values()}) == 1  # one pack of four
+    assert all(TAG + "pack" not in r.data.tags for r in want.values())
+    for name, run in got.items():
+        assert run.info.status == "FINISHED"
+        assert member_view(packed, run) == member_view(alone, want[name])
+        for key in ("train_loss", "val_loss"):
+            ours = packed.history(run.info.run_id, key)
+            theirs = alone.history(want[name].info.run_id, key)
+            assert [v for _, v in ours] == pytest.approx([v for _, v in theirs], abs=2e-4)
+        assert len(run.outputs.model_outputs) == 1
+
+
+@pytest.mark.slow
+def test_skip_and_force_work_per_member(store: Store, tmp_path: Path) -> None:
+    first = write_spec(tmp_path / "a", seeds=[1, 2], variants=MH)
+    assert invoke("run", str(first), "--pack", *store.args()).exit_code == 0
+    before = {name: run.info.run_id for name, run in store.by_name().items()}
+    more = write_spec(tmp_path / "b", seeds=[1, 2, 3, 4], variants=MH)
+    result = invoke("run", str(more), "--pack", *store.args())
+    assert result.exit_code == 0, result.output
+    runs = store.by_name()
+    assert {name: runs[name].info.run_id for name in before} == before  # skipped, not redone
+    new = [runs[name] for name in runs if name not in before]
+    assert len(new) == 2 and len(store.runs()) == 4
+    assert new[0].data.tags[TAG + "pack"] == new[1].data.tags[TAG + "pack"]  # packed together
+    forced = invoke("run", str(more), "--pack", "--force", "--only", "*s=2", *store.args())
+    assert forced.exit_code == 0, forced.output
+    assert [r.info.run_name for r in store.runs()].count("multi_head s=2") == 2
+    assert len(store.runs()) == 5
+
+
+@pytest.mark.slow
+def test_a_diverging_member_is_masked_and_the_others_finish(store: Store, tmp_path: Path) -> None:
+    spec = write_spec(
+        tmp_path, grid={"train.learning_rate": [1.0e-3, 1.0e4]}, variants=MH, seeds=[1]
+    )
+    alone = Store(tmp_path / "alone")
+    assert invoke("run", str(spec), "--pack", *store.args()).exit_code == 1  # one diverged
+    assert invoke("run", str(spec), "--no-pack", *alone.args()).exit_code == 1
+    runs, reference = store.by_name(), alone.by_name()
+    for name, run in runs.items():
+        want = reference[name]
+        assert run.info.status == want.info.status
+        assert run.data.tags.get(TAG + "diverged") == want.data.tags.get(TAG + "diverged")
+        ours = [v for _, v in store.history(run.info.run_id, "val_loss")]
+        theirs = [v for _, v in alone.history(want.info.run_id, "val_loss")]
+        assert ours == pytest.approx(theirs, abs=2e-4, nan_ok=True)
+    assert sorted(r.info.status for r in runs.values()) == ["FAILED", "FINISHED"]
+
+
+LONG = {"max_iters": 4000, "eval_interval": 100, "eval_iters": 2, "device": "cpu"}
+
+
+@pytest.mark.slow
+def test_a_killed_pack_resumes_every_member_exactly(store: Store, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, train=LONG, variants=MH, seeds=[1, 2])
+    proc = start(spec, store, "--pack")
+    wait_for(lambda: len(list(store.checkpoints.rglob("checkpoint.pt"))) == 2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert sorted(r.info.status for r in store.runs()) == ["RUNNING", "RUNNING"]  # stale
+
+    resumed = invoke("run", str(spec), "--pack", *store.args())
+    assert resumed.exit_code == 0, resumed.output
+    reference = Store(tmp_path / "reference")
+    assert invoke("run", str(spec), "--pack", *reference.args()).exit_code == 0
+    want = reference.by_name()
+    for name, run in store.by_name().items():
+        assert run.info.status == "FINISHED" and run.data.tags[TAG + "attempt"] == "2"
+        history = store.history(run.info.run_id, "val_loss")
+        steps = [s for s, _ in history]
+        assert steps == sorted(set(steps)), "a step was logged twice"
+        expected = reference.history(want[name].info.run_id, "val_loss")
+        assert steps == [s for s, _ in expected]
+        assert [v for _, v in history] == pytest.approx([v for _, v in expected], abs=1e-6)
+        assert len(run.outputs.model_outputs) == 1
