@@ -14,9 +14,14 @@ from runs import Store, invoke, start, wait_for
 from specs import write_spec
 
 from workbench.grid import expand
+from workbench.settings import load_settings
+from workbench.spec import RunConfig, pack_key
+from workbench.store import ensure_experiment
 from workbench.sweep.driver import Action, Decision
-from workbench.sweep.packs import group, pack_key
+from workbench.sweep.jobs import Job
+from workbench.sweep.packs import Pack, execute_pack, group
 from workbench.tracking import TAG, RunState
+from workbench.train.trainer import Trainer
 
 MH = {"multi_head": {"model": {"kind": "multi_head"}}}
 GRID = {"train.learning_rate": [1.0e-3, 3.0e-3]}
@@ -173,3 +178,73 @@ def test_a_killed_pack_resumes_every_member_exactly(store: Store, tmp_path: Path
         assert steps == [s for s, _ in expected]
         assert [v for _, v in history] == pytest.approx([v for _, v in expected], abs=1e-6)
         assert len(run.outputs.model_outputs) == 1
+
+
+# --- packed training that raises (in process) -------------------------------------------------
+
+
+def pack_of(store: Store, seeds: list[int]) -> Pack:
+    """A pack of multi_head runs (one per seed), their MLflow runs created as the driver does."""
+    experiment_id = ensure_experiment(store.uri, "t")
+    jobs = []
+    for seed in seeds:
+        config = RunConfig.model_validate(
+            {
+                "data": {"dataset": "tinyshakespeare"},
+                "train": {
+                    "max_iters": 20,
+                    "eval_interval": 10,
+                    "eval_iters": 2,
+                    "device": "cpu",
+                },
+                "model": {"kind": "multi_head", "n_embd": 16, "n_head": 2},
+                "seed": seed,
+            }
+        )
+        run_id = store.client.create_run(experiment_id, run_name=f"s={seed}").info.run_id
+        jobs.append(
+            Job(
+                name=f"s={seed}",
+                key=f"k{seed}",
+                config=config.model_dump(mode="json"),
+                run_id=run_id,
+                tracking_uri=store.uri,
+                checkpoint_dir=str(store.checkpoints / f"k{seed}"),
+                data_dir=str(load_settings().data_dir),
+                checkpoint_every_s=0.0,
+            )
+        )
+    return Pack(tuple(jobs))
+
+
+def test_a_pack_that_raises_trains_each_member_alone(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in packed training is no verdict on any member: each trains alone and
+    ends as it would have alone; one whose own training raises is the only one FAILED."""
+    from workbench.train import packed
+
+    def broken(self: Any) -> None:
+        raise RuntimeError("packed step broke")
+
+    monkeypatch.setattr(packed.PackedTrainer, "fit", broken)
+    results = execute_pack(pack_of(store, [1, 2]))
+    assert [r.status for r in results] == [RunState.FINISHED, RunState.FINISHED]
+    for result in results:
+        run = store.client.get_run(result.run_id)
+        assert run.info.status == "FINISHED"
+        assert "packed step broke" in run.data.tags[TAG + "pack_error"]
+        assert [s for s, _ in store.history(result.run_id, "val_loss")] == [0, 10, 20]
+        assert len(run.outputs.model_outputs) == 1
+
+    real_fit = Trainer.fit
+
+    def second_member_breaks(self: Trainer) -> Any:
+        if self.seed == 4:
+            raise ValueError("member 4 broke")
+        return real_fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", second_member_breaks)
+    results = execute_pack(pack_of(store, [3, 4]))
+    assert [r.status for r in results] == [RunState.FINISHED, RunState.FAILED]
+    assert "member 4 broke" in (results[1].reason or "")

@@ -108,6 +108,22 @@ def test_grid_on_ray_logs_to_the_server_and_reruns_skip(server: str, tmp_path: P
     assert html.exists() and "multi_head" in html.read_text()
 
 
+def test_a_pack_is_one_ray_task_that_records_each_member(server: str, tmp_path: Path) -> None:
+    spec = ray_spec(tmp_path, "ray-pack", {"multi_head": {"model": {"kind": "multi_head"}}}, 40)
+    proc = workbench_run(spec, server, "--pack")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    runs = runs_of(server, "ray-pack")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    assert len({r.data.tags[TAG + "pack"] for r in runs}) == 1  # trained together
+    assert len({r.data.tags[TAG + "pid"] for r in runs}) == 1  # by one task
+    client = MlflowClient(server)
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+        assert sorted(steps) == [0, 10, 20, 30, 40]
+        assert run.outputs.model_outputs
+
+
 def test_crashed_worker_is_retried_and_a_raising_run_fails(server: str, tmp_path: Path) -> None:
     spec = ray_spec(
         tmp_path,
