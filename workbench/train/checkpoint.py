@@ -95,10 +95,13 @@ def load_checkpoint(
     )
 
 
-def load_checkpoint_file(path: Path, max_bytes: int | None = None) -> dict[str, Any]:
+def load_checkpoint_file(
+    path: Path, max_bytes: int | None = None, mmap: bool = False
+) -> dict[str, Any]:
     """Tensors and plain values only (``weights_only=True``): a pickle that would run code when
     loaded (dropped into a shared checkpoint folder, say) is refused with one line, and so is a
-    file over ``max_bytes``.
+    file over ``max_bytes``. ``mmap``: tensors mapped from the file, not read (to read the
+    counters of a file of any size).
 
     Onto the CPU: the RNG states must stay CPU byte tensors; the model and optimizer states are
     copied onto the device by their ``load_state_dict``.
@@ -107,7 +110,7 @@ def load_checkpoint_file(path: Path, max_bytes: int | None = None) -> dict[str, 
     if max_bytes is not None and size > max_bytes:
         raise CheckpointError(f"checkpoint {path} refused: {size:,} bytes, over {max_bytes:,}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"checkpoint {path} refused: it holds objects other than tensors and plain values "

@@ -80,7 +80,7 @@ def checkpoint_step(run_dir: Path | None) -> int:
     """The step a run would resume from (0: no checkpoint)."""
     if run_dir is None or not (run_dir / CHECKPOINT_NAME).exists():
         return 0
-    return int(load_checkpoint_file(run_dir / CHECKPOINT_NAME)["step"])
+    return int(load_checkpoint_file(run_dir / CHECKPOINT_NAME, mmap=True)["step"])
 
 
 class PackedTrainer:
