@@ -17,6 +17,7 @@ import torch
 from runs import Store
 from specs import write_spec
 from test_optim import loss_of, small_net
+from test_packed import make_config as member_config
 from test_trainer import TRANSFORMER, Recorder, make_config
 from typer.testing import CliRunner
 
@@ -211,3 +212,38 @@ def test_workbench_run_gives_each_worker_its_own_gpu(tmp_path: Path, store: Stor
     visible = {run.data.tags[TAG + "cuda_visible_devices"] for run in runs}
     # Two runs in two workers: one GPU each where there are two, both on the one otherwise.
     assert len(visible) == min(2, torch.cuda.device_count())
+
+
+@pytest.mark.parametrize("model", LADDER, ids=lambda m: m["kind"])
+def test_packed_members_on_cuda_match_their_runs_alone(shakespeare: Corpus, model: dict[str, Any]):
+    """A pack on the GPU (bf16 autocast, TF32, SDPA folded over the pack) ends where each member
+    ends alone on the GPU, within bf16's rounding over 300 steps."""
+    from workbench.train.packed import build_packed_trainer
+
+    configs = [
+        member_config(
+            model, device="cuda", max_iters=300, eval_interval=100, seed=seed, learning_rate=rate
+        )
+        for seed, rate in ((1, 1e-3), (2, 3e-3), (3, 1e-2))
+    ]
+    prepare_process(configs[0].train)
+    packed = build_packed_trainer(configs, shakespeare, [None] * 3, [None] * 3).fit()
+    alone = [build_trainer(config, shakespeare).fit() for config in configs]
+    for ours, theirs in zip(packed, alone, strict=True):
+        assert ours.status == theirs.status == "finished" and ours.device.startswith("cuda")
+        assert ours.final_val_loss == pytest.approx(theirs.final_val_loss, abs=0.03)
+
+
+def test_workbench_run_packs_by_default_on_a_gpu(tmp_path: Path, store: Store):
+    spec = write_spec(
+        tmp_path,
+        train={"max_iters": 40, "eval_interval": 20, "eval_iters": 2, "device": "auto"},
+        variants={"multi_head": {"model": {"kind": "multi_head"}}},
+        seeds=[1, 2, 3],
+    )
+    result = CliRunner().invoke(app, ["run", str(spec), *store.args()])
+    assert result.exit_code == 0, result.output
+    runs = store.runs()
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.tags[TAG + "pack"] for r in runs}) == 1
+    assert all(r.data.tags[TAG + "device"].startswith("cuda") for r in runs)

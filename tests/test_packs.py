@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from runs import Store, invoke, start, wait_for
 from specs import write_spec
 
+from workbench.corpus import Corpus
 from workbench.grid import expand
 from workbench.settings import load_settings
 from workbench.spec import RunConfig, pack_key
@@ -21,6 +23,8 @@ from workbench.sweep.driver import Action, Decision
 from workbench.sweep.jobs import Job
 from workbench.sweep.packs import Pack, execute_pack, group
 from workbench.tracking import TAG, RunState
+from workbench.train.factory import build_trainer
+from workbench.train.packed import checkpoint_step
 from workbench.train.trainer import Trainer
 
 MH = {"multi_head": {"model": {"kind": "multi_head"}}}
@@ -248,3 +252,40 @@ def test_a_pack_that_raises_trains_each_member_alone(
     results = execute_pack(pack_of(store, [3, 4]))
     assert [r.status for r in results] == [RunState.FINISHED, RunState.FAILED]
     assert "member 4 broke" in (results[1].reason or "")
+
+
+def test_members_at_different_steps_train_apart(store: Store) -> None:
+    """A member resumed from a later checkpoint than the others trains alone (a pack of one
+    is slower than a run alone); the others still train as one pack."""
+    pack = pack_of(store, [1, 2, 3])
+    first = pack.jobs[0]
+    config = RunConfig.model_validate(first.config)
+    corpus = Corpus.from_file(load_settings().data_dir / "tinyshakespeare.txt", 0.1)
+    stopped = build_trainer(config, corpus, StopAfter(10), Path(first.checkpoint_dir))
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit()
+    assert checkpoint_step(Path(first.checkpoint_dir)) == 10
+    resumed = Pack((replace(first, resumed=True), *pack.jobs[1:]))
+    results = execute_pack(resumed)
+    assert [r.status for r in results] == [RunState.FINISHED] * 3
+    tags = [store.client.get_run(r.run_id).data.tags for r in results]
+    assert TAG + "pack" not in tags[0]  # alone
+    assert tags[1][TAG + "pack"] == tags[2][TAG + "pack"] and tags[1][TAG + "pack_size"] == "2"
+    assert [s for s, _ in store.history(results[0].run_id, "val_loss")] == [20]  # from step 10
+
+
+class StopAfter:
+    """A callback that stops training after the checkpoint at ``step``, like a kill."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step > self.step:
+            raise KeyboardInterrupt
+
+    def on_artifact(self, name: str, content: str | bytes) -> None:
+        pass
+
+    def on_checkpoint(self, step: int) -> None:
+        pass

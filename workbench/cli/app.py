@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from workbench.grid import Plan
     from workbench.sweep.driver import Executor, Options
+    from workbench.sweep.packs import PackSetting
 
 app = typer.Typer(
     help="Reproducible ablations of the 'Let's build GPT' ladder, tracked in MLflow.",
@@ -266,12 +267,20 @@ def run(
             threads_per_job=threads,
             checkpoint_every_s=checkpoint_every,
             system_metrics=system_metrics,
-            pack="auto" if pack is None else "on" if pack else "off",
+            pack=_pack_setting(pack, executor, gpus_per_run),
             pack_size=pack_size or DEFAULT_PACK_SIZE,
         )
         _fetch_data(expanded, options.data_dir)
         code = _sweep(expanded, chosen, options, console, live=progress and console.is_terminal)
         raise typer.Exit(code=code)
+
+
+def _pack_setting(pack: bool | None, executor: str, gpus_per_run: float) -> PackSetting:
+    """--pack, --no-pack, or by default: on a GPU. Ray runs on GPUs when they ask for them (the
+    driver's machine may have none); locally, the driver looks for GPUs itself."""
+    if pack is not None:
+        return "on" if pack else "off"
+    return "on" if executor == "ray" and gpus_per_run > 0 else "auto"
 
 
 def _require_psutil() -> None:

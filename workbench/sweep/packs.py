@@ -185,9 +185,15 @@ def _train_pack_and_record(
     by_step: dict[int, list[int]] = {}
     for k, job in enumerate(jobs):
         by_step.setdefault(checkpoint_step(Path(job.checkpoint_dir)), []).append(k)
-    for members_at_step in by_step.values():
-        _train_together(pack, members_at_step, configs, corpus, mlflow_client, buffers, callbacks,
-                        ended)  # fmt: skip
+    for at_step in by_step.values():
+        if len(at_step) == 1:  # a pack of one is slower than a run alone (benchmarks/RESULTS.md)
+            k = at_step[0]
+            ended[jobs[k].key] = result = train_recorded(jobs[k], mlflow_client, buffers[k],
+                                                         callbacks[k])  # fmt: skip
+            if result.status is RunState.KILLED:  # interrupted: so are the members left
+                raise KeyboardInterrupt(result.reason or "interrupted")
+            continue
+        _train_together(pack, at_step, configs, corpus, mlflow_client, buffers, callbacks, ended)
 
 
 def _train_together(
