@@ -153,7 +153,8 @@ def summarize(
         "cpu_count": os.cpu_count(),
         "ablation_wall_s": wall,
         "per_run_wall_s": {side: result["per_run_wall_s"] for side, result in results.items()},
-        "goal_60s_met": wall["packed"] <= 60,
+        # The goal is the ablation as written, on a GPU: a smoke (--allow-cpu, --set) says nothing.
+        "goal_60s_met": wall["packed"] <= 60 if name and not sets else None,
     }
     if "alone" in results:
         report["speedup_packed"] = wall["alone"] / wall["packed"]
