@@ -241,7 +241,7 @@ def test_workbench_run_packs_by_default_on_a_gpu(tmp_path: Path, store: Store):
         variants={"multi_head": {"model": {"kind": "multi_head"}}},
         seeds=[1, 2, 3],
     )
-    result = CliRunner().invoke(app, ["run", str(spec), *store.args()])
+    result = CliRunner().invoke(app, ["run", str(spec), "--jobs", "1", *store.args()])
     assert result.exit_code == 0, result.output
     runs = store.runs()
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)

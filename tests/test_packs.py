@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ from workbench.settings import load_settings
 from workbench.spec import RunConfig, pack_key
 from workbench.store import ensure_experiment
 from workbench.sweep.driver import Action, Decision
-from workbench.sweep.jobs import Job
+from workbench.sweep.jobs import Job, MlflowCallback
 from workbench.sweep.packs import Pack, execute_pack, group
-from workbench.tracking import TAG, RunState
+from workbench.tracking import TAG, MetricBuffer, RunState
 from workbench.train.factory import build_trainer
 from workbench.train.packed import checkpoint_step
 from workbench.train.trainer import Trainer
@@ -64,6 +65,8 @@ def test_runs_that_differ_in_seed_and_rate_pack_and_other_shapes_do_not(tmp_path
     chunked = group(todo, "on", gpus=0, size=3)
     assert [len(item) if isinstance(item, list) else 1 for item in chunked] == [3, 1, 3, 1]
     assert isinstance(chunked[1], Decision)  # a pack of one is a run alone
+    assert [len(item) for item in group(todo, "on", gpus=0, workers=4)] == [2, 2, 2, 2]
+    assert [len(item) for item in group(todo, "on", gpus=0, workers=2)] == [4, 4]  # 2 groups
     flat = [n for item in names(chunked) for n in (item if isinstance(item, list) else [item])]
     assert sorted(flat) == sorted(d.run.name for d in todo)  # every run once
 
@@ -121,17 +124,19 @@ def test_a_packed_sweep_records_each_run_as_if_trained_alone(tmp_path: Path) -> 
 @pytest.mark.slow
 def test_skip_and_force_work_per_member(store: Store, tmp_path: Path) -> None:
     first = write_spec(tmp_path / "a", seeds=[1, 2], variants=MH)
-    assert invoke("run", str(first), "--pack", *store.args()).exit_code == 0
+    assert invoke("run", str(first), "--pack", "--jobs", "1", *store.args()).exit_code == 0
     before = {name: run.info.run_id for name, run in store.by_name().items()}
     more = write_spec(tmp_path / "b", seeds=[1, 2, 3, 4], variants=MH)
-    result = invoke("run", str(more), "--pack", *store.args())
+    result = invoke("run", str(more), "--pack", "--jobs", "1", *store.args())
     assert result.exit_code == 0, result.output
     runs = store.by_name()
     assert {name: runs[name].info.run_id for name in before} == before  # skipped, not redone
     new = [runs[name] for name in runs if name not in before]
     assert len(new) == 2 and len(store.runs()) == 4
     assert new[0].data.tags[TAG + "pack"] == new[1].data.tags[TAG + "pack"]  # packed together
-    forced = invoke("run", str(more), "--pack", "--force", "--only", "*s=2", *store.args())
+    forced = invoke(
+        "run", str(more), "--pack", "-j", "1", "--force", "--only", "*s=2", *store.args()
+    )
     assert forced.exit_code == 0, forced.output
     assert [r.info.run_name for r in store.runs()].count("multi_head s=2") == 2
     assert len(store.runs()) == 5
@@ -143,9 +148,11 @@ def test_a_diverging_member_is_masked_and_the_others_finish(store: Store, tmp_pa
         tmp_path, grid={"train.learning_rate": [1.0e-3, 1.0e4]}, variants=MH, seeds=[1]
     )
     alone = Store(tmp_path / "alone")
-    assert invoke("run", str(spec), "--pack", *store.args()).exit_code == 1  # one diverged
+    packed = invoke("run", str(spec), "--pack", "-j", "1", *store.args())
+    assert packed.exit_code == 1  # one diverged
     assert invoke("run", str(spec), "--no-pack", *alone.args()).exit_code == 1
     runs, reference = store.by_name(), alone.by_name()
+    assert len({r.data.tags[TAG + "pack"] for r in runs.values()}) == 1  # trained as one pack
     for name, run in runs.items():
         want = reference[name]
         assert run.info.status == want.info.status
@@ -162,16 +169,16 @@ LONG = {"max_iters": 4000, "eval_interval": 100, "eval_iters": 2, "device": "cpu
 @pytest.mark.slow
 def test_a_killed_pack_resumes_every_member_exactly(store: Store, tmp_path: Path) -> None:
     spec = write_spec(tmp_path, train=LONG, variants=MH, seeds=[1, 2])
-    proc = start(spec, store, "--pack")
+    proc = start(spec, store, "--pack", "--jobs", "1")
     wait_for(lambda: len(list(store.checkpoints.rglob("checkpoint.pt"))) == 2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert sorted(r.info.status for r in store.runs()) == ["RUNNING", "RUNNING"]  # stale
 
-    resumed = invoke("run", str(spec), "--pack", *store.args())
+    resumed = invoke("run", str(spec), "--pack", "-j", "1", *store.args())
     assert resumed.exit_code == 0, resumed.output
     reference = Store(tmp_path / "reference")
-    assert invoke("run", str(spec), "--pack", *reference.args()).exit_code == 0
+    assert invoke("run", str(spec), "--pack", "-j", "1", *reference.args()).exit_code == 0
     want = reference.by_name()
     for name, run in store.by_name().items():
         assert run.info.status == "FINISHED" and run.data.tags[TAG + "attempt"] == "2"
@@ -187,7 +194,7 @@ def test_a_killed_pack_resumes_every_member_exactly(store: Store, tmp_path: Path
 # --- packed training that raises (in process) -------------------------------------------------
 
 
-def pack_of(store: Store, seeds: list[int]) -> Pack:
+def pack_of(store: Store, seeds: list[int], checkpoint_every_s: float = 0.0) -> Pack:
     """A pack of multi_head runs (one per seed), their MLflow runs created as the driver does."""
     experiment_id = ensure_experiment(store.uri, "t")
     jobs = []
@@ -215,7 +222,7 @@ def pack_of(store: Store, seeds: list[int]) -> Pack:
                 tracking_uri=store.uri,
                 checkpoint_dir=str(store.checkpoints / f"k{seed}"),
                 data_dir=str(load_settings().data_dir),
-                checkpoint_every_s=0.0,
+                checkpoint_every_s=checkpoint_every_s,
             )
         )
     return Pack(tuple(jobs))
@@ -289,3 +296,79 @@ class StopAfter:
 
     def on_checkpoint(self, step: int) -> None:
         pass
+
+
+def test_a_pack_that_raises_mid_run_stores_each_point_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Points the pack reported but did not store (no checkpoint since) are computed again by
+    the run alone: stored once, with the run alone's values."""
+    from workbench.train import packed
+
+    real_step = packed.PackedTrainer.step
+
+    def breaks_at_15(self: Any) -> Any:
+        if self.members[0].loop.step == 15:
+            raise RuntimeError("packed step broke")
+        return real_step(self)
+
+    monkeypatch.setattr(packed.PackedTrainer, "step", breaks_at_15)
+    results = execute_pack(pack_of(store, [1, 2], checkpoint_every_s=1e9))
+    assert [r.status for r in results] == [RunState.FINISHED, RunState.FINISHED]
+    for result in results:
+        assert [s for s, _ in store.history(result.run_id, "val_loss")] == [0, 10, 20]
+
+
+def test_an_interrupt_while_members_train_alone_stops_the_rest(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workbench.train import packed
+
+    def broken(self: Any) -> None:
+        raise RuntimeError("packed step broke")
+
+    real_fit = Trainer.fit
+
+    def first_interrupted(self: Trainer) -> Any:
+        if self.seed == 1:
+            raise KeyboardInterrupt
+        return real_fit(self)
+
+    monkeypatch.setattr(packed.PackedTrainer, "fit", broken)
+    monkeypatch.setattr(Trainer, "fit", first_interrupted)
+    results = execute_pack(pack_of(store, [1, 2]))
+    assert [r.status for r in results] == [RunState.KILLED, RunState.KILLED]
+    assert [store.client.get_run(r.run_id).info.status for r in results] == ["KILLED"] * 2
+    assert store.history(results[1].run_id, "val_loss") == []  # never trained alone
+
+
+def test_a_retried_pack_keeps_the_verdicts_of_members_that_ended(store: Store) -> None:
+    """A pack's worker died after some members ended: a retry (Ray's, or the pack run again)
+    neither reopens nor retrains them."""
+    from workbench.sweep.executors.ray import _retry
+
+    pack = pack_of(store, [1, 2, 3])
+    first = execute_pack(Pack(pack.jobs[:1]))[0]  # member 1 ended before the worker died
+    assert first.status is RunState.FINISHED
+    before = store.history(first.run_id, "val_loss")
+    finished: list[Any] = []
+    retry = _retry(pack, lambda job, result: finished.append((job.key, result.status)))
+    assert finished == [("k1", RunState.FINISHED)]
+    assert isinstance(retry, Pack) and [j.key for j in retry.jobs] == ["k2", "k3"]
+    assert all(j.resumed and j.attempt == 2 for j in retry.jobs)
+
+    again = execute_pack(Pack(tuple(replace(j, resumed=True) for j in pack.jobs)))
+    assert [r.status for r in again] == [RunState.FINISHED] * 3
+    assert store.history(first.run_id, "val_loss") == before  # not trained again
+
+
+def test_open_members_of_a_pack_keep_their_heartbeat(store: Store) -> None:
+    """A member that diverged or waits its turn reports nothing: the reporting member's
+    callback sends its heartbeat, so no one takes its run for a stale one."""
+    pack = pack_of(store, [1, 2])
+    reporting, waiting = (MetricBuffer(store.uri, job.run_id) for job in pack.jobs)
+    waiting.last_heartbeat = 0.0  # long due
+    callback = MlflowCallback(reporting, "k1", None, [waiting])
+    callback.on_metrics({"train_loss_smooth": 1.0}, 10)
+    beat = store.client.get_run(pack.jobs[1].run_id).data.tags[TAG + "heartbeat"]
+    assert abs(float(beat) - time.time()) < 60

@@ -269,6 +269,7 @@ def run(
             system_metrics=system_metrics,
             pack=_pack_setting(pack, executor, gpus_per_run),
             pack_size=pack_size or DEFAULT_PACK_SIZE,
+            workers=getattr(chosen, "jobs", 1),  # local worker processes; Ray: its own slots
         )
         _fetch_data(expanded, options.data_dir)
         code = _sweep(expanded, chosen, options, console, live=progress and console.is_terminal)

@@ -77,6 +77,7 @@ class Options:
     system_metrics: bool = False  # MLflow's CPU, memory and GPU metrics of each run
     pack: PackSetting = "auto"  # train runs that share every shape together (workbench.sweep.packs)
     pack_size: int = DEFAULT_PACK_SIZE
+    workers: int = 1  # jobs at once: packs are split so that each has work
 
 
 class Action(str, Enum):
@@ -238,7 +239,7 @@ def _work(todo: list[Decision], options: Options) -> list[Decision | list[Decisi
         from workbench.sweep.executors import gpu_count
 
         gpus = gpu_count()
-    return group(todo, options.pack, gpus, options.pack_size)
+    return group(todo, options.pack, gpus, options.pack_size, options.workers)
 
 
 def _execute(

@@ -74,20 +74,30 @@ class MlflowCallback:
     buffer (and a progress function), artifacts kept until the end, the buffer flushed before
     each checkpoint."""
 
-    def __init__(self, buffer: MetricBuffer, key: str, progress: ProgressFn | None) -> None:
+    def __init__(
+        self,
+        buffer: MetricBuffer,
+        key: str,
+        progress: ProgressFn | None,
+        beside: list[MetricBuffer] | None = None,
+    ) -> None:
         self.buffer = buffer
         self.key = key
         self.progress = progress
         self.artifacts: dict[str, str | bytes] = {}
         self.last_step = 0
+        # Runs of the same pack that are open but not reporting (diverged and waiting for the
+        # pack's end, or waiting their turn): their heartbeats go with this one's.
+        self.beside = beside if beside is not None else []
 
     def on_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.buffer.add(metrics, step)
         self.last_step = step
         if self.progress is not None:
             self.progress(Progress(self.key, step, metrics))
-        if self.buffer.heartbeat_due():
-            self.buffer.heartbeat()
+        for buffer in (self.buffer, *self.beside):
+            if buffer.heartbeat_due():
+                buffer.heartbeat()
 
     def on_artifact(self, name: str, content: str | bytes) -> None:
         self.artifacts[name] = content

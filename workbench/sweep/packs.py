@@ -32,6 +32,7 @@ from workbench.sweep.jobs import (
     ProgressFn,
     describe_environment_failure,
     end_killed,
+    ended_result,
     execute_job,
     is_environment_failure,
     signals_deferred,
@@ -80,10 +81,12 @@ def group(
     setting: PackSetting,
     gpus: int,
     size: int = DEFAULT_PACK_SIZE,
+    workers: int = 1,
 ) -> list[Decision | list[Decision]]:
     """The driver's work list: runs alone, and packs (lists of two or more) of runs with one
     pack key and the same action (a new run packs with new runs, a resumed one with resumed
-    ones), at most ``size`` each, in the order of their first run."""
+    ones), at most ``size`` each, in the order of their first run. Fewer groups than
+    ``workers`` are split, so that no worker sits idle beside one big pack."""
     if setting == "off" or size < 2:
         return list(decisions)
     groups: dict[tuple[str, str], list[Decision]] = {}
@@ -98,14 +101,16 @@ def group(
             groups[slot] = []
             order.append(slot)
         groups[slot].append(decision)
+    parts = -(-workers // max(1, len(groups)))  # each group split this many ways, at least
     work: list[Decision | list[Decision]] = []
     for item in order:
         if not isinstance(item, tuple):
             work.append(item)
             continue
         runs = groups[item]
-        for start in range(0, len(runs), size):
-            chunk = runs[start : start + size]
+        step = min(size, -(-len(runs) // parts))
+        for start in range(0, len(runs), step):
+            chunk = runs[start : start + step]
             work.append(chunk if len(chunk) > 1 else chunk[0])
     return work
 
@@ -130,105 +135,163 @@ def execute_pack(pack: Pack, progress: ProgressFn | None = None) -> list[JobResu
     try:
         with signals_deferred():  # see execute_job: the store's modules are imported whole
             mlflow_client = client(jobs[0].tracking_uri)
-            buffers = [
-                MetricBuffer(job.tracking_uri, job.run_id, EVAL_KEYS + SUMMARY_KEYS) for job in jobs
-            ]
+            run = _PackRun(pack, mlflow_client, progress)
     except KeyboardInterrupt:
         return [end_killed(job, "interrupted") for job in jobs]
     except unreachable as exc:
         reason = f"tracking store: {first_line(exc)}"
         return [JobResult(job.key, job.run_id, RunState.KILLED, reason=reason) for job in jobs]
-    callbacks = [MlflowCallback(b, job.key, progress) for job, b in zip(jobs, buffers, strict=True)]
-    ended: dict[str, JobResult] = {}
     with contextlib.ExitStack() as stack:
-        for job, buffer in zip(jobs, buffers, strict=True):
+        for job, buffer in zip(jobs, run.buffers, strict=True):
             stack.enter_context(system_metrics_of(job, buffer))
+        return run.execute()
+
+
+class _PackRun:
+    """A pack's members in the store while the worker holds them: a buffer and a callback
+    each, the results of those that ended, and the heartbeats of those still open."""
+
+    def __init__(self, pack: Pack, mlflow_client: Any, progress: ProgressFn | None) -> None:
+        self.pack, self.client, self.progress = pack, mlflow_client, progress
+        self.buffers = [_buffer(job) for job in pack.jobs]
+        self.open: list[MetricBuffer] = list(self.buffers)  # shared with every callback
+        self.callbacks = [
+            MlflowCallback(buffer, job.key, progress, self.open)
+            for job, buffer in zip(pack.jobs, self.buffers, strict=True)
+        ]
+        self.ended: dict[str, JobResult] = {}
+
+    def end(self, k: int, result: JobResult) -> None:
+        self.ended[self.pack.jobs[k].key] = result
+        if self.buffers[k] in self.open:
+            self.open.remove(self.buffers[k])
+
+    def execute(self) -> list[JobResult]:
+        failure = None
         try:
-            for job, buffer in zip(jobs, buffers, strict=True):
-                if job.resumed:
-                    buffer.skip_stored(list(PROGRESS_KEYS + EVAL_KEYS + SUMMARY_KEYS))
-            _train_pack_and_record(pack, mlflow_client, buffers, callbacks, ended)
-            return [ended[job.key] for job in jobs]
+            for k, job in enumerate(self.pack.jobs):
+                if job.resumed:  # a retry of a pack whose worker died: some runs may have ended
+                    ended = ended_result(self.client, job)
+                    if ended is not None:
+                        self.end(k, ended)
+                        continue
+                    self.buffers[k].skip_stored(list(PROGRESS_KEYS + EVAL_KEYS + SUMMARY_KEYS))
+            self.train()
+            return self.results()
         except KeyboardInterrupt as exc:
             reason = str(exc) or "interrupted"
         except BaseException as exc:
-            if not is_environment_failure(exc):
-                return _alone(pack, mlflow_client, buffers, callbacks, ended, exc)
-            reason = describe_environment_failure(exc)
-    return [
-        ended.get(job.key) or end_killed(job, reason, mlflow_client, step=callback.last_step)
-        for job, callback in zip(jobs, callbacks, strict=True)
-    ]
+            if is_environment_failure(exc):
+                reason = describe_environment_failure(exc)
+            else:  # handled below, once the traceback (holding the pack's tensors) is gone
+                failure = f"{type(exc).__name__}: {first_line(exc, 300)}"
+        if failure is not None:
+            _release_memory()
+            return self.alone(failure)
+        return self.killed(reason)
 
+    def results(self) -> list[JobResult]:
+        return [self.ended[job.key] for job in self.pack.jobs]
 
-def _train_pack_and_record(
-    pack: Pack,
-    mlflow_client: Any,
-    buffers: list[MetricBuffer],
-    callbacks: list[MlflowCallback],
-    ended: dict[str, JobResult],
-) -> None:
-    """Train the members together, then record each member's end (into ``ended``). Members
-    resumed from checkpoints at different steps (runs of different packs, or a run resumed
-    alone before) train as one pack per step, one after the other."""
-    from workbench.corpus import Corpus
-    from workbench.datasets import resolve_text_path
-    from workbench.train.packed import checkpoint_step
-    from workbench.train.process import prepare_process
+    def killed(self, reason: str) -> list[JobResult]:
+        """Every member that has not ended, KILLED (resumable)."""
+        for k, job in enumerate(self.pack.jobs):
+            if job.key not in self.ended:
+                step = self.callbacks[k].last_step
+                self.end(k, end_killed(job, reason, self.client, step=step))
+        return self.results()
 
-    jobs = pack.jobs
-    configs = [_config(job) for job in jobs]
-    data = configs[0].data
-    path = resolve_text_path(data.dataset, data.path, Path(jobs[0].data_dir))
-    corpus = Corpus.from_file(path, data.val_fraction)
-    prepare_process(configs[0].train)  # threads and TF32 are the pack's, shared by its members
-    by_step: dict[int, list[int]] = {}
-    for k, job in enumerate(jobs):
-        by_step.setdefault(checkpoint_step(Path(job.checkpoint_dir)), []).append(k)
-    for at_step in by_step.values():
-        if len(at_step) == 1:  # a pack of one is slower than a run alone (benchmarks/RESULTS.md)
-            k = at_step[0]
-            ended[jobs[k].key] = result = train_recorded(jobs[k], mlflow_client, buffers[k],
-                                                         callbacks[k])  # fmt: skip
+    def train(self) -> None:
+        """Train the members together, then record each one's end. Members resumed from
+        checkpoints at different steps (runs of different packs, or a run resumed alone before)
+        or with different thread counts (a resume keeps its own) train as one pack per step and
+        count, one after the other; a member alone in its group trains as a run alone."""
+        from workbench.corpus import Corpus
+        from workbench.datasets import resolve_text_path
+        from workbench.train.packed import checkpoint_step
+        from workbench.train.process import prepare_process
+
+        jobs = self.pack.jobs
+        configs = [_config(job) for job in jobs]
+        data = configs[0].data
+        path = resolve_text_path(data.dataset, data.path, Path(jobs[0].data_dir))
+        corpus = Corpus.from_file(path, data.val_fraction)
+        groups: dict[tuple[int, str | None], list[int]] = {}
+        for k, job in enumerate(jobs):
+            if job.key not in self.ended:
+                key = (checkpoint_step(Path(job.checkpoint_dir)), pack_key(configs[k]))
+                groups.setdefault(key, []).append(k)
+        for chosen in groups.values():
+            prepare_process(configs[chosen[0]].train)  # threads and TF32, shared by the group
+            if len(chosen) > 1:
+                self.train_together(chosen, configs, corpus)
+                continue
+            k = chosen[0]  # a pack of one is slower than a run alone (benchmarks/RESULTS.md)
+            result = train_recorded(jobs[k], self.client, self.buffers[k], self.callbacks[k])
+            self.end(k, result)
             if result.status is RunState.KILLED:  # interrupted: so are the members left
                 raise KeyboardInterrupt(result.reason or "interrupted")
-            continue
-        _train_together(pack, at_step, configs, corpus, mlflow_client, buffers, callbacks, ended)
 
+    def train_together(self, chosen: list[int], configs: list[RunConfig], corpus: Any) -> None:
+        from workbench.sweep import record
+        from workbench.train.packed import build_packed_trainer
 
-def _train_together(
-    pack: Pack,
-    chosen: list[int],
-    configs: list[RunConfig],
-    corpus: Any,
-    mlflow_client: Any,
-    buffers: list[MetricBuffer],
-    callbacks: list[MlflowCallback],
-    ended: dict[str, JobResult],
-) -> None:
-    from workbench.sweep import record
-    from workbench.train.packed import build_packed_trainer
-
-    jobs = [pack.jobs[k] for k in chosen]
-    trainer = build_packed_trainer(
-        [configs[k] for k in chosen],
-        corpus,
-        [callbacks[k] for k in chosen],
-        [Path(job.checkpoint_dir) for job in jobs],
-        checkpoint_every_s=jobs[0].checkpoint_every_s,
-    )
-    tags = {TAG + "pack": pack_id(pack), TAG + "pack_size": str(len(jobs))}
-    for member, k in enumerate(chosen):
-        buffers[k].tags(tags)  # stored with the start's flush
-        model = trainer.member_model(member)
-        record.record_start(pack.jobs[k], mlflow_client, buffers[k], trainer.device, model)
-    results = trainer.fit()
-    for member, (k, result) in enumerate(zip(chosen, results, strict=True)):
-        job, model = pack.jobs[k], trainer.member_model(member)
-        artifacts = callbacks[k].artifacts
-        ended[job.key] = record.record_end(
-            job, mlflow_client, buffers[k], artifacts, result, model, corpus
+        jobs = [self.pack.jobs[k] for k in chosen]
+        trainer = build_packed_trainer(
+            [configs[k] for k in chosen],
+            corpus,
+            [self.callbacks[k] for k in chosen],
+            [Path(job.checkpoint_dir) for job in jobs],
+            checkpoint_every_s=jobs[0].checkpoint_every_s,
         )
+        tags = {TAG + "pack": pack_id(self.pack), TAG + "pack_size": str(len(jobs))}
+        for member, k in enumerate(chosen):
+            self.buffers[k].tags(tags)  # stored with the start's flush
+            model = trainer.member_model(member)
+            record.record_start(jobs[member], self.client, self.buffers[k], trainer.device, model)
+        results = trainer.fit()
+        for member, (k, result) in enumerate(zip(chosen, results, strict=True)):
+            model, artifacts = trainer.member_model(member), self.callbacks[k].artifacts
+            self.end(k, record.record_end(jobs[member], self.client, self.buffers[k], artifacts,
+                                          result, model, corpus))  # fmt: skip
+
+    def alone(self, failure: str) -> list[JobResult]:
+        """Packed training raised: no verdict on any one member. Each member that has not
+        ended trains alone from its checkpoint (the solo format), with why in a tag; only its
+        own exception fails it, and an interruption stops the rest (KILLED, resumable). Each
+        gets a fresh buffer: the pack's may hold points after the last checkpoint, which the
+        run alone computes again."""
+        left = [k for k, job in enumerate(self.pack.jobs) if job.key not in self.ended]
+        for k in left:
+            job = self.pack.jobs[k]
+            self.open.remove(self.buffers[k])
+            self.buffers[k] = _buffer(job)
+            self.buffers[k].tags({TAG + "pack_error": failure})
+            self.open.append(self.buffers[k])
+            self.callbacks[k] = MlflowCallback(self.buffers[k], job.key, self.progress, self.open)
+        for k in left:
+            alone = replace(self.pack.jobs[k], resumed=True)  # stored points are not stored twice
+            result = train_recorded(alone, self.client, self.buffers[k], self.callbacks[k])
+            self.end(k, result)
+            if result.status is RunState.KILLED:
+                return self.killed(result.reason or "interrupted")
+        return self.results()
+
+
+def _buffer(job: Job) -> MetricBuffer:
+    return MetricBuffer(job.tracking_uri, job.run_id, EVAL_KEYS + SUMMARY_KEYS)
+
+
+def _release_memory() -> None:
+    """What a failed pack held, let go before its members train alone (on a GPU, the memory
+    they need)."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _config(job: Job) -> RunConfig:
@@ -244,32 +307,3 @@ def pack_id(pack: Pack) -> str:
     import hashlib
 
     return hashlib.sha256(pack.key.encode()).hexdigest()[:12]
-
-
-def _alone(
-    pack: Pack,
-    mlflow_client: Any,
-    buffers: list[MetricBuffer],
-    callbacks: list[MlflowCallback],
-    ended: dict[str, JobResult],
-    exc: BaseException,
-) -> list[JobResult]:
-    """Packed training raised: no verdict on any one member. Each member that has not ended
-    trains alone from its checkpoint (the solo format), with why in a tag; only its own
-    exception fails it."""
-    reason = f"{type(exc).__name__}: {first_line(exc, 300)}"
-    results = []
-    for job, buffer, callback in zip(pack.jobs, buffers, callbacks, strict=True):
-        if job.key in ended:
-            results.append(ended[job.key])
-            continue
-        buffer.tags({TAG + "pack_error": reason})
-        alone = replace(job, resumed=True)  # points the pack stored are not stored twice
-        results.append(train_recorded(alone, mlflow_client, buffer, _fresh(callback)))
-    return results
-
-
-def _fresh(callback: MlflowCallback) -> MlflowCallback:
-    """The member's callback for its run alone: the same buffer and progress, no artifacts
-    kept from the pack."""
-    return MlflowCallback(callback.buffer, callback.key, callback.progress)

@@ -102,6 +102,7 @@ class PackedTrainer:
         decay = torch.tensor([m.train_config.weight_decay for m in members])
         self.optimizer = FlatAdamW(groups, lr=torch.zeros(len(members)), weight_decay=decay)
         self.grad_clip = torch.tensor([m.train_config.grad_clip for m in members]).to(self.device)
+        self.clips = any(m.train_config.grad_clip > 0 for m in members)  # known here: no sync
         self.params = self._stacked_params()
         self.eval_sets = {
             split: (
@@ -168,7 +169,7 @@ class PackedTrainer:
             warnings.filterwarnings("ignore", "grad and param do not obey")
             torch.where(self.active_mask, losses, 0.0).sum().backward()  # type: ignore[no-untyped-call]
         self._check_gradients()
-        if bool((self.grad_clip > 0).any()):
+        if self.clips:
             self._clip_gradients()
         self.optimizer.step()
         for member in self.members:
@@ -189,8 +190,9 @@ class PackedTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> list[dict[str, float]]:
-        """Each member's mean loss over its own eval sets, in the solo trainer's passes."""
-        rows = self.members[0].eval_rows
+        """Each member's mean loss over its own eval sets. A pass takes the windows a solo
+        pass takes, shared by the members: one vmapped pass holds all K members' activations."""
+        rows = max(1, self.members[0].eval_rows // len(self.members))
         losses: list[dict[str, float]] = [{} for _ in self.members]
         for split, (x_all, y_all) in self.eval_sets.items():
             total, count = torch.zeros(len(self.members), device=self.device), 0

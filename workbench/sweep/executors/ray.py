@@ -20,7 +20,7 @@ from typing import Any
 from workbench.errors import WorkbenchError
 from workbench.store import client
 from workbench.sweep.events import CrashFn, Ended, EventFn, Progress, Started
-from workbench.sweep.jobs import Job, JobResult
+from workbench.sweep.jobs import Job, JobResult, ended_result
 from workbench.sweep.packs import Pack, Unit, execute_unit, members
 from workbench.tracking import TAG, RunState
 
@@ -135,17 +135,18 @@ class RayExecutor:
                         for job in members(unit):
                             finish(job, on_crash(job, reason, RunState.FAILED))
                     except RayError as exc:  # the worker died: crash, OOM kill, lost node
-                        # One budget per unit, counted on its first run (a pack's runs died
-                        # together).
-                        first = members(unit)[0].key
-                        crashes[first] = crashes.get(first, 0) + 1
-                        if crashes[first] <= self.max_retries:
-                            retry = _retry(unit)
-                            for job in members(retry):
-                                self._tag_attempt(job)
-                            pending[remote.remote(retry, queue)] = retry
+                        # Counted per run: a pack's runs died together.
+                        for job in members(unit):
+                            crashes[job.key] = crashes.get(job.key, 0) + 1
+                        died = max(crashes[job.key] for job in members(unit))
+                        if died <= self.max_retries:
+                            retry = _retry(unit, finish)
+                            if retry is not None:
+                                for job in members(retry):
+                                    self._tag_attempt(job)
+                                pending[remote.remote(retry, queue)] = retry
                         else:  # still a crash, not a verdict: the next sweep resumes it
-                            reason = f"worker died {crashes[first]} times: {type(exc).__name__}"
+                            reason = f"worker died {died} times: {type(exc).__name__}"
                             for job in members(unit):
                                 finish(job, on_crash(job, reason, RunState.KILLED))
         except KeyboardInterrupt:
@@ -187,8 +188,17 @@ class RayExecutor:
                 finish(job, result)
 
 
-def _retry(unit: Unit) -> Unit:
-    """The unit again after its worker died: each run's next attempt, from its checkpoint."""
-    if isinstance(unit, Pack):
-        return Pack(tuple(replace(job, attempt=job.attempt + 1, resumed=True) for job in unit.jobs))
-    return replace(unit, attempt=unit.attempt + 1, resumed=True)
+def _retry(unit: Unit, finish: Callable[[Job, JobResult], None]) -> Unit | None:
+    """The unit again after its worker died: each run's next attempt, from its checkpoint. A
+    pack's members that ended before the worker died keep their verdict (a FINISHED run is
+    never reopened) and are finished here; None when none is left."""
+    left = []
+    for job in members(unit):
+        ended = ended_result(client(job.tracking_uri), job)
+        if ended is None:
+            left.append(replace(job, attempt=job.attempt + 1, resumed=True))
+        else:
+            finish(job, ended)
+    if not left:
+        return None
+    return Pack(tuple(left)) if len(left) > 1 else left[0]
