@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_trainer import Recorder
 from torch import nn
 
 from workbench.corpus import Corpus
@@ -34,31 +35,13 @@ def make_config(model: dict[str, Any], seed: int = 1337, **train: Any) -> RunCon
     )
 
 
-class Recorder:
-    def __init__(self, stop_after_step: int | None = None) -> None:
-        self.metrics: list[tuple[int, dict[str, float]]] = []
-        self.artifacts: dict[str, str | bytes] = {}
-        self.checkpoints: list[int] = []
-        self.stop_after_step = stop_after_step
-
-    def on_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.stop_after_step is not None and step > self.stop_after_step:
-            raise KeyboardInterrupt  # a killed job
-        self.metrics.append((step, dict(metrics)))
-
-    def on_artifact(self, name: str, content: str | bytes) -> None:
-        self.artifacts[name] = content
-
-    def on_checkpoint(self, step: int) -> None:
-        self.checkpoints.append(step)
-
-    def curves(self) -> list[tuple[int, dict[str, float]]]:
-        """Everything but the throughput, which is the clock's."""
-        return [(s, {k: v for k, v in m.items() if k != "tokens_per_sec"}) for s, m in self.metrics]
+def curves(recorder: Recorder) -> list[tuple[int, dict[str, float]]]:
+    """Everything reported but the throughput, which is the clock's."""
+    return [(s, {k: v for k, v in m.items() if k != "tokens_per_sec"}) for s, m in recorder.metrics]
 
 
 def assert_same_curves(packed: Recorder, solo: Recorder, tolerance: float = ROUNDING) -> None:
-    ours, theirs = packed.curves(), solo.curves()
+    ours, theirs = curves(packed), curves(solo)
     assert [(s, sorted(m)) for s, m in ours] == [(s, sorted(m)) for s, m in theirs]
     for (step, mine), (_, reference) in zip(ours, theirs, strict=True):
         for name, value in reference.items():
