@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,9 @@ from workbench.settings import load_settings
 from workbench.spec import RunConfig, pack_key
 from workbench.store import ensure_experiment
 from workbench.sweep.driver import Action, Decision
-from workbench.sweep.jobs import Job
+from workbench.sweep.jobs import Job, MlflowCallback
 from workbench.sweep.packs import Pack, execute_pack, group
-from workbench.tracking import TAG, RunState
+from workbench.tracking import TAG, MetricBuffer, RunState
 from workbench.train.factory import build_trainer
 from workbench.train.packed import checkpoint_step
 from workbench.train.trainer import Trainer
@@ -279,3 +280,79 @@ def test_members_at_different_steps_train_apart(store: Store) -> None:
     assert TAG + "pack" not in tags[0]  # alone
     assert tags[1][TAG + "pack"] == tags[2][TAG + "pack"] and tags[1][TAG + "pack_size"] == "2"
     assert [s for s, _ in store.history(results[0].run_id, "val_loss")] == [20]  # from step 10
+
+
+def test_a_pack_that_raises_mid_run_stores_each_point_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Points the pack reported but did not store (no checkpoint since) are computed again by
+    the run alone: stored once, with the run alone's values."""
+    from workbench.train import packed
+
+    real_step = packed.PackedTrainer.step
+
+    def breaks_at_15(self: Any) -> Any:
+        if self.members[0].loop.step == 15:
+            raise RuntimeError("packed step broke")
+        return real_step(self)
+
+    monkeypatch.setattr(packed.PackedTrainer, "step", breaks_at_15)
+    results = execute_pack(pack_of(store, [1, 2], checkpoint_every_s=1e9))
+    assert [r.status for r in results] == [RunState.FINISHED, RunState.FINISHED]
+    for result in results:
+        assert [s for s, _ in store.history(result.run_id, "val_loss")] == [0, 10, 20]
+
+
+def test_an_interrupt_while_members_train_alone_stops_the_rest(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workbench.train import packed
+
+    def broken(self: Any) -> None:
+        raise RuntimeError("packed step broke")
+
+    real_fit = Trainer.fit
+
+    def first_interrupted(self: Trainer) -> Any:
+        if self.seed == 1:
+            raise KeyboardInterrupt
+        return real_fit(self)
+
+    monkeypatch.setattr(packed.PackedTrainer, "fit", broken)
+    monkeypatch.setattr(Trainer, "fit", first_interrupted)
+    results = execute_pack(pack_of(store, [1, 2]))
+    assert [r.status for r in results] == [RunState.KILLED, RunState.KILLED]
+    assert [store.client.get_run(r.run_id).info.status for r in results] == ["KILLED"] * 2
+    assert store.history(results[1].run_id, "val_loss") == []  # never trained alone
+
+
+def test_a_retried_pack_keeps_the_verdicts_of_members_that_ended(store: Store) -> None:
+    """A pack's worker died after some members ended: a retry (Ray's, or the pack run again)
+    neither reopens nor retrains them."""
+    from workbench.sweep.executors.ray import _retry
+
+    pack = pack_of(store, [1, 2, 3])
+    first = execute_pack(Pack(pack.jobs[:1]))[0]  # member 1 ended before the worker died
+    assert first.status is RunState.FINISHED
+    before = store.history(first.run_id, "val_loss")
+    finished: list[Any] = []
+    retry = _retry(pack, lambda job, result: finished.append((job.key, result.status)))
+    assert finished == [("k1", RunState.FINISHED)]
+    assert isinstance(retry, Pack) and [j.key for j in retry.jobs] == ["k2", "k3"]
+    assert all(j.resumed and j.attempt == 2 for j in retry.jobs)
+
+    again = execute_pack(Pack(tuple(replace(j, resumed=True) for j in pack.jobs)))
+    assert [r.status for r in again] == [RunState.FINISHED] * 3
+    assert store.history(first.run_id, "val_loss") == before  # not trained again
+
+
+def test_open_members_of_a_pack_keep_their_heartbeat(store: Store) -> None:
+    """A member that diverged or waits its turn reports nothing: the reporting member's
+    callback sends its heartbeat, so no one takes its run for a stale one."""
+    pack = pack_of(store, [1, 2])
+    reporting, waiting = (MetricBuffer(store.uri, job.run_id) for job in pack.jobs)
+    waiting.last_heartbeat = 0.0  # long due
+    callback = MlflowCallback(reporting, "k1", None, [waiting])
+    callback.on_metrics({"train_loss_smooth": 1.0}, 10)
+    beat = store.client.get_run(pack.jobs[1].run_id).data.tags[TAG + "heartbeat"]
+    assert abs(float(beat) - time.time()) < 60
