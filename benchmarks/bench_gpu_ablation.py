@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sqlite3
 import statistics
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def run_side(name: str, args: list[str], folder: Path) -> dict[str, Any]:
         "args": args,
         "ablation_wall_s": wall,
         "per_run_wall_s": statistics.fmean(r["wall_time_s"] for r in runs.values()),
-        "statuses": dict(sorted(_count(r["status"] for r in runs.values()).items())),
+        "statuses": dict(sorted(Counter(r["status"] for r in runs.values()).items())),
         "final_val_loss": {n: r["final_val_loss"] for n, r in sorted(runs.items())},
     }
 
@@ -71,13 +72,6 @@ def read_runs(store: Path) -> dict[str, dict[str, Any]]:
     return {n: r for n, r in runs.items() if "final_val_loss" in r and "wall_time_s" in r}
 
 
-def _count(values: Any) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for value in values:
-        counts[value] += 1
-    return counts
-
-
 def agreement(packed: dict[str, float], alone: dict[str, float]) -> dict[str, Any]:
     """Per config (a run name without its seed): the difference of the two sides' seed means
     against the seeds' spread. They agree when every difference is within three standard
@@ -85,21 +79,20 @@ def agreement(packed: dict[str, float], alone: dict[str, float]) -> dict[str, An
     configs: dict[str, list[str]] = defaultdict(list)
     for name in packed.keys() & alone.keys():
         configs[name.rsplit(" s=", 1)[0]].append(name)
-    rows, agree = {}, True
+    rows = {}
     for config, names in sorted(configs.items()):
-        ours = [packed[n] for n in names if packed[n] == packed[n]]  # diverged: NaN, left out
-        theirs = [alone[n] for n in names if alone[n] == alone[n]]
+        ours = [packed[n] for n in names if not math.isnan(packed[n])]  # diverged: left out
+        theirs = [alone[n] for n in names if not math.isnan(alone[n])]
         if len(ours) < 2 or len(theirs) < 2:
             continue
         spread = max(statistics.stdev(ours), statistics.stdev(theirs))
         diff = statistics.fmean(ours) - statistics.fmean(theirs)
         bound = 3 * spread * (2 / len(names)) ** 0.5
         rows[config] = {"diff": diff, "seed_std": spread, "within": abs(diff) <= max(bound, 1e-3)}
-        agree &= rows[config]["within"]
     diffs = [abs(packed[n] - alone[n]) for n in packed.keys() & alone.keys()]
-    finite = [d for d in diffs if d == d]
+    finite = [d for d in diffs if not math.isnan(d)]
     return {
-        "agree_within_seed_noise": agree,
+        "agree_within_seed_noise": all(row["within"] for row in rows.values()),
         "max_abs_run_diff": max(finite, default=None),
         "median_abs_run_diff": statistics.median(finite) if finite else None,
         "configs": rows,

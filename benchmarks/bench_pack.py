@@ -15,14 +15,14 @@ import json
 import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_step import per_call_us
 
 from workbench.corpus import Corpus
 from workbench.datasets import fetch_known
@@ -47,22 +47,16 @@ def config(kind: str, block_size: int, seed: int) -> RunConfig:
     )
 
 
-def seconds_per_call(step: Callable[[], Any], calls: int) -> float:
-    for _ in range(max(3, calls // 10)):
-        step()
-    start = time.perf_counter()
-    for _ in range(calls):
-        step()
-    return (time.perf_counter() - start) / calls
-
-
 def measure(corpus: Corpus, kind: str, block: int, members: int, steps: int) -> tuple[float, float]:
     """Member-steps per second: packed, solo."""
     configs = [config(kind, block, seed) for seed in range(members)]
     pack = build_packed_trainer(configs, corpus, [None] * members, [None] * members)
-    packed = members / seconds_per_call(pack.step, max(5, steps // members))
     solo = build_trainer(configs[0], corpus)
-    return packed, 1 / seconds_per_call(solo.step, steps)
+    for _ in range(3):  # warm-up: per_call_us warms up only a tenth of the calls
+        pack.step()
+        solo.step()
+    packed = members / per_call_us(pack.step, max(5, steps // members)) * 1e6
+    return packed, 1 / per_call_us(solo.step, steps) * 1e6
 
 
 def main() -> None:

@@ -15,11 +15,15 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from workbench.errors import WorkbenchError, first_line
 from workbench.sweep.events import Progress
 from workbench.tracking import TAG, MetricBuffer, RunState, client, store_error_types
+
+if TYPE_CHECKING:
+    from workbench.corpus import Corpus
+    from workbench.spec import RunConfig
 
 PROGRESS_KEYS = ("train_loss_smooth", "lr", "tokens_per_sec")
 EVAL_KEYS = ("train_loss", "val_loss")
@@ -251,33 +255,45 @@ def _failed(
 def _train_and_record(
     job: Job, mlflow_client: Any, buffer: MetricBuffer, callback: MlflowCallback
 ) -> JobResult:
-    import torch
-
-    from workbench.corpus import Corpus
-    from workbench.datasets import resolve_text_path
-    from workbench.spec import RunConfig
     from workbench.sweep import record
     from workbench.train.factory import build_trainer
     from workbench.train.process import prepare_process
 
-    if job.threads is not None:
-        torch.set_num_threads(job.threads)
-    config = RunConfig.model_validate(job.config)
-    if job.threads is not None:  # the run's own count (a resume's is the one it started with)
-        config = config.model_copy(
-            update={"train": config.train.model_copy(update={"threads": job.threads})}
-        )
-    path = resolve_text_path(config.data.dataset, config.data.path, Path(job.data_dir))
-    corpus = Corpus.from_file(path, config.data.val_fraction)
-    run_dir = Path(job.checkpoint_dir)
+    config = job_config(job)
+    corpus = job_corpus(job, config)
     prepare_process(config.train)  # the run's threads and TF32, for this whole process
     trainer = build_trainer(
-        config, corpus, callback, run_dir, checkpoint_every_s=job.checkpoint_every_s
+        config,
+        corpus,
+        callback,
+        Path(job.checkpoint_dir),
+        checkpoint_every_s=job.checkpoint_every_s,
     )
     record.record_start(job, mlflow_client, buffer, trainer.device, trainer.model)
     result = trainer.fit()
     model = trainer.model
     return record.record_end(job, mlflow_client, buffer, callback.artifacts, result, model, corpus)
+
+
+def job_config(job: Job) -> RunConfig:
+    """The run's config, with its own thread count (a resume's is the one it started with)."""
+    from workbench.spec import RunConfig
+
+    config = RunConfig.model_validate(job.config)
+    if job.threads is None:
+        return config
+    train = config.train.model_copy(update={"threads": job.threads})
+    return config.model_copy(update={"train": train})
+
+
+def job_corpus(job: Job, config: RunConfig) -> Corpus:
+    """The text the run trains on, from the job's data folder."""
+    from workbench.corpus import Corpus
+    from workbench.datasets import resolve_text_path
+
+    data = config.data
+    return Corpus.from_file(resolve_text_path(data.dataset, data.path, Path(job.data_dir)),
+                            data.val_fraction)  # fmt: skip
 
 
 @contextlib.contextmanager

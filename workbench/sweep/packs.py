@@ -35,6 +35,8 @@ from workbench.sweep.jobs import (
     ended_result,
     execute_job,
     is_environment_failure,
+    job_config,
+    job_corpus,
     signals_deferred,
     system_metrics_of,
     train_recorded,
@@ -206,16 +208,12 @@ class _PackRun:
         checkpoints at different steps (runs of different packs, or a run resumed alone before)
         or with different thread counts (a resume keeps its own) train as one pack per step and
         count, one after the other; a member alone in its group trains as a run alone."""
-        from workbench.corpus import Corpus
-        from workbench.datasets import resolve_text_path
         from workbench.train.packed import checkpoint_step
         from workbench.train.process import prepare_process
 
         jobs = self.pack.jobs
-        configs = [_config(job) for job in jobs]
-        data = configs[0].data
-        path = resolve_text_path(data.dataset, data.path, Path(jobs[0].data_dir))
-        corpus = Corpus.from_file(path, data.val_fraction)
+        configs = [job_config(job) for job in jobs]
+        corpus = job_corpus(jobs[0], configs[0])  # one pack key: one data set
         groups: dict[tuple[int, str | None], list[int]] = {}
         for k, job in enumerate(jobs):
             if job.key not in self.ended:
@@ -292,14 +290,6 @@ def _release_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _config(job: Job) -> RunConfig:
-    config = RunConfig.model_validate(job.config)
-    if job.threads is not None:  # the run's own count, as execute_job sets it
-        train = config.train.model_copy(update={"threads": job.threads})
-        config = config.model_copy(update={"train": train})
-    return config
 
 
 def pack_id(pack: Pack) -> str:

@@ -76,13 +76,14 @@ def record_end(
     artifacts, figures and logged model, then ends FINISHED."""
     from workbench.sweep.jobs import JobResult
 
+    diverged = result.status == "diverged"
     summary = {
         "best_val_loss": result.best_val_loss,
         "final_val_loss": result.final_val_loss,
         "wall_time_s": result.wall_time_s,
     }
     buffer.add(summary, result.step)
-    if result.status == "diverged":
+    if diverged:
         buffer.tags(
             {
                 TAG + "diverged": "true",
@@ -91,32 +92,22 @@ def record_end(
             }
         )
     buffer.flush(heartbeat=False, final=True)
-    if result.status == "diverged":
-        mlflow_client.set_terminated(job.run_id, status="FAILED")
-        shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
-        return JobResult(
-            job.key,
-            job.run_id,
-            RunState.DIVERGED,
-            step=result.step,
-            device=result.device,
-            reason=result.reason,
-            best_val_loss=result.best_val_loss,
-        )
-
-    log_artifacts(mlflow_client, job, corpus, artifacts, result.history)
-    log_final_model(mlflow_client, job, model, corpus.tokenizer, result.step)
-    mlflow_client.set_terminated(job.run_id, status="FINISHED")
-    shutil.rmtree(job.checkpoint_dir, ignore_errors=True)  # not kept once done
+    if not diverged:
+        log_artifacts(mlflow_client, job, corpus, artifacts, result.history)
+        log_final_model(mlflow_client, job, model, corpus.tokenizer, result.step)
+    mlflow_client.set_terminated(job.run_id, status="FAILED" if diverged else "FINISHED")
+    # Not kept: a finished run is done, and a diverged one would diverge the same way again.
+    shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
     return JobResult(
         job.key,
         job.run_id,
-        RunState.FINISHED,
+        RunState.DIVERGED if diverged else RunState.FINISHED,
         step=result.step,
         best_val_loss=result.best_val_loss,
-        final_val_loss=result.final_val_loss,
-        wall_time_s=result.wall_time_s,
+        final_val_loss=None if diverged else result.final_val_loss,
+        wall_time_s=None if diverged else result.wall_time_s,
         device=result.device,
+        reason=result.reason if diverged else None,
     )
 
 

@@ -27,9 +27,10 @@ def resolve_device(name: str) -> torch.device:
 
 def prepare_process(train: TrainConfig) -> torch.device:
     """Resolve the run's device and set up the process for it: ``train.threads`` CPU threads
-    (on a CPU; unset, torch's default), TF32 matmuls (on CUDA). Returns the device."""
+    (on any device: a GPU run's host work uses them too; unset, torch's default), TF32 matmuls
+    (on CUDA). Returns the device."""
     device = resolve_device(train.device)
-    if train.threads is not None and device.type == "cpu":
+    if train.threads is not None:
         torch.set_num_threads(train.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
