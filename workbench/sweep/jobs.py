@@ -275,6 +275,22 @@ def _train_and_record(
     return record.record_end(job, mlflow_client, buffer, callback.artifacts, result, model, corpus)
 
 
+def preload() -> None:
+    """Import what a job needs besides torch: MLflow's client with its SQLite store (the one
+    kind of store a worker is started early for), the figures and the logged model. A worker
+    started before the driver has a job for it spends that wait here, not on the job's time."""
+    import matplotlib.backends.backend_agg
+    import matplotlib.figure  # noqa: F401  (a run's figures: no pyplot, no seaborn)
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+    import workbench.mlflow_model
+    import workbench.report.attention
+    import workbench.report.figures
+    import workbench.sweep.record  # noqa: F401
+
+    store_error_types()
+
+
 def job_config(job: Job) -> RunConfig:
     """The run's config, with its own thread count (a resume's is the one it started with)."""
     from workbench.spec import RunConfig

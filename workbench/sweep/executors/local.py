@@ -40,16 +40,22 @@ def raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _worker_main(env: dict[str, str], conn: Connection) -> None:
+def _worker_main(env: dict[str, str], conn: Connection, early: bool = False) -> None:
     os.environ.update(env)  # before torch is imported: CUDA_VISIBLE_DEVICES, thread counts
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     parent = os.getppid()
-    # What every job needs, imported now: a worker started early (``warm_up``) imports while
-    # the driver is still creating the store, not when its first job arrives.
+    # What every job needs, imported now. A worker started early (``warm_up``, for a new SQLite
+    # store) imports all of it while the driver is still creating the store and its runs, not
+    # after its first job arrives.
     try:
         import workbench.tracking
         import workbench.train.factory  # noqa: F401  (torch)
+
+        if early:
+            from workbench.sweep.jobs import preload
+
+            preload()
     except KeyboardInterrupt:  # stopped before it held any job
         os._exit(0)
 
@@ -178,13 +184,14 @@ class LocalExecutor:
         if not self.workers:
             ctx = mp.get_context("spawn")
             slots = max(1, min(self.jobs, runs))
-            self.workers = [self._start(ctx, s, self.threads_per_job) for s in range(slots)]
+            threads = self.threads_per_job
+            self.workers = [self._start(ctx, s, threads, early=True) for s in range(slots)]
 
     def close(self) -> None:
         """Stop any worker still running (``run`` stops its own when it returns)."""
         self._stop()
 
-    def _start(self, ctx: Any, slot: int, threads: int | None) -> _Worker:
+    def _start(self, ctx: Any, slot: int, threads: int | None, early: bool = False) -> _Worker:
         env: dict[str, str] = {}
         if threads is not None:  # torch reads it when it is first imported
             env["OMP_NUM_THREADS"] = str(threads)
@@ -192,16 +199,18 @@ class LocalExecutor:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             env["CUDA_VISIBLE_DEVICES"] = worker_gpu(slot, self.gpus, self.jobs_per_gpu, visible)
         parent_conn, child_conn = ctx.Pipe()
-        process = ctx.Process(target=_worker_main, args=(env, child_conn), daemon=True)
+        process = ctx.Process(target=_worker_main, args=(env, child_conn, early), daemon=True)
         process.start()
         child_conn.close()
         return _Worker(process, parent_conn)
 
     def _drain(self, results: list[JobResult], on_event: EventFn, timeout: float) -> None:
-        """Handle the events that arrive within ``timeout`` seconds."""
+        """Handle the events that arrive within ``timeout`` seconds, or until a worker is
+        free: its next job (or the sweep's end) does not wait out the timeout."""
         open_workers = {id(w.conn): w for w in self.workers}
         deadline = time.monotonic() + timeout
-        while open_workers and (left := deadline - time.monotonic()) > 0:
+        freed = False
+        while not freed and open_workers and (left := deadline - time.monotonic()) > 0:
             ready = wait([w.conn for w in open_workers.values()], timeout=left)
             if not ready:
                 return
@@ -217,6 +226,7 @@ class LocalExecutor:
                     worker.open_keys.discard(event.key)
                     if not worker.open_keys:
                         worker.job = None
+                        freed = True
                 on_event(event)
 
     def _crashed(
