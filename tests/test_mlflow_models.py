@@ -20,8 +20,9 @@ from specs import write_spec
 
 from workbench import mlflow_model
 from workbench.corpus import CharTokenizer
+from workbench.models import export
 from workbench.models.attention import SDPA
-from workbench.models.export import NextTokenLogits, example_input, export_logits
+from workbench.models.export import NextTokenLogits, example_input, save_logits
 from workbench.models.ladder import build_model
 from workbench.settings import load_settings
 from workbench.spec import ModelConfig, RunConfig
@@ -88,11 +89,11 @@ def test_a_finished_run_logs_a_model_that_loads_to_its_logits(
 ) -> None:
     trained: list[Any] = []
 
-    def capture(model: Any) -> Any:
+    def capture(model: Any, path: Path) -> None:
         trained.append(model)
-        return export_logits(model)
+        save_logits(model, path)
 
-    monkeypatch.setattr("workbench.models.export.export_logits", capture)
+    monkeypatch.setattr("workbench.models.export.save_logits", capture)
     result = run_job(store)
     assert result.status == "finished", result
     (model,) = trained
@@ -130,7 +131,7 @@ def test_the_model_directory_is_what_mlflow_pytorch_save_model_writes(
     model = build_model(ModelConfig(**MULTI_HEAD), 65, 8, attention=SDPA).eval()  # type: ignore[arg-type]
     tokenizer = CharTokenizer("".join(chr(32 + i) for i in range(65)))
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    mlflow_model.save_model(ours, export_logits(model), tokenizer, 8)
+    mlflow_model.save_model(ours, model, tokenizer)
     tokenizer_file = tmp_path / "tokenizer.json"
     tokenizer.save(tokenizer_file)
     mlflow.pytorch.save_model(
@@ -297,7 +298,7 @@ def test_a_logged_model_that_names_code_is_refused_before_mlflow_loads_it(
     model = build_model(ModelConfig(kind="bigram"), 5, 8, attention=SDPA).eval()  # type: ignore[arg-type]
     folder = tmp_path / "forged"
     tokenizer = CharTokenizer.from_text("abcde")
-    mlflow_model.save_model(folder, export_logits(model), tokenizer, 8)
+    mlflow_model.save_model(folder, model, tokenizer)
     (folder / "code").mkdir()
     (folder / "code" / "json.py").write_text("raise SystemExit('code from the store ran')\n")
     spec = yaml.safe_load((folder / "MLmodel").read_text())
@@ -306,3 +307,126 @@ def test_a_logged_model_that_names_code_is_refused_before_mlflow_loads_it(
     line = refused_line(store, folder)
     assert "code" in line
     assert not any(entry.endswith("code") for entry in sys.path)
+
+
+# --- the traced archive kept per model shape ---------------------------------------------------
+
+
+@pytest.fixture
+def export_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache folder, and no archive kept in this process: as a fresh worker."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(export, "_templates", type(export._templates)())
+    return tmp_path / "cache" / "workbench" / "exports"
+
+
+def trained_like(config: ModelConfig, seed: int) -> Any:
+    """A model of ``config``'s shape whose weights are nothing like a fresh one's."""
+    torch.manual_seed(seed)
+    model = build_model(config, 65, 8)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    return model
+
+
+def logits_of_archive(path: Path, model: Any) -> None:
+    """The archive at ``path`` computes exactly ``model``'s logits."""
+    program = torch.export.load(path)
+    same = build_model(model.config, model.vocab_size, model.block_size, attention=SDPA).eval()
+    same.load_state_dict(model.state_dict())
+    idx = torch.randint(0, model.vocab_size, (3, model.block_size))
+    assert torch.equal(program.module()(idx), same.logits(idx))
+    short = idx[:, :5]
+    torch.testing.assert_close(program.module()(short), same.logits(short), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bigram", "multi_head", "transformer"])
+def test_a_kept_archive_written_with_a_runs_weights_computes_that_runs_logits(
+    export_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    config = ModelConfig.model_validate({"kind": kind, "n_embd": 16, "n_head": 2, "n_layer": 1}
+                                        if kind != "bigram" else {"kind": kind})  # fmt: skip
+    first, second = trained_like(config, 1), trained_like(config, 2)
+    save_logits(first, tmp_path / "first.pt2")  # traced: the archive is kept
+    (kept,) = export_cache.iterdir()
+    assert kept.name == export.template_key(first) + ".pt2"
+    # A fresh process: the kept archive, never a trace.
+    monkeypatch.setattr(export, "_templates", type(export._templates)())
+    monkeypatch.setattr(export, "_trace", lambda *a: pytest.fail("traced again"))
+    save_logits(second, tmp_path / "second.pt2")
+    logits_of_archive(tmp_path / "first.pt2", first)
+    logits_of_archive(tmp_path / "second.pt2", second)
+    assert export.template_key(first) == export.template_key(second)
+    other_shape = build_model(config, 65, 16)
+    assert export.template_key(other_shape) != export.template_key(first)
+
+
+def rewritten(archive: Path, change: Any) -> bytes:
+    """``archive`` written again, whole and valid, with ``change(records)`` applied first."""
+    reader = torch._C.PyTorchFileReader(str(archive))
+    records = {n: bytes(reader.get_record(n)) for n in reader.get_all_records()}
+    change(records)
+    out = archive.with_name("rewritten.pt2")
+    writer = torch._C.PyTorchFileWriter(str(out))
+    for name, data in records.items():
+        if not name.startswith(".data/"):
+            writer.write_record(name, data, len(data))
+    writer.write_end_of_file()
+    return out.read_bytes()
+
+
+def weights_config(change: Any) -> Any:
+    def edit(records: dict[str, bytes]) -> None:
+        name = "data/weights/model_weights_config.json"
+        config = json.loads(records[name])
+        change(next(iter(config["config"].values())))
+        records[name] = json.dumps(config).encode()
+
+    return edit
+
+
+def test_a_kept_archive_that_is_broken_or_not_the_models_is_traced_again(
+    export_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = trained_like(ModelConfig.model_validate(MULTI_HEAD), 3)
+    save_logits(model, tmp_path / "a.pt2")
+    (kept,) = export_cache.iterdir()
+    good = kept.read_bytes()
+    forged = {
+        "truncated": good[: len(good) // 2],
+        "garbage": b"not an archive",
+        # Valid archives, whose first weight is not stored as workbench writes one.
+        "pickled": rewritten(kept, weights_config(lambda w: w.update(use_pickle=True))),
+        "resized": rewritten(
+            kept, weights_config(lambda w: w["tensor_meta"]["sizes"][0].update(as_int=64))
+        ),
+        "half": rewritten(kept, weights_config(lambda w: w["tensor_meta"].update(dtype=5))),
+        "missing": rewritten(kept, lambda records: records.pop("data/weights/weight_0")),
+        "unknown": rewritten(kept, weights_config(lambda w: w.update(path_name="../x"))),
+    }
+    traced: list[Any] = []
+    real_trace = export._trace
+    monkeypatch.setattr(export, "_trace", lambda *a: traced.append(a) or real_trace(*a))
+    for name, content in forged.items():
+        kept.write_bytes(content)
+        monkeypatch.setattr(export, "_templates", type(export._templates)())
+        save_logits(model, tmp_path / f"{name}.pt2")
+        logits_of_archive(tmp_path / f"{name}.pt2", model)
+        assert kept.read_bytes() != content, f"{name}: the broken archive was not replaced"
+    assert len(traced) == len(forged)
+    # The archive written back is the good one again: used as it is.
+    monkeypatch.setattr(export, "_templates", type(export._templates)())
+    save_logits(model, tmp_path / "again.pt2")
+    assert len(traced) == len(forged)
+
+
+def test_no_cache_folder_traces_in_each_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("a file where the cache folder would be")
+    monkeypatch.setattr(export, "_templates", type(export._templates)())
+    model = trained_like(ModelConfig(kind="bigram"), 4)  # type: ignore[call-arg]
+    save_logits(model, tmp_path / "m.pt2")
+    logits_of_archive(tmp_path / "m.pt2", model)

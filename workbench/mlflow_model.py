@@ -1,8 +1,9 @@
 """A run's final weights as an MLflow logged model, and the same model read back.
 
 The model directory is the one ``mlflow.pytorch.save_model(..., serialization_format="pt2")``
-writes (a test holds the two to each other), built from a program exported once per model shape
-(:mod:`workbench.models.export`) instead of one export per run, with its signature, input
+writes (a test holds the two to each other), its program the model shape's traced archive with
+the run's weights written in (:mod:`workbench.models.export`), not one export per run, with its
+signature, input
 example and pip requirements stated rather than inferred (inference loads the model: seconds).
 The character vocabulary travels as the flavor's extra file ``extra_files/tokenizer.json``; the
 block size (the longest input) as the model's metadata. ``mlflow.pytorch.load_model`` returns
@@ -28,9 +29,9 @@ from workbench.errors import WorkbenchError, first_line
 
 if TYPE_CHECKING:
     import torch
-    from torch.export import ExportedProgram
 
     from workbench.corpus import CharTokenizer
+    from workbench.models.ladder import LanguageModel
 
 MODEL_NAME = "model"
 TOKENIZER_FILE = "tokenizer.json"  # under the model's extra_files/
@@ -90,13 +91,12 @@ def signature(vocab_size: int) -> Any:
 
 def save_model(
     path: Path,
-    program: ExportedProgram,
+    model: LanguageModel,
     tokenizer: CharTokenizer,
-    block_size: int,
     mlflow_model: Any = None,
 ) -> None:
-    """Write the MLflow model directory of ``program`` at ``path`` (which must not exist): the
-    pytorch flavor's pt2 layout, with its pyfunc flavor and environment files."""
+    """Write the MLflow model directory of ``model``'s logits program at ``path`` (which must
+    not exist): the pytorch flavor's pt2 layout, with its pyfunc flavor and environment files."""
     import mlflow.pytorch
     import torch
     from mlflow import pyfunc
@@ -105,15 +105,16 @@ def save_model(
     from mlflow.models.utils import _save_example
     from mlflow.utils.file_utils import get_total_file_size
 
-    from workbench.models.export import example_input
+    from workbench.models.export import example_input, save_logits
 
+    block_size = model.block_size
     mlflow_model = Model() if mlflow_model is None else mlflow_model
     path.mkdir(parents=True)
     _save_example(mlflow_model, example_input(block_size).numpy(), str(path))
     mlflow_model.signature = signature(tokenizer.vocab_size)
     mlflow_model.metadata = {"block_size": block_size, "vocab_size": tokenizer.vocab_size}
     (path / "data").mkdir()
-    torch.export.save(program, path / "data" / "model.pt2")
+    save_logits(model, path / "data" / "model.pt2")
     (path / "extra_files").mkdir()
     (path / "extra_files" / TOKENIZER_FILE).write_text(tokenizer.to_json(), encoding="utf-8")
     mlflow_model.add_flavor(
@@ -141,15 +142,10 @@ def save_model(
 
 
 def log_model(
-    mlflow_client: Any,
-    run_id: str,
-    program: ExportedProgram,
-    tokenizer: CharTokenizer,
-    block_size: int,
-    step: int,
+    mlflow_client: Any, run_id: str, model: LanguageModel, tokenizer: CharTokenizer, step: int
 ) -> str:
-    """Log ``program`` as the run's model (named ``model``, with the run's params), linked as
-    the run's output at ``step``; returns its model id."""
+    """Log ``model``'s logits program as the run's model (named ``model``, with the run's
+    params), linked as the run's output at ``step``; returns its model id."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
@@ -169,7 +165,7 @@ def log_model(
     )
     with tempfile.TemporaryDirectory(prefix="workbench-model-") as folder:
         local = Path(folder) / MODEL_NAME
-        save_model(local, program, tokenizer, block_size, mlflow_model)
+        save_model(local, model, tokenizer, mlflow_model)
         mlflow_client.log_model_artifacts(logged.model_id, str(local))
     mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     mlflow_client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])

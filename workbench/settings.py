@@ -28,6 +28,7 @@ class Settings:
     native_kernels: bool  # WORKBENCH_NATIVE=0 keeps to PyTorch ops
     c_compiler: str | None  # CC; None: the first of cc, gcc, clang on the PATH
     store_template_dir: Path | None = None  # empty MLflow databases, one per MLflow version
+    export_template_dir: Path | None = None  # traced model archives, one per model shape
 
 
 def load_settings() -> Settings:
@@ -46,4 +47,5 @@ def load_settings() -> Settings:
         native_kernels=os.environ.get("WORKBENCH_NATIVE", "1").lower() not in OFF,
         c_compiler=os.environ.get("CC") or None,
         store_template_dir=cache_dir / "stores" if cache_dir else None,
+        export_template_dir=cache_dir / "exports" if cache_dir else None,
     )

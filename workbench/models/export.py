@@ -2,14 +2,32 @@
 
 What a run logs as its MLflow model. The program is traced from a model of the same shape built
 with the SDPA backend (a C kernel cannot be traced), with a dynamic batch and a dynamic time
-dimension up to the block size. Tracing costs a few hundred milliseconds (seconds the first time
-in a process), so each process keeps one program per model shape and, for each run, copies the
-run's weights into it: the program then computes exactly the run's logits.
+dimension up to the block size.
+
+Tracing costs a few hundred milliseconds, and the first trace of a process about a second more
+(importing ``torch._dynamo``): more than a short run's training. What differs between two runs
+of one model shape is only the weights, so the program's archive (``torch.export.save``'s pt2
+file) is traced once per shape and kept, in the process and in the user's cache folder
+(``<cache>/exports``, keyed by the torch version, the source of :mod:`workbench.models` and the
+model's shape), and each run's archive is that one with the run's weights in place of the
+traced model's. The archive's weights are raw tensor bytes listed in its
+``model_weights_config.json``; a kept archive is used only when every weight it lists is one
+of the model's, with the model's shape, float32, contiguous and stored raw (else the model is
+traced again), and nothing in it is unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import tempfile
+import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +37,11 @@ from torch.export import Dim, ExportedProgram
 from workbench.models.attention import SDPA
 from workbench.models.ladder import LanguageModel, build_model
 
-CACHED_SHAPES = 16  # programs kept per process (the ablation has 15 model shapes)
+CACHED_SHAPES = 16  # archives kept per process (the ablation has 15 model shapes)
+WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
+WRITER_RECORDS = (".data/",)  # written by torch's archive writer itself
 
-_programs: OrderedDict[tuple[str, int, int], ExportedProgram] = OrderedDict()
+_templates: OrderedDict[str, _Template] = OrderedDict()
 
 
 class NextTokenLogits(nn.Module):
@@ -52,17 +72,8 @@ def example_input(block_size: int) -> torch.Tensor:
 
 def export_logits(model: LanguageModel) -> ExportedProgram:
     """A program computing ``model``'s logits, holding a copy of its current weights (on the
-    CPU). The program is this process's one for the model's shape: valid until the next call
-    for a model of the same shape."""
-    key = (model.config.model_dump_json(), model.vocab_size, model.block_size)
-    program = _programs.get(key)
-    if program is None:
-        program = _trace(model)
-        _programs[key] = program
-        if len(_programs) > CACHED_SHAPES:
-            _programs.popitem(last=False)
-    else:
-        _programs.move_to_end(key)
+    CPU), traced anew: a run's logged model is written by :func:`save_logits` instead."""
+    program = _trace(model)
     weights = model.state_dict()
     with torch.no_grad():
         for name, tensor in program.state_dict.items():
@@ -70,9 +81,152 @@ def export_logits(model: LanguageModel) -> ExportedProgram:
     return program
 
 
-def _trace(model: LanguageModel) -> ExportedProgram:
-    """Trace a fresh CPU model of ``model``'s shape built with SDPA attention."""
+def save_logits(model: LanguageModel, path: Path) -> None:
+    """Write the program of :func:`export_logits` for ``model`` (its current weights) as a pt2
+    archive at ``path``, the file ``torch.export.save`` writes, from the shape's kept archive."""
+    template = _template(model)
+    weights = {name: _raw(tensor) for name, tensor in model.state_dict().items()}
+    writer = torch._C.PyTorchFileWriter(str(path))
+    writer.set_min_version(6)  # as torch.export.save
+    for name, data in template.records:
+        if name in template.weights:
+            data = weights[template.weights[name]]
+        writer.write_record(name, data, len(data))
+    writer.write_end_of_file()
+
+
+@dataclass(frozen=True)
+class _Template:
+    """A pt2 archive's records, in order, and which of them hold which of the model's weights
+    (record name → ``state_dict`` name)."""
+
+    records: tuple[tuple[str, bytes], ...]
+    weights: dict[str, str]
+
+
+def _raw(tensor: torch.Tensor) -> bytes:
+    """A float32 tensor's bytes as the archive stores a weight: contiguous, little-endian."""
+    return tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+
+
+def _template(model: LanguageModel) -> _Template:
+    """The shape's archive: this process's, else the cache folder's, else traced (and kept)."""
+    key = template_key(model)
+    template = _templates.get(key)
+    if template is not None:
+        _templates.move_to_end(key)
+        return template
+    cached = _cache_file(key)
+    if cached is not None and cached.is_file():
+        with contextlib.suppress(Exception):  # unreadable, or not this model's: traced again
+            template = _read_template(cached, model)
+    if template is None:
+        template = _traced_template(model, cached)
+    _templates[key] = template
+    if len(_templates) > CACHED_SHAPES:
+        _templates.popitem(last=False)
+    return template
+
+
+def template_key(model: LanguageModel) -> str:
+    """What the traced program depends on: the torch version, the model code and the model's
+    shape."""
+    shape = (model.config.model_dump_json(), model.vocab_size, model.block_size)
+    return hashlib.sha256(f"{_code_digest()}\0{json.dumps(shape)}".encode()).hexdigest()
+
+
+@functools.cache
+def _code_digest() -> str:
+    """The torch version and every source file of :mod:`workbench.models`."""
+    digest = hashlib.sha256(f"{torch.__version__}\0".encode())
+    package = Path(__file__).parent
+    for source in sorted(package.rglob("*.py")):
+        digest.update(f"{source.relative_to(package)}\0".encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def _cache_file(key: str) -> Path | None:
+    from workbench.settings import load_settings
+
+    folder = load_settings().export_template_dir
+    return folder / f"{key}.pt2" if folder is not None else None
+
+
+def _traced_template(model: LanguageModel, keep: Path | None) -> _Template:
+    """Trace the shape, save the program as an archive (kept at ``keep`` where it can be) and
+    read it back. Its weights must be the traced model's, byte for byte: else the archive's
+    layout is not the one :func:`save_logits` writes, and that is an error, not a guess."""
     fresh = build_model(model.config, model.vocab_size, model.block_size, attention=SDPA)
+    with tempfile.TemporaryDirectory(prefix="workbench-export-") as scratch:
+        saved = Path(scratch) / "model.pt2"
+        torch.export.save(_trace(model, fresh), saved)
+        template = _read_template(saved, fresh)
+        records, state = dict(template.records), fresh.state_dict()
+        for record, name in template.weights.items():
+            if records[record] != _raw(state[name]):
+                raise RuntimeError(f"torch.export.save stored {name} as workbench cannot write it")
+        if keep is not None:
+            _keep(saved, keep)
+    return template
+
+
+def _keep(archive: Path, keep: Path) -> None:
+    """Copied whole or not at all (renamed into place); a cache that cannot be written is no
+    error: the next process traces again."""
+    partial = keep.with_name(f".{keep.name}.{uuid.uuid4().hex}.partial")
+    try:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(archive.read_bytes())
+        os.replace(partial, keep)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+
+
+def _read_template(path: Path, model: LanguageModel) -> _Template:
+    """The archive at ``path`` as a template for ``model``: raises unless every weight it lists
+    is one of the model's, stored raw as float32, contiguous, with the model's shape."""
+    from torch._export.serde.schema import Layout, ScalarType
+
+    reader = torch._C.PyTorchFileReader(str(path))
+    records = tuple(
+        (name, bytes(reader.get_record(name)))
+        for name in reader.get_all_records()
+        if not name.startswith(WRITER_RECORDS)
+    )
+    stored = dict(records)
+    config = json.loads(stored[WEIGHTS_CONFIG])["config"]
+    state = model.state_dict()
+    weights: dict[str, str] = {}
+    for full_name, entry in config.items():
+        name = full_name.removeprefix("model.")
+        tensor = state[name]
+        meta = entry["tensor_meta"]
+        record = f"data/weights/{entry['path_name']}"
+        sizes = [size["as_int"] for size in meta["sizes"]]
+        strides = [stride["as_int"] for stride in meta["strides"]]
+        if (
+            entry["use_pickle"]
+            or meta["dtype"] != ScalarType.FLOAT
+            or meta["layout"] != Layout.Strided
+            or sizes != list(tensor.shape)
+            or strides != list(torch.empty(sizes).stride())
+            or meta["storage_offset"]["as_int"] != 0
+            or len(stored.get(record, b"")) != tensor.numel() * 4
+            or record in weights
+        ):
+            raise ValueError(f"{path}: weight {full_name} is not stored as workbench writes it")
+        weights[record] = name
+    return _Template(records, weights)
+
+
+def _trace(model: LanguageModel, fresh: LanguageModel | None = None) -> ExportedProgram:
+    """Trace a fresh CPU model of ``model``'s shape built with SDPA attention."""
+    if fresh is None:
+        fresh = build_model(model.config, model.vocab_size, model.block_size, attention=SDPA)
     module = NextTokenLogits(fresh).eval()
     example = example_input(model.block_size)
     time = {1: Dim("time", min=1, max=model.block_size)} if model.block_size > 1 else {}

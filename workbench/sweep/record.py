@@ -163,16 +163,12 @@ def log_final_model(mlflow_client: Any, job: Job, model: Any, tokenizer: Any, st
     resumed run keeps the READY model an earlier attempt logged (its weights are the ones this
     attempt reached again from the same checkpoint) and discards a partial one."""
     from workbench import mlflow_model
-    from workbench.models.export import export_logits
     from workbench.sweep.jobs import is_environment_failure
 
     if job.resumed and mlflow_model.reuse_or_discard(mlflow_client, job.run_id, step):
         return
     try:
-        program = export_logits(model)
-        mlflow_model.log_model(
-            mlflow_client, job.run_id, program, tokenizer, model.block_size, step
-        )
+        mlflow_model.log_model(mlflow_client, job.run_id, model, tokenizer, step)
     except Exception as exc:
         if is_environment_failure(exc):
             raise  # the store or the disk: KILLED, resumable, as anywhere in the job
