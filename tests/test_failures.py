@@ -124,7 +124,8 @@ def test_driver_killed_alone_leaves_its_runs_resumable(
     statuses = {r.info.status for r in store.runs()}
     assert "FAILED" not in statuses and "KILLED" in statuses
     killed = [r for r in store.runs() if r.info.status == "KILLED"]
-    assert all("driver" in r.data.tags[TAG + "reason"] for r in killed)
+    reasons = [r.data.tags[TAG + "reason"] for r in killed]
+    assert all("driver" in reason for reason in reasons), reasons
 
     resume_to_uninterrupted(store, spec, reference)
 

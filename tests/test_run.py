@@ -359,7 +359,7 @@ def test_interrupted_grid_resumes_to_the_same_numbers(
         output, _ = proc.communicate(timeout=60)
         assert proc.returncode == 130, output
         (run,) = store.runs()
-        assert run.info.status == "KILLED"
+        assert run.info.status == "KILLED", output
     else:  # kill -9 of the whole process group: left RUNNING, stale
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from workbench.sweep.events import CrashFn, Ended, EventFn, Progress, Started
-from workbench.sweep.jobs import DriverLost, JobResult, JobStatus, describe_exit, end_killed
+from workbench import store
+from workbench.sweep.events import CrashFn, Ended, EventFn, Started
+from workbench.sweep.jobs import JobResult, JobStatus, describe_exit, end_killed, signals_deferred
 from workbench.sweep.packs import Unit, execute_unit, members
+from workbench.sweep.relay import Relay, RelayedClient, StoreCall, answer, unpicklable
 from workbench.tracking import RunState
 
 PARENT_CHECK_S = 1.0
@@ -48,6 +50,8 @@ def _worker_main(env: dict[str, str], conn: Connection, early: bool = False) -> 
     # What every job needs, imported now. A worker started early (``warm_up``, for a new SQLite
     # store) imports all of it while the driver is still creating the store and its runs, not
     # after its first job arrives.
+    relay = Relay(conn)
+    store.relay_clients(lambda uri: RelayedClient(relay, uri))  # the driver's store, not ours
     try:
         import workbench.tracking
         import workbench.train.factory  # noqa: F401  (torch)
@@ -69,29 +73,36 @@ def _worker_main(env: dict[str, str], conn: Connection, early: bool = False) -> 
             break
         if unit is None:
             break
-        for job in members(unit):
-            conn.send(Started(job.key, os.getpid()))
-
-        def progress(event: Progress) -> None:
-            try:
-                conn.send(event)
-            except OSError:  # the driver is gone: stop here, resumable, like a Ctrl-C
-                raise DriverLost("the driver process is gone") from None
-
         try:
-            results = execute_unit(unit, progress)
+            for job in members(unit):
+                relay.send(Started(job.key, os.getpid()))
+            # A send to a driver that is gone raises DriverLost: the job stops, resumable.
+            results = execute_unit(unit, relay.send)
         except KeyboardInterrupt:  # before the job function could handle it itself
-            results = [end_killed(job, "interrupted") for job in members(unit)]
+            reason = "the driver process is gone" if relay.lost else "interrupted"
+            results = [end_killed(job, reason) for job in members(unit)]
         try:
             for result in results:
-                conn.send(Ended(result.key, result))
-        except OSError:
+                relay.send(Ended(result.key, result))
+        except KeyboardInterrupt:  # DriverLost: nobody to tell
             break
     # Every run this worker held is ended in the store and reported: nothing is left to write,
     # so skip the interpreter's teardown of torch and mlflow (about a second the driver waits).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _answer(conn: Connection, call: StoreCall) -> None:
+    """Make a worker's store call and send it what came of it."""
+    reply = answer(call)
+    try:
+        conn.send(reply)
+    except OSError:  # the worker is gone; its slot is checked later
+        pass
+    except Exception as exc:  # nothing was sent: say why instead
+        with contextlib.suppress(OSError):
+            conn.send(unpicklable(reply, exc))
 
 
 @dataclass
@@ -216,11 +227,19 @@ class LocalExecutor:
                 return
             for conn in ready:
                 worker = open_workers[id(conn)]
-                try:
-                    event = worker.conn.recv()
-                except (EOFError, OSError):  # the worker is gone; its slot is checked later
-                    del open_workers[id(conn)]
-                    continue
+                # A message is read whole, and a store call made and answered whole: a Ctrl-C
+                # waits for them (milliseconds), so no pipe is left half-read, no worker waits
+                # for an answer that never comes, and the store's connection is never cut
+                # mid-call (the worker still marks its run KILLED through it).
+                with signals_deferred():
+                    try:
+                        event = worker.conn.recv()
+                    except (EOFError, OSError):  # the worker is gone; its slot is checked later
+                        del open_workers[id(conn)]
+                        continue
+                    if isinstance(event, StoreCall):
+                        _answer(worker.conn, event)
+                        continue
                 if isinstance(event, Ended):
                     results.append(event.result)
                     worker.open_keys.discard(event.key)
