@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from runs import Store
 from specs import write_spec
 from typer.testing import CliRunner
 
@@ -341,6 +342,27 @@ def test_light_modules_do_not_import_torch(module: str) -> None:
     assert heavy_modules_after(f"import {module}") == []
 
 
+def test_the_driver_of_a_local_sweep_does_not_import_torch(tmp_path: Path) -> None:
+    """The worker trains; the driver makes its store calls (workbench.sweep.relay), whose
+    arguments must not make the driver import torch to read them (seconds)."""
+    spec = write_spec(tmp_path)  # two runs, two workers where there are two cores
+    code = (
+        "import os\n"
+        f"os.chdir({str(tmp_path)!r})\n"
+        "from workbench.cli import main\n"
+        f"sys.argv = ['workbench', 'run', {str(spec)!r}, '--no-progress']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code in (0, None), exc.code\n"
+    )
+    heavy = heavy_modules_after(code)
+    assert "mlflow" in heavy and "torch" not in heavy, heavy
+    runs = Store(tmp_path).runs()
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert all(r.data.tags["workbench.torch_version"] for r in runs)
+
+
 def test_the_check_itself_sees_torch() -> None:
     # Guards the tests above: the same probe does see torch when it is imported.
     pytest.importorskip("torch")
@@ -358,3 +380,48 @@ def test_committed_schema_file_is_up_to_date() -> None:
     assert json.loads(committed.read_text()) == spec_json_schema(), (
         "regenerate it: workbench schema > workbench.schema.json"
     )
+
+
+# --- the console script's exit -------------------------------------------------------------------
+
+
+def console_run(
+    *args: str, before: str = "", cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``workbench ARGS`` through the console script's function, in a fresh interpreter, its
+    output piped (so buffered): ``before`` runs first."""
+    script = (
+        "import sys\n"
+        f"{before}\n"
+        "from workbench.cli import console\n"
+        f"sys.argv = ['workbench', *{list(args)!r}]\n"
+        "console()\n"
+        "raise SystemExit('console() returned')\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+
+
+def test_the_console_script_exits_with_the_commands_code_its_output_and_atexit_handlers(
+    tmp_path: Path,
+) -> None:
+    before = "import atexit\natexit.register(lambda: print('atexit ran'))"
+    done = console_run("--version", before=before)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"workbench {__version__}", "atexit ran"]
+    spec = write_spec(tmp_path, train={"max_iters": 0})
+    done = console_run("run", str(spec), before=before, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "max_iters" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout.rstrip().endswith("atexit ran")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_console_script_exits_as_python_does_with_a_message() -> None:
+    before = (  # the module, not the Typer app that workbench.cli exports under its name
+        "import workbench.cli\n"
+        "sys.modules['workbench.cli.app'].main = lambda: sys.exit('stopped: why')"
+    )
+    done = console_run("--version", before=before)
+    assert done.returncode == 1 and done.stderr.strip() == "stopped: why", done

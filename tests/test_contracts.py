@@ -5,6 +5,10 @@ so that an upgrade of torch or MLflow that changes one fails here first and says
 - MLflow's SQLite tables ``metrics`` and ``runs``: the report reads every curve of an experiment
   in one SQL query instead of one request per run and metric.
 - MLflow's ``/ajax-api/2.0/mlflow/metrics/get-history-bulk``: the same through a tracking server.
+- torch's pt2 archive (``torch._C.PyTorchFileReader``/``Writer``, ``torch._export.serde.schema``):
+  a run's logged model is the archive of its model shape with the run's weights written in raw.
+- ``atexit._run_exitfuncs``: the console script runs the exit handlers, then skips the
+  interpreter's teardown.
 """
 
 from __future__ import annotations
@@ -99,3 +103,54 @@ def test_mlflow_get_history_bulk_endpoint(tmp_path: Path) -> None:
         frame = server_histories(url, keys)
     assert experiment_id
     _same(_frame_rows(frame), _as_rows(history))
+
+
+def test_torch_pt2_archive_records_and_weights_as_save_logits_rewrites_them(
+    tmp_path: Path,
+) -> None:
+    """``torch.export.save`` stores each weight raw, named in the archive's weights config; the
+    same records written again by ``PyTorchFileWriter``, one weight changed, load to a program
+    computing with the new weight."""
+    import json
+
+    from torch._export.serde.schema import Layout, ScalarType
+
+    module = torch.nn.Linear(3, 2, bias=False)
+    program = torch.export.export(module, (torch.zeros(2, 3),))
+    torch.export.save(program, tmp_path / "model.pt2")
+    reader = torch._C.PyTorchFileReader(str(tmp_path / "model.pt2"))
+    records = {name: bytes(reader.get_record(name)) for name in reader.get_all_records()}
+    config = json.loads(records["data/weights/model_weights_config.json"])["config"]
+    (entry,) = config.values()
+    meta = entry["tensor_meta"]
+    assert entry["use_pickle"] is False and meta["dtype"] == ScalarType.FLOAT
+    assert meta["layout"] == Layout.Strided and [s["as_int"] for s in meta["sizes"]] == [2, 3]
+    weight = f"data/weights/{entry['path_name']}"
+    assert records[weight] == module.weight.detach().numpy().tobytes()
+
+    new = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    (tmp_path / "again").mkdir()
+    writer = torch._C.PyTorchFileWriter(str(tmp_path / "again" / "model.pt2"))
+    writer.set_min_version(6)
+    for name, data in records.items():
+        if not name.startswith(".data/"):  # the writer's own
+            data = new.numpy().tobytes() if name == weight else data
+            writer.write_record(name, data, len(data))
+    writer.write_end_of_file()
+    loaded = torch.export.load(tmp_path / "again" / "model.pt2").module()
+    x = torch.randn(2, 3)  # the traced batch size (static)
+    assert torch.equal(loaded(x), x @ new.T)
+
+
+def test_atexit_run_exitfuncs_runs_the_handlers_before_os_exit() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, os, sys\n"
+        "atexit.register(lambda: print('handler ran', flush=True))\n"
+        "atexit._run_exitfuncs()\n"
+        "os._exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 3 and done.stdout == "handler ran\n"

@@ -3,6 +3,6 @@
 ``app`` holds the commands, ``plan_view`` the plan table, ``progress`` the live sweep display.
 """
 
-from workbench.cli.app import app, main
+from workbench.cli.app import app, console, main
 
-__all__ = ["app", "main"]
+__all__ = ["app", "console", "main"]

@@ -6,8 +6,13 @@ Heavy modules (torch, mlflow, pandas) are imported inside the commands that need
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
+import os
 import signal
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -401,3 +406,28 @@ def schema() -> None:
 
 def main() -> None:
     app()
+
+
+def console() -> None:
+    """The ``workbench`` command and ``python -m workbench``: :func:`main`, then the process's
+    exit without the interpreter's teardown of the modules the command loaded (MLflow,
+    SQLAlchemy, pandas: about 0.4 s, a quarter of a rerun). Nothing is lost by it: the store
+    commits each call, atexit's handlers (MLflow's, multiprocessing's, logging's) run as in any
+    exit, and stdout and stderr are flushed. A thread still running keeps the usual exit."""
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        if done.code is None or isinstance(done.code, int):
+            code = done.code or 0
+        else:  # as Python does with a message
+            print(done.code, file=sys.stderr)
+            code = 1
+    main_thread = threading.main_thread()
+    if any(t is not main_thread and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe: nothing more to say
+            stream.flush()
+    os._exit(code)
