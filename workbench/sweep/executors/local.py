@@ -4,7 +4,8 @@ Why not ``ProcessPoolExecutor``: one crashed worker breaks the whole pool and ev
 fails with it (docs/mlflow-notes.md). Here each worker is a spawned process with its own pipe; a
 worker that dies (segfault, ``os._exit``, kill -9) costs only the run it held and can garble only
 its own pipe, and a fresh worker takes its place. Workers are reused between runs, since
-importing torch and mlflow costs seconds per process.
+importing torch and mlflow costs seconds per process, and they make their store calls through
+the driver, which has the store open (:mod:`workbench.sweep.relay`).
 
 Signals: workers ignore SIGINT (a Ctrl-C reaches the whole process group); the driver forwards
 exactly one SIGTERM, which a worker turns into KeyboardInterrupt so its run is marked KILLED.
