@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,3 +121,19 @@ def test_make_executor_builds_the_ray_executor_from_its_flags() -> None:
 def test_make_executor_refuses_an_unknown_name() -> None:
     with pytest.raises(WorkbenchError, match="must be local or ray"):
         make_executor("dask")
+
+
+def test_a_signal_held_back_without_a_python_handler_still_acts() -> None:
+    """signals_deferred with SIGTERM at its default: the process still ends by it, afterwards
+    (it used to be dropped)."""
+    script = (
+        "import os, signal\n"
+        "from workbench.sweep.jobs import signals_deferred\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "with signals_deferred():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    print('held back', flush=True)\n"
+        "print('survived', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout == "held back\n" and done.returncode == -signal.SIGTERM, done

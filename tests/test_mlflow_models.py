@@ -386,6 +386,14 @@ def weights_config(change: Any) -> Any:
     return edit
 
 
+def dropped_weight(records: dict[str, bytes]) -> None:
+    """The weights config without its first weight: the model's others, each valid."""
+    name = "data/weights/model_weights_config.json"
+    config = json.loads(records[name])
+    del config["config"][next(iter(config["config"]))]
+    records[name] = json.dumps(config).encode()
+
+
 def test_a_kept_archive_that_is_broken_or_not_the_models_is_traced_again(
     export_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -403,6 +411,7 @@ def test_a_kept_archive_that_is_broken_or_not_the_models_is_traced_again(
         ),
         "half": rewritten(kept, weights_config(lambda w: w["tensor_meta"].update(dtype=5))),
         "missing": rewritten(kept, lambda records: records.pop("data/weights/weight_0")),
+        "dropped": rewritten(kept, dropped_weight),
         "unknown": rewritten(kept, weights_config(lambda w: w.update(path_name="../x"))),
     }
     traced: list[Any] = []
@@ -430,3 +439,16 @@ def test_no_cache_folder_traces_in_each_process(
     model = trained_like(ModelConfig(kind="bigram"), 4)  # type: ignore[call-arg]
     save_logits(model, tmp_path / "m.pt2")
     logits_of_archive(tmp_path / "m.pt2", model)
+
+
+def test_the_archive_key_is_the_code_the_process_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read once, as workbench.models was imported: a checkout during a sweep does not file the
+    old code's trace under the new code's key."""
+    from workbench.models import source
+
+    model = build_model(ModelConfig(kind="bigram"), 65, 8)  # type: ignore[call-arg]
+    key = export.template_key(model)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read {self} again"))
+    assert export.template_key(model) == key
+    monkeypatch.undo()
+    assert source.source_digest() == source.SOURCE_DIGEST  # the files, as they are now

@@ -111,3 +111,56 @@ def test_an_answer_that_cannot_be_sent_is_a_store_error(
     with pytest.raises(MlflowException, match="not sent") as raised:
         RelayedClient(Relay(worker_end), store.uri).get_run(run_id)
     assert is_environment_failure(raised.value)
+
+
+def test_an_asynchronous_store_call_is_stored_before_the_worker_goes_on(
+    store: Store, pipe: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With MLflow's async logging on, the driver's log_batch returns a handle; the worker's
+    call returns only once the points are stored (it checkpoints next)."""
+    from mlflow.entities import Metric
+
+    run_id = new_run(store)
+    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "true")
+    worker_end, driver_end = pipe
+    Driver(driver_end)
+    relayed = RelayedClient(Relay(worker_end), store.uri)
+    points = [Metric("loss", 1.0 / step, 1000 + step, step) for step in range(1, 200)]
+    assert relayed.log_batch(run_id, metrics=points) is None
+    monkeypatch.delenv("MLFLOW_ENABLE_ASYNC_LOGGING")
+    assert len(store.client.get_metric_history(run_id, "loss")) == 199
+
+
+def test_an_answer_that_cannot_be_read_is_a_store_error(store: Store, pipe: Any) -> None:
+    run_id = new_run(store)
+    worker_end, driver_end = pipe
+
+    def garbled() -> None:
+        driver_end.recv()
+        driver_end.send_bytes(b"not a pickle")
+
+    threading.Thread(target=garbled, daemon=True).start()
+    relay = Relay(worker_end)
+    with pytest.raises(MlflowException, match="get_run") as raised:
+        RelayedClient(relay, store.uri).get_run(run_id)
+    assert is_environment_failure(raised.value) and not relay.lost
+
+
+def test_a_run_interrupted_as_its_driver_goes_is_still_ended_killed(
+    store: Store, pipe: Any
+) -> None:
+    """The job's interrupt handler marks the run KILLED through the relay; the driver goes in
+    the middle of that: the worker finishes it against the store."""
+    from workbench.sweep.jobs import Job, end_killed
+
+    run_id = new_run(store)
+    worker_end, driver_end = pipe
+    Driver(driver_end, answers=0)  # gone at the first call
+    job = Job("r", "k", {}, run_id, store.uri, str(store.checkpoints / "r"), ".")
+    result = end_killed(
+        job, "the driver process is gone", RelayedClient(Relay(worker_end), store.uri)
+    )
+    assert result.status == "killed"
+    run = store.client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["workbench.reason"] == "the driver process is gone"

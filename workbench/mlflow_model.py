@@ -3,11 +3,11 @@
 The model directory is the one ``mlflow.pytorch.save_model(..., serialization_format="pt2")``
 writes (a test holds the two to each other), its program the model shape's traced archive with
 the run's weights written in (:mod:`workbench.models.export`), not one export per run, with its
-signature, input
-example and pip requirements stated rather than inferred (inference loads the model: seconds).
-The character vocabulary travels as the flavor's extra file ``extra_files/tokenizer.json``; the
-block size (the longest input) as the model's metadata. ``mlflow.pytorch.load_model`` returns
-a module mapping token ids (B, T) int64 to logits (B, T, vocab), with pickle refused.
+signature, input example and pip requirements stated rather than inferred (inference loads the
+model: seconds). The character vocabulary travels as the flavor's extra file
+``extra_files/tokenizer.json``; the block size (the longest input) as the model's metadata.
+``mlflow.pytorch.load_model`` returns a module mapping token ids (B, T) int64 to logits
+(B, T, vocab), with pickle refused.
 
 The model is created, written, finalized READY and only then named among the run's outputs
 (what the runs table's Models column reads), all before the run is FINISHED: a run killed on

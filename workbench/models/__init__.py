@@ -7,8 +7,10 @@ from workbench.models.attention import (
     resolve_attention,
 )
 from workbench.models.ladder import LanguageModel, attention_head_size, build_model, count_params
+from workbench.models.source import SOURCE_DIGEST  # read now, with the modules
 
 __all__ = [
+    "SOURCE_DIGEST",
     "AttentionBackend",
     "AttentionUnavailable",
     "LanguageModel",

@@ -8,18 +8,17 @@ Tracing costs a few hundred milliseconds, and the first trace of a process about
 (importing ``torch._dynamo``): more than a short run's training. What differs between two runs
 of one model shape is only the weights, so the program's archive (``torch.export.save``'s pt2
 file) is traced once per shape and kept, in the process and in the user's cache folder
-(``<cache>/exports``, keyed by the torch version, the source of :mod:`workbench.models` and the
-model's shape), and each run's archive is that one with the run's weights in place of the
-traced model's. The archive's weights are raw tensor bytes listed in its
-``model_weights_config.json``; a kept archive is used only when every weight it lists is one
-of the model's, with the model's shape, float32, contiguous and stored raw (else the model is
-traced again), and nothing in it is unpickled.
+(``<cache>/exports``, keyed by the torch version, the source of :mod:`workbench.models` as the
+process loaded it, and the model's shape), and each run's archive is that one with the run's
+weights in place of the traced model's. The archive's weights are raw tensor bytes listed in its
+``model_weights_config.json``; a kept archive is used only when the weights it lists are the
+model's, each once, with the model's shape, float32, contiguous and stored raw (else the model
+is traced again), and nothing in it is unpickled.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -36,6 +35,7 @@ from torch.export import Dim, ExportedProgram
 
 from workbench.models.attention import SDPA
 from workbench.models.ladder import LanguageModel, build_model
+from workbench.models.source import SOURCE_DIGEST
 
 CACHED_SHAPES = 16  # archives kept per process (the ablation has 15 model shapes)
 WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
@@ -129,21 +129,11 @@ def _template(model: LanguageModel) -> _Template:
 
 
 def template_key(model: LanguageModel) -> str:
-    """What the traced program depends on: the torch version, the model code and the model's
-    shape."""
+    """What the traced program depends on: the torch version, the model code this process
+    loaded and the model's shape."""
     shape = (model.config.model_dump_json(), model.vocab_size, model.block_size)
-    return hashlib.sha256(f"{_code_digest()}\0{json.dumps(shape)}".encode()).hexdigest()
-
-
-@functools.cache
-def _code_digest() -> str:
-    """The torch version and every source file of :mod:`workbench.models`."""
-    digest = hashlib.sha256(f"{torch.__version__}\0".encode())
-    package = Path(__file__).parent
-    for source in sorted(package.rglob("*.py")):
-        digest.update(f"{source.relative_to(package)}\0".encode())
-        digest.update(source.read_bytes())
-    return digest.hexdigest()
+    code = f"{torch.__version__}\0{SOURCE_DIGEST}"
+    return hashlib.sha256(f"{code}\0{json.dumps(shape)}".encode()).hexdigest()
 
 
 def _cache_file(key: str) -> Path | None:
@@ -220,6 +210,8 @@ def _read_template(path: Path, model: LanguageModel) -> _Template:
         ):
             raise ValueError(f"{path}: weight {full_name} is not stored as workbench writes it")
         weights[record] = name
+    if set(weights.values()) != set(state):  # every weight of the model, and each once
+        raise ValueError(f"{path}: its weights are not the model's")
     return _Template(records, weights)
 
 

@@ -162,12 +162,21 @@ def end_killed(job: Job, reason: str, mlflow_client: Any | None = None, step: in
     A second signal must not leave the run RUNNING, so signals wait until this is done."""
     with _signals_ignored(), contextlib.suppress(WorkbenchError, *store_error_types()):
         mlflow_client = mlflow_client or client(job.tracking_uri)
-        ended = ended_result(mlflow_client, job)
+        try:
+            ended = _end_killed(mlflow_client, job, reason)
+        except DriverLost:  # the driver went in the middle: the store is this worker's now
+            ended = _end_killed(mlflow_client, job, reason)
         if ended is not None:
             return ended
+    return JobResult(job.key, job.run_id, RunState.KILLED, step=step, reason=reason)
+
+
+def _end_killed(mlflow_client: Any, job: Job, reason: str) -> JobResult | None:
+    ended = ended_result(mlflow_client, job)
+    if ended is None:
         mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
         mlflow_client.set_terminated(job.run_id, status="KILLED")
-    return JobResult(job.key, job.run_id, RunState.KILLED, step=step, reason=reason)
+    return ended
 
 
 @contextlib.contextmanager
@@ -321,8 +330,13 @@ def signals_deferred() -> Iterator[None]:
     caught: list[int] = []
     with _signals_handled_by(lambda signum, frame: caught.append(signum)) as saved:
         yield
-    if caught and callable(first := saved.get(caught[0])):
+    if not caught:
+        return
+    first = saved.get(caught[0])
+    if callable(first):
         first(caught[0], None)
+    elif first == signal.SIG_DFL:  # no handler of Python's: the signal's own default (exit)
+        signal.raise_signal(caught[0])
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ over the worker's pipe, made by the driver with its own client, and its value or
 sent back. What the worker sees is what the store said: the same values, the same exception
 types (an MLflow error keeps its error code), in the same order, one call at a time.
 
-A Ray task, on another machine, opens the store itself: nothing here is used there.
+A Ray task, on another machine, opens the store itself: nothing here is used there; nor is it
+for MLflow's system metrics monitor (``--system-metrics``), which opens the store in the worker.
 
 When the driver is gone (killed), the call in flight raises :class:`DriverLost` (an
 interruption: the run stays resumable), and the worker's later calls (marking its run KILLED)
@@ -43,24 +44,47 @@ class StoreReply:
 
 
 def answer(call: StoreCall) -> StoreReply:
-    """Make ``call`` with this process's client (the driver's) and say what came of it."""
+    """Make ``call`` with this process's client (the driver's) and say what came of it. A call
+    MLflow made asynchronously (``MLFLOW_ENABLE_ASYNC_LOGGING``) is waited for: the worker's
+    next step (a checkpoint) relies on what it logged being stored."""
     from mlflow.exceptions import MlflowException
+    from mlflow.utils.async_logging.run_operations import RunOperations
 
     from workbench.store import client
 
     try:
-        return StoreReply(value=getattr(client(call.uri), call.method)(*call.args, **call.kwargs))
+        value = getattr(client(call.uri), call.method)(*call.args, **call.kwargs)
+        if isinstance(value, RunOperations):
+            operations: Any = value  # untyped in MLflow
+            operations.wait()
+            value = None
+        return StoreReply(value=value)
     except Exception as exc:  # the worker's to handle, as if it had called the store itself
         code = exc.error_code if isinstance(exc, MlflowException) else None
         return StoreReply(error=exc, error_code=code)
 
 
+def is_quick(uri: str) -> bool:
+    """A store whose calls take milliseconds (a local SQLite file), which the driver makes with
+    Ctrl-C held back (an interrupt in the middle of one would leave the driver's connection to
+    it unusable for the calls that mark runs KILLED); a server's may take minutes of retries."""
+    from workbench.store import sqlite_path
+
+    return sqlite_path(uri) is not None
+
+
 def unpicklable(reply: StoreReply, problem: BaseException) -> StoreReply:
     """What is sent instead of a reply that cannot be pickled: a store error saying so."""
+    what = f"{type(reply.error).__name__}: {reply.error}" if reply.error else "its value"
+    return StoreReply(error=_store_error(f"store call's answer not sent ({problem}): {what}"))
+
+
+def _store_error(message: str) -> BaseException:
+    """An error of the store (``workbench.sweep.jobs.is_environment_failure``): KILLED, never
+    a verdict on the run."""
     from mlflow.exceptions import MlflowException
 
-    what = f"{type(reply.error).__name__}: {reply.error}" if reply.error else "its value"
-    return StoreReply(error=MlflowException(f"store call's answer not sent ({problem}): {what}"))
+    return MlflowException(message)
 
 
 @dataclass
@@ -89,6 +113,8 @@ class Relay:
                 reply = self.conn.recv()
             except (EOFError, OSError):
                 reply = None
+            except Exception as exc:  # a call or an answer that did not pickle: the store's
+                reply = StoreReply(error=_store_error(f"store call {call.method}: {exc!r}"))
         if not isinstance(reply, StoreReply):  # no answer, or the driver stopping the worker
             self.lost = True
             raise DriverLost("the driver process is gone")

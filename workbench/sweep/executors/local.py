@@ -32,7 +32,15 @@ from workbench import store
 from workbench.sweep.events import CrashFn, Ended, EventFn, Started
 from workbench.sweep.jobs import JobResult, JobStatus, describe_exit, end_killed, signals_deferred
 from workbench.sweep.packs import Unit, execute_unit, members
-from workbench.sweep.relay import Relay, RelayedClient, StoreCall, answer, unpicklable
+from workbench.sweep.relay import (
+    Relay,
+    RelayedClient,
+    StoreCall,
+    StoreReply,
+    answer,
+    is_quick,
+    unpicklable,
+)
 from workbench.tracking import RunState
 
 PARENT_CHECK_S = 1.0
@@ -95,15 +103,25 @@ def _worker_main(env: dict[str, str], conn: Connection, early: bool = False) -> 
 
 
 def _answer(conn: Connection, call: StoreCall) -> None:
-    """Make a worker's store call and send it what came of it."""
-    reply = answer(call)
-    try:
-        conn.send(reply)
-    except OSError:  # the worker is gone; its slot is checked later
-        pass
-    except Exception as exc:  # nothing was sent: say why instead
-        with contextlib.suppress(OSError):
-            conn.send(unpicklable(reply, exc))
+    """Make a worker's store call and send it what came of it, always: a worker never waits
+    for an answer that does not come. A SQLite store's call (milliseconds) is made with Ctrl-C
+    held back; a server's, which may retry for minutes, can be interrupted, and the worker is
+    then told it was (its job ends KILLED)."""
+    with signals_deferred() if is_quick(call.uri) else contextlib.nullcontext():
+        try:
+            reply = answer(call)
+        except KeyboardInterrupt:
+            with signals_deferred(), contextlib.suppress(OSError):
+                conn.send(StoreReply(error=KeyboardInterrupt("interrupted")))
+            raise
+        with signals_deferred():  # an answer is sent whole
+            try:
+                conn.send(reply)
+            except OSError:  # the worker is gone; its slot is checked later
+                pass
+            except Exception as exc:  # nothing was sent: say why instead
+                with contextlib.suppress(OSError):
+                    conn.send(unpicklable(reply, exc))
 
 
 @dataclass
@@ -171,7 +189,7 @@ class LocalExecutor:
                 self._drain(results, on_event, timeout=0.2)
                 for slot, worker in enumerate(self.workers):
                     if worker.job is not None and not worker.process.is_alive():
-                        self._drain(results, on_event, timeout=0.2)
+                        self._drain(results, on_event, timeout=0.2, all_of=True)
                         if worker.job is not None:  # died without a word
                             self._crashed(
                                 worker,
@@ -216,31 +234,30 @@ class LocalExecutor:
         child_conn.close()
         return _Worker(process, parent_conn)
 
-    def _drain(self, results: list[JobResult], on_event: EventFn, timeout: float) -> None:
+    def _drain(
+        self, results: list[JobResult], on_event: EventFn, timeout: float, all_of: bool = False
+    ) -> None:
         """Handle the events that arrive within ``timeout`` seconds, or until a worker is
-        free: its next job (or the sweep's end) does not wait out the timeout."""
+        free: its next job (or the sweep's end) does not wait out the timeout. ``all_of``: the
+        whole timeout (a dead worker's last words, an interrupted sweep's)."""
         open_workers = {id(w.conn): w for w in self.workers}
         deadline = time.monotonic() + timeout
         freed = False
-        while not freed and open_workers and (left := deadline - time.monotonic()) > 0:
+        while (all_of or not freed) and open_workers and (left := deadline - time.monotonic()) > 0:
             ready = wait([w.conn for w in open_workers.values()], timeout=left)
             if not ready:
                 return
             for conn in ready:
                 worker = open_workers[id(conn)]
-                # A message is read whole, and a store call made and answered whole: a Ctrl-C
-                # waits for them (milliseconds), so no pipe is left half-read, no worker waits
-                # for an answer that never comes, and the store's connection is never cut
-                # mid-call (the worker still marks its run KILLED through it).
-                with signals_deferred():
+                with signals_deferred():  # a message is read whole: no pipe left half-read
                     try:
                         event = worker.conn.recv()
                     except (EOFError, OSError):  # the worker is gone; its slot is checked later
                         del open_workers[id(conn)]
                         continue
-                    if isinstance(event, StoreCall):
-                        _answer(worker.conn, event)
-                        continue
+                if isinstance(event, StoreCall):
+                    _answer(worker.conn, event)
+                    continue
                 if isinstance(event, Ended):
                     results.append(event.result)
                     worker.open_keys.discard(event.key)
@@ -286,7 +303,7 @@ class LocalExecutor:
             except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
                 break
         with contextlib.suppress(KeyboardInterrupt):
-            self._drain(results, on_event, timeout=0.2)
+            self._drain(results, on_event, timeout=0.2, all_of=True)
         for worker in self.workers:
             if worker.job is not None:  # never answered: mark it from here
                 self._crashed(worker, "interrupted", RunState.KILLED, results, on_event, on_crash)
