@@ -23,7 +23,7 @@ from workbench.corpus import CharTokenizer
 from workbench.models import export
 from workbench.models.attention import SDPA
 from workbench.models.export import NextTokenLogits, example_input, save_logits
-from workbench.models.ladder import build_model
+from workbench.models.ladder import MODELS, build_model
 from workbench.settings import load_settings
 from workbench.spec import ModelConfig, RunConfig
 from workbench.sweep import record
@@ -341,7 +341,7 @@ def logits_of_archive(path: Path, model: Any) -> None:
     torch.testing.assert_close(program.module()(short), same.logits(short), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["bigram", "multi_head", "transformer"])
+@pytest.mark.parametrize("kind", sorted(MODELS))
 def test_a_kept_archive_written_with_a_runs_weights_computes_that_runs_logits(
     export_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:

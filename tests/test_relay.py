@@ -35,8 +35,8 @@ class Driver:
             except (EOFError, OSError):
                 return
             assert isinstance(call, StoreCall)
+            self.answered.append(call.method)  # before the answer: the worker goes on after it
             local._answer(self.conn, call)
-            self.answered.append(call.method)
         self.conn.close()  # then gone, as a killed driver's end of the pipe
 
 

@@ -66,8 +66,9 @@ def answer(call: StoreCall) -> StoreReply:
 
 def is_quick(uri: str) -> bool:
     """A store whose calls take milliseconds (a local SQLite file), which the driver makes with
-    Ctrl-C held back (an interrupt in the middle of one would leave the driver's connection to
-    it unusable for the calls that mark runs KILLED); a server's may take minutes of retries."""
+    Ctrl-C held back: an interrupt in the middle of one could leave the driver's connection to
+    it half-used, and the calls that then mark runs KILLED go through it. A server's calls may
+    take minutes of retries."""
     from workbench.store import sqlite_path
 
     return sqlite_path(uri) is not None

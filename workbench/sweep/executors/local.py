@@ -107,13 +107,11 @@ def _answer(conn: Connection, call: StoreCall) -> None:
     for an answer that does not come. A SQLite store's call (milliseconds) is made with Ctrl-C
     held back; a server's, which may retry for minutes, can be interrupted, and the worker is
     then told it was (its job ends KILLED)."""
-    with signals_deferred() if is_quick(call.uri) else contextlib.nullcontext():
-        try:
+    reply = StoreReply(error=KeyboardInterrupt("interrupted"))  # unless the call is made
+    try:
+        with signals_deferred() if is_quick(call.uri) else contextlib.nullcontext():
             reply = answer(call)
-        except KeyboardInterrupt:
-            with signals_deferred(), contextlib.suppress(OSError):
-                conn.send(StoreReply(error=KeyboardInterrupt("interrupted")))
-            raise
+    finally:
         with signals_deferred():  # an answer is sent whole
             try:
                 conn.send(reply)
