@@ -4,8 +4,8 @@ the job function that logs to MLflow (SQLite store), interleaved in one process,
 The tracked side includes everything the job does: tags, metric batches at eval points,
 the end-of-run metrics and artifacts (config, tokenizer, sample, attention maps) and the
 logged model. A third side is tracked without the logged model, to say what the model adds;
-the one-off cost of exporting a model shape (once per worker process and shape) is timed
-apart, in a process that has exported another shape already.
+the one-off cost of tracing a model shape (once per shape, torch version and model code: the
+archive is kept) is timed apart, in a process that has traced another shape already.
 
     python benchmarks/bench_tracking.py --repeats 5      # writes benchmarks/tracking.json
 """
@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workbench.corpus import Corpus
 from workbench.datasets import resolve_text_path
 from workbench.models import build_model
-from workbench.models.export import export_logits
+from workbench.models.attention import SDPA
+from workbench.models.export import trace_logits
 from workbench.settings import load_settings
 from workbench.spec import RunConfig
 from workbench.sweep import record
@@ -86,9 +87,9 @@ def tracked_without_model(*args: object) -> float:
 
 def export_time(run_config: RunConfig, block_size: int) -> float:
     """Seconds to export a model shape this process has not exported yet."""
-    model = build_model(run_config.model, 65, block_size)
+    model = build_model(run_config.model, 65, block_size, attention=SDPA)
     start = time.perf_counter()
-    export_logits(model)
+    trace_logits(model)
     return time.perf_counter() - start
 
 

@@ -353,7 +353,7 @@ def test_a_kept_archive_written_with_a_runs_weights_computes_that_runs_logits(
     assert kept.name == export.template_key(first) + ".pt2"
     # A fresh process: the kept archive, never a trace.
     monkeypatch.setattr(export, "_templates", type(export._templates)())
-    monkeypatch.setattr(export, "_trace", lambda *a: pytest.fail("traced again"))
+    monkeypatch.setattr(export, "trace_logits", lambda *a: pytest.fail("traced again"))
     save_logits(second, tmp_path / "second.pt2")
     logits_of_archive(tmp_path / "first.pt2", first)
     logits_of_archive(tmp_path / "second.pt2", second)
@@ -415,8 +415,8 @@ def test_a_kept_archive_that_is_broken_or_not_the_models_is_traced_again(
         "unknown": rewritten(kept, weights_config(lambda w: w.update(path_name="../x"))),
     }
     traced: list[Any] = []
-    real_trace = export._trace
-    monkeypatch.setattr(export, "_trace", lambda *a: traced.append(a) or real_trace(*a))
+    real_trace = export.trace_logits
+    monkeypatch.setattr(export, "trace_logits", lambda *a: traced.append(a) or real_trace(*a))
     for name, content in forged.items():
         kept.write_bytes(content)
         monkeypatch.setattr(export, "_templates", type(export._templates)())

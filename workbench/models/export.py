@@ -70,20 +70,9 @@ def example_input(block_size: int) -> torch.Tensor:
     return torch.zeros(2, min(2, block_size), dtype=torch.int64)
 
 
-def export_logits(model: LanguageModel) -> ExportedProgram:
-    """A program computing ``model``'s logits, holding a copy of its current weights (on the
-    CPU), traced anew: a run's logged model is written by :func:`save_logits` instead."""
-    program = _trace(model)
-    weights = model.state_dict()
-    with torch.no_grad():
-        for name, tensor in program.state_dict.items():
-            tensor.copy_(weights[name.removeprefix("model.")])
-    return program
-
-
 def save_logits(model: LanguageModel, path: Path) -> None:
-    """Write the program of :func:`export_logits` for ``model`` (its current weights) as a pt2
-    archive at ``path``, the file ``torch.export.save`` writes, from the shape's kept archive."""
+    """Write the logits program of ``model``, with its current weights, as a pt2 archive at
+    ``path``: the file ``torch.export.save`` writes, from the shape's kept archive."""
     template = _template(model)
     weights = {name: _raw(tensor) for name, tensor in model.state_dict().items()}
     writer = torch._C.PyTorchFileWriter(str(path))
@@ -150,7 +139,7 @@ def _traced_template(model: LanguageModel, keep: Path | None) -> _Template:
     fresh = build_model(model.config, model.vocab_size, model.block_size, attention=SDPA)
     with tempfile.TemporaryDirectory(prefix="workbench-export-") as scratch:
         saved = Path(scratch) / "model.pt2"
-        torch.export.save(_trace(model, fresh), saved)
+        torch.export.save(trace_logits(fresh), saved)
         template = _read_template(saved, fresh)
         records, state = dict(template.records), fresh.state_dict()
         for record, name in template.weights.items():
@@ -215,11 +204,10 @@ def _read_template(path: Path, model: LanguageModel) -> _Template:
     return _Template(records, weights)
 
 
-def _trace(model: LanguageModel, fresh: LanguageModel | None = None) -> ExportedProgram:
-    """Trace a fresh CPU model of ``model``'s shape built with SDPA attention."""
-    if fresh is None:
-        fresh = build_model(model.config, model.vocab_size, model.block_size, attention=SDPA)
-    module = NextTokenLogits(fresh).eval()
+def trace_logits(model: LanguageModel) -> ExportedProgram:
+    """The logits program of ``model`` as it is, traced on the CPU; build it with SDPA
+    attention (a C kernel cannot be traced)."""
+    module = NextTokenLogits(model).eval()
     example = example_input(model.block_size)
     time = {1: Dim("time", min=1, max=model.block_size)} if model.block_size > 1 else {}
     return torch.export.export(

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 PROGRESS_KEYS = ("train_loss_smooth", "lr", "tokens_per_sec")
 EVAL_KEYS = ("train_loss", "val_loss")
 SUMMARY_KEYS = ("best_val_loss", "final_val_loss", "wall_time_s")
+STORED_KEYS = PROGRESS_KEYS + EVAL_KEYS + SUMMARY_KEYS  # every metric a job stores
 
 ProgressFn = Callable[[Progress], None]
 """Called as training goes."""
@@ -126,7 +127,7 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
         # so it waits until the store is open, then interrupts as usual.
         with signals_deferred():
             mlflow_client = client(job.tracking_uri)
-            buffer = MetricBuffer(job.tracking_uri, job.run_id, EVAL_KEYS + SUMMARY_KEYS)
+            buffer = job_buffer(job)
     except KeyboardInterrupt:  # held back until the store was open: now it can be recorded
         return end_killed(job, "interrupted")
     except unreachable as exc:  # no store to record anything in
@@ -138,12 +139,17 @@ def execute_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
         return train_recorded(job, mlflow_client, buffer, callback)
 
 
+def job_buffer(job: Job) -> MetricBuffer:
+    """The run's metric buffer: eval and summary points stored whenever reported."""
+    return MetricBuffer(job.tracking_uri, job.run_id, EVAL_KEYS + SUMMARY_KEYS)
+
+
 def train_recorded(
     job: Job, mlflow_client: Any, buffer: MetricBuffer, callback: MlflowCallback
 ) -> JobResult:
     try:
         if job.resumed:  # points after the last checkpoint may be stored already
-            buffer.skip_stored(list(PROGRESS_KEYS + EVAL_KEYS + SUMMARY_KEYS))
+            buffer.skip_stored(list(STORED_KEYS))
         return _train_and_record(job, mlflow_client, buffer, callback)
     except KeyboardInterrupt as exc:
         reason = str(exc) or "interrupted"

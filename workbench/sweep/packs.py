@@ -23,9 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 from workbench.errors import WorkbenchError, first_line
 from workbench.spec import RunConfig, pack_key
 from workbench.sweep.jobs import (
-    EVAL_KEYS,
-    PROGRESS_KEYS,
-    SUMMARY_KEYS,
+    STORED_KEYS,
     Job,
     JobResult,
     MlflowCallback,
@@ -35,6 +33,7 @@ from workbench.sweep.jobs import (
     ended_result,
     execute_job,
     is_environment_failure,
+    job_buffer,
     job_config,
     job_corpus,
     signals_deferred,
@@ -155,7 +154,7 @@ class _PackRun:
 
     def __init__(self, pack: Pack, mlflow_client: Any, progress: ProgressFn | None) -> None:
         self.pack, self.client, self.progress = pack, mlflow_client, progress
-        self.buffers = [_buffer(job) for job in pack.jobs]
+        self.buffers = [job_buffer(job) for job in pack.jobs]
         self.open: list[MetricBuffer] = list(self.buffers)  # shared with every callback
         self.callbacks = [
             MlflowCallback(buffer, job.key, progress, self.open)
@@ -177,7 +176,7 @@ class _PackRun:
                     if ended is not None:
                         self.end(k, ended)
                         continue
-                    self.buffers[k].skip_stored(list(PROGRESS_KEYS + EVAL_KEYS + SUMMARY_KEYS))
+                    self.buffers[k].skip_stored(list(STORED_KEYS))
             self.train()
             return self.results()
         except KeyboardInterrupt as exc:
@@ -263,7 +262,7 @@ class _PackRun:
         for k in left:
             job = self.pack.jobs[k]
             self.open.remove(self.buffers[k])
-            self.buffers[k] = _buffer(job)
+            self.buffers[k] = job_buffer(job)
             self.buffers[k].tags({TAG + "pack_error": failure})
             self.open.append(self.buffers[k])
             self.callbacks[k] = MlflowCallback(self.buffers[k], job.key, self.progress, self.open)
@@ -274,10 +273,6 @@ class _PackRun:
             if result.status is RunState.KILLED:
                 return self.killed(result.reason or "interrupted")
         return self.results()
-
-
-def _buffer(job: Job) -> MetricBuffer:
-    return MetricBuffer(job.tracking_uri, job.run_id, EVAL_KEYS + SUMMARY_KEYS)
 
 
 def _release_memory() -> None:

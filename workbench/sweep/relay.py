@@ -18,6 +18,7 @@ go to the store directly, as they would have without the relay.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -64,6 +65,7 @@ def answer(call: StoreCall) -> StoreReply:
         return StoreReply(error=exc, error_code=code)
 
 
+@functools.cache
 def is_quick(uri: str) -> bool:
     """A store whose calls take milliseconds (a local SQLite file), which the driver makes with
     Ctrl-C held back: an interrupt in the middle of one could leave the driver's connection to
@@ -102,8 +104,12 @@ class Relay:
             try:
                 self.conn.send(message)
             except OSError:
-                self.lost = True
-                raise DriverLost("the driver process is gone") from None
+                raise self._gone() from None
+
+    def _gone(self) -> DriverLost:
+        """The driver is gone: this call is interrupted, and later ones go to the store."""
+        self.lost = True
+        return DriverLost("the driver process is gone")
 
     def call(self, call: StoreCall) -> Any:
         # A signal waits for the answer: one taken half-read would garble the pipe for the
@@ -117,8 +123,7 @@ class Relay:
             except Exception as exc:  # a call or an answer that did not pickle: the store's
                 reply = StoreReply(error=_store_error(f"store call {call.method}: {exc!r}"))
         if not isinstance(reply, StoreReply):  # no answer, or the driver stopping the worker
-            self.lost = True
-            raise DriverLost("the driver process is gone")
+            raise self._gone()
         if reply.error is not None:
             if reply.error_code is not None:
                 reply.error.error_code = reply.error_code  # type: ignore[attr-defined]
