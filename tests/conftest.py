@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,14 @@ import pytest
 # One torch thread per test process and per worker it spawns: tests train tiny models, where
 # threads only contend (the 2-core CI machine runs them faster this way). Set before torch loads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The suite's own cache folder: compiled kernels, store templates and model archives land in a
+# temporary folder of this test session, never in the user's ~/.cache (tests of the caches
+# themselves point XDG_CACHE_HOME at their own tmp_path). Set before anything reads it; spawned
+# workers and subprocesses inherit it.
+_CACHE = Path(tempfile.mkdtemp(prefix="workbench-tests-cache-"))
+os.environ["XDG_CACHE_HOME"] = str(_CACHE)
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 _SHARED_DATA = REPO.parent / "shared" / "data"

@@ -79,14 +79,44 @@ def start(spec: Path, store: Store, *extra: str) -> subprocess.Popen[str]:
     )
 
 
-def wait_for(predicate: Any, timeout: float = 120.0) -> Any:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def wait_for(
+    predicate: Any, proc: subprocess.Popen[Any] | None = None, timeout: float = 600.0
+) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that. With ``proc`` (the
+    process whose work the predicate watches): fail at once, with its output, if it exits
+    first, and with its output too if the deadline passes (it is killed then). The deadline is
+    generous: a loaded machine is slow, never a reason to fail; a dead process fails fast."""
+    deadline = time.monotonic() + timeout
+    while True:
         value = predicate()
         if value:
             return value
-        time.sleep(0.2)
-    raise AssertionError("timed out")
+        if proc is not None and proc.poll() is not None:
+            value = predicate()  # what it did before it exited may be the condition
+            if value:
+                return value
+            raise AssertionError(
+                f"the process exited ({proc.returncode}) before the condition held:\n"
+                + _output_of(proc)
+            )
+        if time.monotonic() > deadline:
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                raise AssertionError(f"timed out after {timeout:.0f} s:\n" + _output_of(proc))
+            raise AssertionError(f"timed out after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def _output_of(proc: subprocess.Popen[Any]) -> str:
+    """What an ended process printed, when its output was piped to the test."""
+    try:
+        out, err = proc.communicate(timeout=30)
+    except (subprocess.TimeoutExpired, ValueError):
+        return "(its output could not be read)"
+    text = "".join(part if isinstance(part, str) else part.decode(errors="replace")
+                   for part in (out, err) if part)  # fmt: skip
+    return text or "(it printed nothing)"
 
 
 def free_port() -> int:
@@ -123,7 +153,6 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 return bool(response.status == 200)
         except OSError:
-            assert proc.poll() is None, "mlflow server exited"
             return False
 
-    wait_for(healthy, timeout=120)
+    wait_for(healthy, proc, timeout=300)

@@ -117,7 +117,7 @@ def test_driver_killed_alone_leaves_its_runs_resumable(
 ) -> None:
     spec = sweep_spec(tmp_path)
     proc = start(spec, store, "--jobs", "2")
-    wait_for(lambda: checkpoint_written(store))
+    wait_for(lambda: checkpoint_written(store), proc)
     os.kill(proc.pid, signal.SIGKILL)  # the driver only: its workers live on, orphaned
     proc.communicate(timeout=120)  # the workers share its stdout: they have exited too
     wait_for(lambda: nothing_running(store))
@@ -146,7 +146,7 @@ def test_killed_worker_resumes_to_the_uninterrupted_numbers(
                 return int(pid)
         return None
 
-    os.kill(wait_for(a_worker), signal.SIGKILL)
+    os.kill(wait_for(a_worker, proc), signal.SIGKILL)
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 1, output
     assert {r.info.status for r in store.runs()} <= {"FINISHED", "KILLED"}
@@ -176,7 +176,7 @@ def test_a_resume_uses_the_runs_own_thread_count(store: Store, tmp_path: Path) -
     (want,) = own.runs()
 
     proc = start(spec, store, "--jobs", "1")
-    wait_for(lambda: checkpoint_written(store))
+    wait_for(lambda: checkpoint_written(store), proc)
     os.kill(proc.pid, signal.SIGINT)
     proc.communicate(timeout=60)
     resumed = invoke("run", str(spec), "--jobs", "2", *store.args())  # other slots now
@@ -286,7 +286,7 @@ class _Payload:
 def test_a_poisoned_checkpoint_is_refused_not_executed(store: Store, tmp_path: Path) -> None:
     spec = sweep_spec(tmp_path, seeds=[1])
     proc = start(spec, store, "--jobs", "1")
-    wait_for(lambda: checkpoint_written(store))
+    wait_for(lambda: checkpoint_written(store), proc)
     os.kill(proc.pid, signal.SIGINT)
     proc.communicate(timeout=60)
     (checkpoint,) = store.checkpoints.rglob("checkpoint.pt")
@@ -504,7 +504,7 @@ def test_a_tracking_outage_leaves_runs_resumable(
     proc = subprocess.Popen([sys.executable, "-m", "workbench", "run", str(spec), *args],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)  # fmt: skip
-    wait_for(lambda: any((tmp_path / "ck").rglob("checkpoint.pt")))
+    wait_for(lambda: any((tmp_path / "ck").rglob("checkpoint.pt")), proc)
     down()
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0, output

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from floats import assert_f32_close
 from runs import Store
 from specs import write_spec
 from test_optim import loss_of, small_net
@@ -91,12 +92,12 @@ def test_cuda_sdpa_equals_the_cpu_path(
     logits_cpu, loss_cpu = cpu(idx, targets)
     logits_gpu, loss_gpu = gpu(idx.cuda(), targets.cuda())
     assert loss_cpu is not None and loss_gpu is not None
-    torch.testing.assert_close(logits_gpu.cpu(), logits_cpu, rtol=1e-4, atol=1e-5)
+    assert_f32_close(logits_gpu.cpu(), logits_cpu, ulps=1024)
     loss_cpu.backward()
     loss_gpu.backward()
     for (name, a), b in zip(cpu.named_parameters(), gpu.parameters(), strict=True):
         assert a.grad is not None and b.grad is not None
-        torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=1e-3, atol=1e-5, msg=name)
+        assert_f32_close(b.grad.cpu(), a.grad, ulps=8192, msg=name)
 
 
 def test_cuda_run_trains_in_bf16_with_float32_weights(shakespeare: Corpus):
@@ -144,7 +145,7 @@ def test_flat_adamw_on_cuda_matches_torch_adamw(fused: bool):
         flat.step()
         reference.step()
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert_f32_close(a, b, ulps=128, msg=name)
     assert not torch.equal(ours[1].weight.cpu(), small_net()[1].weight)  # it did train
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from floats import assert_f32_close
 
 from workbench.errors import WorkbenchError
 from workbench.models import native as kernels
@@ -71,12 +72,12 @@ def test_kernel_equals_sdpa_forward_and_backward(n_head: int, head_size: int, T:
     reference = qkv.detach().double().requires_grad_(True)  # float64: the kernel's error alone
     out = kernel(head_size)(qkv, n_head, T)
     expected = sdpa_rows(reference, n_head, T)
-    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
+    assert_f32_close(out, expected.float(), ulps=128)
     grad_out = torch.randn(rows, n_head * head_size, dtype=torch.float64, generator=g)
     out.backward(grad_out.float().t().contiguous().t())  # a non-contiguous incoming gradient
     expected.backward(grad_out)
     assert qkv.grad is not None and reference.grad is not None
-    torch.testing.assert_close(qkv.grad, reference.grad.float(), rtol=1e-4, atol=1e-4)
+    assert_f32_close(qkv.grad, reference.grad.float(), ulps=1024)
 
 
 def within(got: torch.Tensor, exact: torch.Tensor) -> float:
@@ -145,7 +146,7 @@ def test_kernel_softmax_is_stable_for_extreme_scores() -> None:
     qkv = 40 * torch.randn(3 * 8, 3 * 2 * 16, generator=g)
     out = kernel(16)(qkv, 2, 8)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, sdpa_rows(qkv.double(), 2, 8).float(), rtol=1e-5, atol=1e-4)
+    assert_f32_close(out, sdpa_rows(qkv.double(), 2, 8).float(), ulps=128)
 
 
 @needs_compiler
@@ -335,10 +336,10 @@ def test_models_train_the_same_with_and_without_the_kernel(
     native_loss, native_grads = loss_and_grads()
     monkeypatch.setattr(kernels, "tiny_attention", lambda head_size: None)
     torch_loss, torch_grads = loss_and_grads()
-    torch.testing.assert_close(native_loss, torch_loss, rtol=1e-6, atol=1e-6)
+    assert_f32_close(native_loss, torch_loss, ulps=16)
     assert len(native_grads) == len(torch_grads) > 0
     for native, torch_ops in zip(native_grads, torch_grads, strict=True):
-        torch.testing.assert_close(native, torch_ops, rtol=1e-4, atol=1e-6)
+        assert_f32_close(native, torch_ops, ulps=1024)
 
 
 # -- the backends behind train.attention -----------------------------------------------------
@@ -375,10 +376,10 @@ def test_every_backend_gives_the_logits_and_grads_of_sdpa(
     assert backend.name == setting
     logits, grads = logits_and_grads(config, block, backend)
     sdpa_logits, sdpa_grads = logits_and_grads(config, block, SDPA)
-    torch.testing.assert_close(logits, sdpa_logits, rtol=1e-5, atol=1e-5)
+    assert_f32_close(logits, sdpa_logits, ulps=128)
     assert len(grads) == len(sdpa_grads) > 0
     for grad, sdpa_grad in zip(grads, sdpa_grads, strict=True):
-        torch.testing.assert_close(grad, sdpa_grad, rtol=1e-4, atol=1e-6)
+        assert_f32_close(grad, sdpa_grad, ulps=1024)
 
 
 def test_auto_resolves_as_before() -> None:

@@ -276,7 +276,7 @@ def test_resume_after_sigint_and_sigkill_of_the_driver_keeps_one_parent(
 ) -> None:
     spec = long_spec(tmp_path)
     proc = start(spec, store, "--jobs", "2")
-    wait_for(lambda: checkpoint_written(store))
+    wait_for(lambda: checkpoint_written(store), proc)
     os.kill(proc.pid, signal.SIGINT)  # interrupted: the parent ends KILLED, never FAILED
     proc.communicate(timeout=120)
     (parent,) = store.parents()
@@ -286,7 +286,7 @@ def test_resume_after_sigint_and_sigkill_of_the_driver_keeps_one_parent(
 
     before = newest_checkpoint(store)
     proc = start(spec, store, "--jobs", "2")  # resumes, then is killed outright
-    wait_for(lambda: newest_checkpoint(store) > before)
+    wait_for(lambda: newest_checkpoint(store) > before, proc)
     os.kill(proc.pid, signal.SIGKILL)  # the driver only: its workers end their runs KILLED
     proc.communicate(timeout=120)
     wait_for(lambda: all(r.info.status != "RUNNING" for r in store.runs()))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from floats import assert_f32_close
 from reference import (
     GPTLanguageModel,
     MultiHeadAttention,
@@ -86,15 +87,15 @@ def test_bag_of_words_versions_agree_with_averaging_models(T: int) -> None:
     torch.manual_seed(1)
     x = torch.randn(3, T, N_EMBD)
     v1, v2, v3 = bag_of_words_v1(x), bag_of_words_v2(x), bag_of_words_v3(x)
-    assert torch.allclose(v1, v2, atol=1e-6)
-    assert torch.allclose(v1, v3, atol=1e-6)
+    assert_f32_close(v1, v2, ulps=32)
+    assert_f32_close(v1, v3, ulps=32)
 
     uniform = make(ModelConfig(kind="uniform_avg", n_embd=N_EMBD))
     frozen = make(ModelConfig(kind="softmax_avg", n_embd=N_EMBD, learnable=False))
     assert isinstance(uniform, UniformAverage)
     assert isinstance(frozen, SoftmaxAverage)
-    assert torch.allclose(uniform.mix(x), v1, atol=1e-6)
-    assert torch.allclose(frozen.mix(x), v1, atol=1e-6)
+    assert_f32_close(uniform.mix(x), v1, ulps=32)
+    assert_f32_close(frozen.mix(x), v1, ulps=32)
     # The first position sees only itself.
     assert torch.equal(uniform.mix(x)[:, 0], x[:, 0])
 
@@ -110,7 +111,7 @@ def test_uniform_and_frozen_softmax_models_give_identical_logits() -> None:
         a, _ = uniform(idx[:, :T])
         b, _ = frozen(idx[:, :T])
         assert a.shape == (4, T, VOCAB)
-        assert torch.allclose(a, b, atol=1e-6)
+        assert_f32_close(a, b, ulps=32)
 
 
 def test_frozen_softmax_average_has_no_trainable_affinity() -> None:
@@ -131,7 +132,7 @@ def test_frozen_softmax_average_has_no_trainable_affinity() -> None:
     # Starts at zero affinities, i.e. as uniform averaging.
     assert torch.count_nonzero(learnable.affinity) == 0
     x = torch.randn(2, BLOCK, N_EMBD)
-    assert torch.allclose(learnable.mix(x), bag_of_words_v2(x), atol=1e-6)
+    assert_f32_close(learnable.mix(x), bag_of_words_v2(x), ulps=32)
 
 
 # -- attention: per-head reference modules versus the fused QKV ------------------------------
@@ -150,13 +151,13 @@ def _compare_attention(
     out_ref = ref(x_ref)
     out_fused = model.mix(x_fused)
     assert out_fused.shape == out_ref.shape == (2, T, attention.n_head * attention.head_size)
-    assert torch.allclose(out_fused, out_ref, atol=1e-5)
+    assert_f32_close(out_fused, out_ref, ulps=128)
 
     grad_out = torch.randn(out_ref.shape, generator=g)
     (out_ref * grad_out).sum().backward()
     (out_fused * grad_out).sum().backward()
     assert x_ref.grad is not None and x_fused.grad is not None
-    assert torch.allclose(x_fused.grad, x_ref.grad, atol=1e-5)
+    assert_f32_close(x_fused.grad, x_ref.grad, ulps=128)
 
     fused_grad = attention.qkv.weight.grad
     assert fused_grad is not None
@@ -164,7 +165,7 @@ def _compare_attention(
         for block, linear in enumerate((head.query, head.key, head.value)):
             assert linear.weight.grad is not None
             got = fused_slice(attention, fused_grad, block, h)
-            assert torch.allclose(got, linear.weight.grad, atol=1e-5), (h, block)
+            assert_f32_close(got, linear.weight.grad, ulps=128, msg=(h, block))
 
 
 @pytest.mark.parametrize("T", [BLOCK, 5])
@@ -219,13 +220,13 @@ def test_tiny_attention_equals_sdpa_forward_and_backward(n_head: int, head_size:
     qkv_ref = qkv.detach().clone().requires_grad_(True)
     out = TinyCausalAttention.apply(qkv.view(6 * T, -1), n_head, causal_bias(T))  # rows
     ref = _sdpa_heads(qkv_ref, n_head).view(6 * T, -1)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert_f32_close(out, ref, ulps=128)
     # a non-contiguous incoming gradient, as a transpose downstream would hand back
     grad_out = torch.randn(ref.shape[::-1], generator=g).t()
     out.backward(grad_out)
     ref.backward(grad_out)
     assert qkv.grad is not None and qkv_ref.grad is not None
-    torch.testing.assert_close(qkv.grad, qkv_ref.grad, rtol=1e-4, atol=1e-4)
+    assert_f32_close(qkv.grad, qkv_ref.grad, ulps=1024)
 
 
 @pytest.mark.parametrize("T", [12, 5, 1])
@@ -240,8 +241,8 @@ def test_attention_module_tiny_and_sdpa_paths_agree(T: int) -> None:
         (grad,) = torch.autograd.grad(y.sum(), x)
         outputs.append((y, grad))
     (tiny, tiny_grad), (sdpa, sdpa_grad) = outputs
-    torch.testing.assert_close(tiny, sdpa, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(tiny_grad, sdpa_grad, rtol=1e-4, atol=1e-5)
+    assert_f32_close(tiny, sdpa, ulps=128)
+    assert_f32_close(tiny_grad, sdpa_grad, ulps=1024)
 
 
 def test_attention_module_refuses_blocks_longer_than_its_mask() -> None:
@@ -272,7 +273,7 @@ def test_multi_head_whole_model_equals_reference_pipeline() -> None:
         pos = model.position_embedding(torch.arange(BLOCK))
         expected = model.lm_head(ref(tok + pos))
         logits, _ = model(idx)
-    assert torch.allclose(logits, expected, atol=1e-5)
+    assert_f32_close(logits, expected, ulps=128)
 
 
 def load_reference_gpt(ref: GPTLanguageModel, model: Transformer) -> None:
@@ -333,7 +334,7 @@ def test_transformer_rungs_equal_lecture_style_reference(rung: str, T: int) -> N
     with torch.no_grad():
         logits, _ = model(idx)
         expected = ref(idx)
-    assert torch.allclose(logits, expected, atol=1e-5)
+    assert_f32_close(logits, expected, ulps=128)
 
 
 # -- causality -------------------------------------------------------------------------------
@@ -377,7 +378,7 @@ def test_no_model_looks_at_the_future(name: str) -> None:
             changed = idx.clone()
             changed[:, t] = (idx[:, t] + 1 + t) % VOCAB
             logits, _ = model(changed)
-            assert torch.allclose(logits[:, :t], base[:, :t], rtol=0, atol=1e-6), t
+            assert_f32_close(logits[:, :t], base[:, :t], ulps=32, msg=t)
             # The changed position itself always sees the new token.
             assert (logits[:, t] - base[:, t]).abs().amax() > 1e-4, t
             later = (logits[:, t + 1 :] - base[:, t + 1 :]).abs().amax(dim=-1)  # (B, T-t-1)
@@ -593,7 +594,7 @@ def test_attention_weights_shape_rows_and_mask(name: str, T: int) -> None:
     assert weights is not None
     assert weights.shape == (n_layer, n_head, T, T)
     assert not weights.requires_grad
-    assert torch.allclose(weights.sum(-1), torch.ones(n_layer, n_head, T), atol=1e-5)
+    assert_f32_close(weights.sum(-1), torch.ones(n_layer, n_head, T), ulps=128)
     upper = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
     assert torch.equal(weights[..., upper], torch.zeros_like(weights[..., upper]))
     assert bool((weights[..., ~upper] > 0).all())
@@ -617,10 +618,10 @@ def test_multi_head_attention_weights_equal_reference_wei() -> None:
     with torch.no_grad():
         expected = ref.weights(model.embed(idx))  # (1, n_head, T, T)
     assert weights.shape == (1, model.attention.n_head, 6, 6)
-    assert torch.allclose(weights, expected, atol=1e-6)
+    assert_f32_close(weights, expected, ulps=32)
     for h, head in enumerate(ref.heads):
         with torch.no_grad():
-            assert torch.allclose(weights[0, h], head.weights(model.embed(idx))[0], atol=1e-6)
+            assert_f32_close(weights[0, h], head.weights(model.embed(idx))[0], ulps=32)
 
 
 def test_transformer_attention_weights_match_what_forward_uses() -> None:
@@ -641,7 +642,7 @@ def test_transformer_attention_weights_match_what_forward_uses() -> None:
             v = qkv[:, :, 2].transpose(1, 2)  # (1, nh, T, hs)
             y = (maps[layer][None] @ v).transpose(1, 2).reshape(1, BLOCK, N_EMBD)
             assert attention.proj is not None
-            assert torch.allclose(attention.proj(y), attention(h), atol=1e-5)
+            assert_f32_close(attention.proj(y), attention(h), ulps=128)
             x = block(x)
 
 

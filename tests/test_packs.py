@@ -171,7 +171,7 @@ LONG = {"max_iters": 4000, "eval_interval": 100, "eval_iters": 2, "device": "cpu
 def test_a_killed_pack_resumes_every_member_exactly(store: Store, tmp_path: Path) -> None:
     spec = write_spec(tmp_path, train=LONG, variants=MH, seeds=[1, 2])
     proc = start(spec, store, "--pack", "--jobs", "1")
-    wait_for(lambda: len(list(store.checkpoints.rglob("checkpoint.pt"))) == 2)
+    wait_for(lambda: len(list(store.checkpoints.rglob("checkpoint.pt"))) == 2, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert sorted(r.info.status for r in store.runs()) == ["RUNNING", "RUNNING"]  # stale

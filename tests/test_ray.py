@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
-from runs import mlflow_server
+from runs import mlflow_server, wait_for
 from specs import write_spec
 
 from workbench.tracking import TAG
@@ -152,11 +151,7 @@ def test_crashed_worker_is_retried_and_a_raising_run_fails(server: str, tmp_path
                     return int(tags[TAG + "pid"])
         return None
 
-    deadline = time.time() + 240
-    while (pid := victim_pid()) is None:
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
-        time.sleep(0.3)
-    os.kill(pid, signal.SIGKILL)
+    os.kill(wait_for(victim_pid, proc), signal.SIGKILL)
     output, _ = proc.communicate(timeout=400)
     assert proc.returncode == 1, output  # the raising runs failed
     by_variant: dict[str, list[Any]] = {}

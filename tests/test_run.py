@@ -311,7 +311,7 @@ def test_killed_worker_leaves_its_run_resumable(store: Store, tmp_path: Path) ->
                 return int(run.data.tags[TAG + "pid"])
         return None
 
-    os.kill(wait_for(worker_pid), signal.SIGKILL)
+    os.kill(wait_for(worker_pid, proc), signal.SIGKILL)
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 1, output
     statuses = sorted((r.info.status, r.data.tags.get(TAG + "reason", "")) for r in store.runs())
@@ -353,7 +353,7 @@ def test_interrupted_grid_resumes_to_the_same_numbers(
 ) -> None:
     spec = write_spec(tmp_path, train=LONG, variants={"mh": {"model": {"kind": "multi_head"}}})
     proc = start(spec, store)
-    wait_for(lambda: any(store.checkpoints.rglob("checkpoint.pt")))
+    wait_for(lambda: any(store.checkpoints.rglob("checkpoint.pt")), proc)
     if how in ("sigint", "sigterm"):  # Ctrl-C or a polite kill: KILLED, checkpoint kept
         os.kill(proc.pid, signal.SIGINT if how == "sigint" else signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
