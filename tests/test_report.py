@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -526,8 +527,18 @@ def _shape(name: str, client: Any, experiment_id: str) -> None:
                   floor=float("nan"))  # fmt: skip
 
 
+    elif name == "float_axes":  # the default ablation's axes: an integer and a float
+        grid = {"train.block_size": [4, 8], "train.learning_rate": [0.001, 0.003]}
+        _seeds_grid(client, experiment_id, LADDER, grid, [1, 2])
+    elif name == "float_and_string_axes":
+        grid = {"train.learning_rate": [0.001, 0.01], "model.init": ["default", "normal"]}
+        _seeds_grid(client, experiment_id, LADDER, grid, [1, 2])
+    elif name == "one_float_axis":
+        _seeds_grid(client, experiment_id, LADDER, {"train.learning_rate": [3e-4, 0.1]}, [1])
+
+
 SHAPES = ["one_variant_one_axis", "one_run", "one_seed", "three_axes", "no_grid", "only_failed",
-          "nan_losses"]  # fmt: skip
+          "nan_losses", "float_axes", "float_and_string_axes", "one_float_axis"]  # fmt: skip
 BROWSED = ("one_variant_one_axis", "three_axes", "only_failed")  # in a real browser too
 
 
@@ -574,6 +585,106 @@ def test_store_shapes_in_a_headless_browser(shapes: Store, shape: str, tmp_path:
     assert [u for u in visit.requests if not u.startswith(("file:", "data:"))] == []
     assert visit.images >= 2 and visit.images_decoded
     assert visit.title == f"{shape}: workbench report"
+
+
+# --- every figure draws what it claims ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Panel:
+    """What one visible axes of a rendered figure holds."""
+
+    title: str
+    lines: int  # lines with at least one finite point
+    cells: int  # cells of a heatmap (a QuadMesh), 0 elsewhere
+    empty_cells: int  # of those, cells with no value
+    labels: tuple[str, ...]  # texts drawn on the axes (heatmap annotations, titles)
+
+
+def _panels(figure: Any) -> list[Panel]:
+    import numpy as np
+    from matplotlib.collections import QuadMesh
+
+    panels = []
+    for ax in figure.axes:
+        if not ax.get_visible():
+            continue
+        lines = sum(
+            1 for line in ax.get_lines()
+            if np.isfinite(np.asarray(line.get_ydata(), dtype=float)).any()
+        )  # fmt: skip
+        cells = empty = 0
+        for mesh in (c for c in ax.collections if isinstance(c, QuadMesh)):
+            values = np.ma.masked_invalid(np.ma.asarray(mesh.get_array(), dtype=float))
+            cells += values.size
+            empty += int(np.ma.count_masked(values))
+        titles = (ax.get_title(), *(t.get_text() for t in ax.texts))
+        panels.append(Panel(ax.get_title(), lines, cells, empty, tuple(titles)))
+    return panels
+
+
+@pytest.fixture(scope="module")
+def drawn(shapes: Store) -> dict[str, dict[str, list[Panel]]]:
+    """Shape → figure title → its panels, captured as the report renders each figure."""
+    from workbench.report import attention, figures, sensitivity
+    from workbench.report.build import write_reports
+
+    captured: dict[str, dict[str, list[Panel]]] = {}
+    real = figures.render
+
+    def recording(figure: Any, title: str, alt: str) -> Any:
+        current[title] = _panels(figure)
+        return real(figure, title, alt)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (figures, sensitivity, attention):
+            patch.setattr(module, "render", recording)
+        for shape in SHAPES:
+            current: dict[str, list[Panel]] = {}
+            write_reports(shapes.uri, [shape], shapes.folder / "drawn")
+            captured[shape] = current
+    return captured
+
+
+def _points(shapes: Store, shape: str, finished_only: bool) -> dict[tuple[str, ...], set[str]]:
+    """Grid point (its grid tags' values) → the variants with a run there, from the store."""
+    points: dict[tuple[str, ...], set[str]] = {}
+    for run in shapes.runs(shape):
+        best = run.data.metrics.get("best_val_loss", float("nan"))
+        if finished_only and (run.info.status != "FINISHED" or best != best):
+            continue  # the curves show the finished runs with a loss, else every run
+        tags = run.data.tags
+        point = tuple(sorted((k, v) for k, v in tags.items() if k.startswith(TAG + "grid.")))
+        points.setdefault(point, set()).add(tags[TAG + "variant"])
+    return points
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_each_loss_curve_panel_holds_a_line_per_variant_and_split(
+    shapes: Store, drawn: dict[str, dict[str, list[Panel]]], shape: str
+) -> None:
+    """Each facet is a grid point of the store, and holds a val and a train line for every
+    variant that has a run there (what the blank panels of a float axis lacked)."""
+    points = _points(shapes, shape, finished_only=shape != "only_failed")
+    for title in ("Loss against step", "Loss against wall-clock time"):
+        panels = drawn[shape][title]
+        assert len(panels) == len(points), (title, [p.title for p in panels])
+        want = sorted(2 * len(variants) for variants in points.values())
+        assert sorted(p.lines for p in panels) == want, (title, panels)
+        for panel in panels:
+            assert "np." not in panel.title, panel.title  # values as the spec writes them
+
+
+@pytest.mark.parametrize("shape", ["three_axes", "float_axes", "float_and_string_axes"])
+def test_every_heatmap_cell_is_filled(
+    drawn: dict[str, dict[str, list[Panel]]], shape: str
+) -> None:
+    """A heatmap per variant (its title), each of its 2 × 2 cells holding a mean."""
+    panels = [p for figure in drawn[shape].values() for p in figure if p.cells and p.title]
+    assert sorted(p.title for p in panels) == sorted(LADDER), panels
+    for panel in panels:
+        assert panel.cells == 4 and panel.empty_cells == 0, panel
+        assert not any("nan" in label for label in panel.labels), panel
 
 
 # --- run identity, ladder order, per-point answers -----------------------------------------------

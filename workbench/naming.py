@@ -12,7 +12,11 @@ from collections.abc import Sequence
 
 
 def format_value(value: object) -> str:
-    """A config value as a user writes it in YAML; a missing value (None, NaN) is ``null``."""
+    """A config value as a user writes it in YAML; a missing value (None, NaN) is ``null``.
+    A numpy scalar (what pandas hands back from ``unique()``) reads as the Python value it
+    holds: ``np.float64(0.001)`` is ``0.001``, as the same value taken from a Series."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        value = value.item()
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "null"
     if isinstance(value, bool):
