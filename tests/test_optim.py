@@ -180,6 +180,7 @@ def test_two_groups_with_their_own_rates_step_like_two_torch_adamws(fused: bool,
     assert moved[0] > 2 * moved[1]
 
 
+@pytest.mark.private_api
 def test_one_rate_or_a_rate_per_group_is_still_one_fused_call(monkeypatch: pytest.MonkeyPatch):
     calls = []
     kernel = torch._fused_adamw_

@@ -526,7 +526,6 @@ def _shape(name: str, client: Any, experiment_id: str) -> None:
         fabricate(client, experiment_id, "broken", 2, kind="single_head", index=1,
                   floor=float("nan"))  # fmt: skip
 
-
     elif name == "float_axes":  # the default ablation's axes: an integer and a float
         grid = {"train.block_size": [4, 8], "train.learning_rate": [0.001, 0.003]}
         _seeds_grid(client, experiment_id, LADDER, grid, [1, 2])
@@ -676,9 +675,7 @@ def test_each_loss_curve_panel_holds_a_line_per_variant_and_split(
 
 
 @pytest.mark.parametrize("shape", ["three_axes", "float_axes", "float_and_string_axes"])
-def test_every_heatmap_cell_is_filled(
-    drawn: dict[str, dict[str, list[Panel]]], shape: str
-) -> None:
+def test_every_heatmap_cell_is_filled(drawn: dict[str, dict[str, list[Panel]]], shape: str) -> None:
     """A heatmap per variant (its title), each of its 2 × 2 cells holding a mean."""
     panels = [p for figure in drawn[shape].values() for p in figure if p.cells and p.title]
     assert sorted(p.title for p in panels) == sorted(LADDER), panels

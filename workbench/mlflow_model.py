@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workbench import compat
 from workbench.errors import WorkbenchError, first_line
 
 if TYPE_CHECKING:
@@ -61,13 +62,14 @@ def _environment_files() -> dict[str, str]:
     """conda.yaml, requirements.txt and python_env.yaml, the same for every model of a process:
     MLflow's own processing of the stated requirements, done once."""
     import yaml
-    from mlflow.utils.environment import _process_pip_requirements, _PythonEnv
 
-    process: Any = _process_pip_requirements  # untyped in MLflow
+    helpers = compat.mlflow_model_helpers()
+    assert helpers is not None, "only called where MLflow's helpers are at hand"
+    _, process, python_env_class = helpers
     conda_env, requirements, constraints = process(None, pip_requirements())
     assert not constraints  # none stated
     with tempfile.TemporaryDirectory() as folder:
-        python_env_of: Any = _PythonEnv.current  # untyped in MLflow
+        python_env_of: Any = python_env_class.current
         python_env_of().to_yaml(Path(folder) / "python_env.yaml")
         python_env = (Path(folder) / "python_env.yaml").read_text()
     return {
@@ -96,23 +98,30 @@ def save_model(
     mlflow_model: Any = None,
 ) -> None:
     """Write the MLflow model directory of ``model``'s logits program at ``path`` (which must
-    not exist): the pytorch flavor's pt2 layout, with its pyfunc flavor and environment files."""
+    not exist): the pytorch flavor's pt2 layout, with its pyfunc flavor and environment files.
+    Written here from the shape's kept archive with MLflow's private helpers
+    (``workbench.compat``); without them, by ``mlflow.pytorch.save_model``, which traces."""
     import mlflow.pytorch
     import torch
     from mlflow import pyfunc
     from mlflow.models import Model
     from mlflow.models.model import MLMODEL_FILE_NAME
-    from mlflow.models.utils import _save_example
     from mlflow.utils.file_utils import get_total_file_size
 
     from workbench.models.export import example_input, save_logits
 
     block_size = model.block_size
     mlflow_model = Model() if mlflow_model is None else mlflow_model
+    metadata = {"block_size": block_size, "vocab_size": tokenizer.vocab_size}
+    helpers = compat.mlflow_model_helpers()
+    if helpers is None:
+        _save_with_mlflow(path, model, tokenizer, mlflow_model, metadata)
+        return
+    save_example = helpers[0]
     path.mkdir(parents=True)
-    _save_example(mlflow_model, example_input(block_size).numpy(), str(path))
+    save_example(mlflow_model, example_input(block_size).numpy(), str(path))
     mlflow_model.signature = signature(tokenizer.vocab_size)
-    mlflow_model.metadata = {"block_size": block_size, "vocab_size": tokenizer.vocab_size}
+    mlflow_model.metadata = metadata
     (path / "data").mkdir()
     save_logits(model, path / "data" / "model.pt2")
     (path / "extra_files").mkdir()
@@ -139,6 +148,35 @@ def save_model(
     mlflow_model.save(str(path / MLMODEL_FILE_NAME))
     for name, text in _environment_files().items():
         (path / name).write_text(text)
+
+
+def _save_with_mlflow(
+    path: Path,
+    model: LanguageModel,
+    tokenizer: CharTokenizer,
+    mlflow_model: Any,
+    metadata: dict[str, int],
+) -> None:
+    """The public route: ``mlflow.pytorch.save_model`` exports the logits module of a copy of
+    ``model`` built with SDPA attention (its signature makes batch and time dynamic)."""
+    import mlflow.pytorch
+
+    from workbench.models.attention import SDPA
+    from workbench.models.export import NextTokenLogits, example_input
+    from workbench.models.ladder import build_model
+
+    same = build_model(model.config, model.vocab_size, model.block_size, attention=SDPA)
+    same.load_state_dict(model.state_dict())
+    with tempfile.TemporaryDirectory(prefix="workbench-model-") as folder:
+        vocabulary = Path(folder) / TOKENIZER_FILE
+        vocabulary.write_text(tokenizer.to_json(), encoding="utf-8")
+        mlflow.pytorch.save_model(
+            NextTokenLogits(same).eval(), str(path), mlflow_model=mlflow_model,
+            signature=signature(tokenizer.vocab_size),
+            input_example=example_input(model.block_size).numpy(), metadata=metadata,
+            extra_files=[str(vocabulary)], pip_requirements=pip_requirements(),
+            serialization_format="pt2",
+        )  # fmt: skip
 
 
 def log_model(

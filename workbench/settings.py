@@ -29,6 +29,7 @@ class Settings:
     c_compiler: str | None  # CC; None: the first of cc, gcc, clang on the PATH
     store_template_dir: Path | None = None  # empty MLflow databases, one per MLflow version
     export_template_dir: Path | None = None  # traced model archives, one per model shape
+    public_apis_only: bool = False  # WORKBENCH_PUBLIC_APIS=1: no private API (workbench.compat)
 
 
 def load_settings() -> Settings:
@@ -48,4 +49,5 @@ def load_settings() -> Settings:
         c_compiler=os.environ.get("CC") or None,
         store_template_dir=cache_dir / "stores" if cache_dir else None,
         export_template_dir=cache_dir / "exports" if cache_dir else None,
+        public_apis_only=os.environ.get("WORKBENCH_PUBLIC_APIS", "0").lower() not in OFF,
     )

@@ -6,10 +6,7 @@ Heavy modules (torch, mlflow, pandas) are imported inside the commands that need
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
-import os
 import signal
 import sys
 import threading
@@ -20,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from workbench import __version__
+from workbench import __version__, compat
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
@@ -426,8 +423,4 @@ def console() -> None:
     main_thread = threading.main_thread()
     if any(t is not main_thread and t.is_alive() and not t.daemon for t in threading.enumerate()):
         sys.exit(code)
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed pipe: nothing more to say
-            stream.flush()
-    os._exit(code)
+    compat.exit_without_teardown(code)

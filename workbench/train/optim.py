@@ -1,7 +1,8 @@
 """AdamW over one flat buffer.
 
 Every trainable parameter becomes a view into one tensor and its gradient a view into another,
-so a step is one call of PyTorch's fused AdamW kernel and zeroing the gradients is one fill.
+so a step is one call of PyTorch's fused AdamW kernel (a private API: ``workbench.compat``, with
+the same update in public ops as its fallback) and zeroing the gradients is one fill.
 Parameter groups with a learning rate each (one per member of a packed run) cost a few more
 element-wise passes over the same buffer, never a call per group.
 ``torch.optim.AdamW(fused=True)`` runs the same kernel, but on the lecture's tiny models its
@@ -19,9 +20,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-
-def _fused_available(device: torch.device) -> bool:
-    return device.type in ("cpu", "cuda") and hasattr(torch, "_fused_adamw_")
+from workbench import compat
 
 
 def _as_groups(
@@ -73,7 +72,9 @@ class FlatAdamW:
                 )
             weight_decay = weight_decay.detach().to(first.device, torch.float32)
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
-        self.fused = _fused_available(first.device) if fused is None else fused
+        # torch's fused kernel is private (workbench.compat): None takes the public update.
+        self._kernel = compat.fused_adamw(first.device) if fused is not False else None
+        self.fused = self._kernel is not None
         self.params = flat_params
         self.group_sizes = torch.tensor(
             [sum(p.numel() for p in group) for group in groups], device=first.device
@@ -162,8 +163,8 @@ class FlatAdamW:
     def _update(self, param: torch.Tensor, lr: float | torch.Tensor, weight_decay: float) -> None:
         """AdamW's update of ``param`` from the gradient buffer, advancing the moments."""
         beta1, beta2 = self.betas
-        if self.fused:
-            torch._fused_adamw_(
+        if self._kernel is not None:
+            self._kernel(
                 [param],
                 [self.grad],
                 [self.exp_avg],
