@@ -342,9 +342,10 @@ def test_light_modules_do_not_import_torch(module: str) -> None:
     assert heavy_modules_after(f"import {module}") == []
 
 
+@pytest.mark.slow
 def test_the_driver_of_a_local_sweep_does_not_import_torch(tmp_path: Path) -> None:
-    """The worker trains; the driver makes its store calls (workbench.sweep.relay), whose
-    arguments must not make the driver import torch to read them (seconds)."""
+    """The workers train and write their runs; the driver reads their events, which must not
+    make it import torch to read them (seconds)."""
     spec = write_spec(tmp_path)  # two runs, two workers where there are two cores
     code = (
         "import os\n"

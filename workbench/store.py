@@ -15,9 +15,9 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from workbench.errors import WorkbenchError, first_line
@@ -34,26 +34,10 @@ def tracking_uri(explicit: str | None, from_env: str | None) -> str:
 
 
 _OPENED: set[str] = set()  # stores this process has checked (and created) already
-_relayed: Callable[[str], Any] | None = None  # a local worker's clients (workbench.sweep.relay)
 
 
 def client(uri: str) -> MlflowClient:
-    """An MLflow client: in a local worker, one whose calls its driver makes (see
-    :mod:`workbench.sweep.relay`); elsewhere :func:`direct_client`."""
-    if _relayed is not None:
-        relayed: MlflowClient = _relayed(uri)
-        return relayed
-    return direct_client(uri)
-
-
-def relay_clients(factory: Callable[[str], Any]) -> None:
-    """From now on, this process's :func:`client` is ``factory(uri)`` (a local worker's)."""
-    global _relayed
-    _relayed = factory
-
-
-def direct_client(uri: str) -> MlflowClient:
-    """An MLflow client of this process; the first one for ``uri`` checks the store first (see
+    """An MLflow client; the first one of a process for ``uri`` checks the store first (see
     :func:`open_store`)."""
     from mlflow.tracking import MlflowClient
 

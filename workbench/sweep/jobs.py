@@ -291,13 +291,14 @@ def _train_and_record(
 
 
 def preload() -> None:
-    """Import what a job needs besides torch: MLflow's entities and models, the figures and the
-    logged model (not the store: a local worker's store calls are its driver's). A worker
+    """Import what a job needs besides torch: MLflow's client with its SQLite store (the one
+    kind of store a worker is started early for), the figures and the logged model. A worker
     started before the driver has a job for it spends that wait here, not on the job's time."""
     import matplotlib.backends.backend_agg
     import matplotlib.figure  # noqa: F401  (a run's figures: no pyplot, no seaborn)
     import mlflow.entities
-    import mlflow.models  # noqa: F401
+    import mlflow.models
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
     import workbench.mlflow_model
     import workbench.report.attention

@@ -4,8 +4,8 @@ Why not ``ProcessPoolExecutor``: one crashed worker breaks the whole pool and ev
 fails with it (docs/mlflow-notes.md). Here each worker is a spawned process with its own pipe; a
 worker that dies (segfault, ``os._exit``, kill -9) costs only the run it held and can garble only
 its own pipe, and a fresh worker takes its place. Workers are reused between runs, since
-importing torch and mlflow costs seconds per process, and they make their store calls through
-the driver, which has the store open (:mod:`workbench.sweep.relay`).
+importing torch and mlflow costs seconds per process; each opens the tracking store itself, and
+sends the driver only its events (``Started``, ``Progress``, ``Ended``) over its pipe.
 
 Signals: workers ignore SIGINT (a Ctrl-C reaches the whole process group); the driver forwards
 exactly one SIGTERM, which a worker turns into KeyboardInterrupt so its run is marked KILLED.
@@ -28,19 +28,16 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from workbench import store
 from workbench.sweep.events import CrashFn, Ended, EventFn, Started
-from workbench.sweep.jobs import JobResult, JobStatus, describe_exit, end_killed, signals_deferred
-from workbench.sweep.packs import Unit, execute_unit, members
-from workbench.sweep.relay import (
-    Relay,
-    RelayedClient,
-    StoreCall,
-    StoreReply,
-    answer,
-    is_quick,
-    unpicklable,
+from workbench.sweep.jobs import (
+    DriverLost,
+    JobResult,
+    JobStatus,
+    describe_exit,
+    end_killed,
+    signals_deferred,
 )
+from workbench.sweep.packs import Unit, execute_unit, members
 from workbench.tracking import RunState
 
 PARENT_CHECK_S = 1.0
@@ -59,8 +56,7 @@ def _worker_main(env: dict[str, str], conn: Connection, early: bool = False) -> 
     # What every job needs, imported now. A worker started early (``warm_up``, for a new SQLite
     # store) imports all of it while the driver is still creating the store and its runs, not
     # after its first job arrives.
-    relay = Relay(conn)
-    store.relay_clients(lambda uri: RelayedClient(relay, uri))  # the driver's store, not ours
+    driver = _DriverPipe(conn)
     try:
         import workbench.tracking
         import workbench.train.factory  # noqa: F401  (torch)
@@ -84,15 +80,15 @@ def _worker_main(env: dict[str, str], conn: Connection, early: bool = False) -> 
             break
         try:
             for job in members(unit):
-                relay.send(Started(job.key, os.getpid()))
+                driver.send(Started(job.key, os.getpid()))
             # A send to a driver that is gone raises DriverLost: the job stops, resumable.
-            results = execute_unit(unit, relay.send)
+            results = execute_unit(unit, driver.send)
         except KeyboardInterrupt:  # before the job function could handle it itself
-            reason = "the driver process is gone" if relay.lost else "interrupted"
+            reason = "the driver process is gone" if driver.lost else "interrupted"
             results = [end_killed(job, reason) for job in members(unit)]
         try:
             for result in results:
-                relay.send(Ended(result.key, result))
+                driver.send(Ended(result.key, result))
         except KeyboardInterrupt:  # DriverLost: nobody to tell
             break
     # Every run this worker held is ended in the store and reported: nothing is left to write,
@@ -102,24 +98,20 @@ def _worker_main(env: dict[str, str], conn: Connection, early: bool = False) -> 
     os._exit(0)
 
 
-def _answer(conn: Connection, call: StoreCall) -> None:
-    """Make a worker's store call and send it what came of it, always: a worker never waits
-    for an answer that does not come. A SQLite store's call (milliseconds) is made with Ctrl-C
-    held back; a server's, which may retry for minutes, can be interrupted, and the worker is
-    then told it was (its job ends KILLED)."""
-    reply = StoreReply(error=KeyboardInterrupt("interrupted"))  # unless the call is made
-    try:
-        with signals_deferred() if is_quick(call.uri) else contextlib.nullcontext():
-            reply = answer(call)
-    finally:
-        with signals_deferred():  # an answer is sent whole
-            try:
-                conn.send(reply)
-            except OSError:  # the worker is gone; its slot is checked later
-                pass
-            except Exception as exc:  # nothing was sent: say why instead
-                with contextlib.suppress(OSError):
-                    conn.send(unpicklable(reply, exc))
+@dataclass
+class _DriverPipe:
+    """A worker's end of its pipe: its events to the driver."""
+
+    conn: Connection
+    lost: bool = False  # the driver is gone
+
+    def send(self, event: Any) -> None:
+        """Send an event; a driver that is gone raises DriverLost (the run stops, resumable)."""
+        try:
+            self.conn.send(event)
+        except OSError:
+            self.lost = True
+            raise DriverLost("the driver process is gone") from None
 
 
 @dataclass
@@ -253,9 +245,6 @@ class LocalExecutor:
                     except (EOFError, OSError):  # the worker is gone; its slot is checked later
                         del open_workers[id(conn)]
                         continue
-                if isinstance(event, StoreCall):
-                    _answer(worker.conn, event)
-                    continue
                 if isinstance(event, Ended):
                     results.append(event.result)
                     worker.open_keys.discard(event.key)
