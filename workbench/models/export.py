@@ -2,7 +2,8 @@
 
 What a run logs as its MLflow model. The program is traced from a model of the same shape built
 with the SDPA backend (a C kernel cannot be traced), with a dynamic batch and a dynamic time
-dimension up to the block size.
+dimension: a prompt longer than the block size is cropped to its last ``block_size`` tokens,
+as ``generate`` crops it.
 
 Tracing costs a few hundred milliseconds, and the first trace of a process about a second more
 (importing ``torch._dynamo``): more than a short run's training. What differs between two runs
@@ -50,9 +51,11 @@ _programs: OrderedDict[str, ExportedProgram] = OrderedDict()  # the public route
 
 
 class NextTokenLogits(nn.Module):
-    """``model.logits`` with the time dimension padded to the block size inside: every model of
-    the ladder is causal, so the first T positions of a padded block are the logits of the T
-    tokens alone, and the ladder's code sees only its one static block length."""
+    """``model.logits`` of the last ``block_size`` tokens of its input, as ``generate`` crops a
+    prompt: (B, T) token ids in, any T ≥ 1, and the logits of the last min(T, block_size) tokens
+    out. Inside, the ladder's code sees only its one static block length: the window is padded
+    at the end (every model of the ladder is causal, so the first positions of a padded block
+    are the logits of those tokens alone)."""
 
     def __init__(self, model: LanguageModel) -> None:
         super().__init__()
@@ -60,19 +63,21 @@ class NextTokenLogits(nn.Module):
         self.block_size = model.block_size
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T) int64 token ids, T ≤ block_size, in; (B, T, vocab) logits out."""
-        T = idx.size(1)
-        block = F.pad(idx, (0, self.block_size - T))  # (B, block_size)
-        logits = self.model.logits(block)  # (B, block_size, vocab)
-        # index_select, not a slice: a slice of a static length by a dynamic one makes
-        # torch.export guard T against the block size.
-        return logits.index_select(1, torch.arange(T, device=idx.device))
+        """(B, T) int64 token ids in; (B, min(T, block_size), vocab) logits out."""
+        T, block = idx.size(1), self.block_size
+        # index_select, not slices: a slice of a static length by a dynamic one makes
+        # torch.export guard T against the block size, and crop nothing past it.
+        start = torch.clamp(torch.tensor(T, device=idx.device) - block, min=0)
+        window = F.pad(idx, (0, block)).index_select(
+            1, start + torch.arange(block, device=idx.device)
+        )  # (B, block): the last min(T, block) tokens, then padding
+        logits = self.model.logits(window)  # (B, block, vocab)
+        return logits.index_select(1, torch.arange(torch.sym_min(T, block), device=idx.device))
 
 
 def example_input(block_size: int) -> torch.Tensor:
-    """A (2, T) batch to trace with: sizes 0 and 1 would be traced as constants, and T equal to
-    the block size as one too (no padding)."""
-    return torch.zeros(2, min(2, block_size), dtype=torch.int64)
+    """A (2, 2) batch to trace with: sizes 0 and 1 would be traced as constants."""
+    return torch.zeros(2, 2, dtype=torch.int64)
 
 
 def save_logits(model: LanguageModel, path: Path) -> None:
@@ -238,7 +243,6 @@ def trace_logits(model: LanguageModel) -> ExportedProgram:
     attention (a C kernel cannot be traced)."""
     module = NextTokenLogits(model).eval()
     example = example_input(model.block_size)
-    time = {1: Dim("time", min=1, max=model.block_size)} if model.block_size > 1 else {}
     return torch.export.export(
-        module, (example,), dynamic_shapes=({0: Dim("batch", min=1), **time},)
+        module, (example,), dynamic_shapes=({0: Dim("batch", min=1), 1: Dim("time", min=1)},)
     )
