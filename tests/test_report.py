@@ -70,6 +70,7 @@ class Store:
         self.uri = f"sqlite:///{folder / 'mlflow.db'}"
         self.reports = folder / "reports"
         self.output = ""
+        self.drawn: dict[str, dict[str, Any]] = {}
 
     def client(self) -> Any:
         from mlflow.tracking import MlflowClient
@@ -543,15 +544,37 @@ BROWSED = ("one_variant_one_axis", "three_axes", "only_failed")  # in a real bro
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """One fabricated SQLite store: one experiment per shape, plus `workbench report` on all."""
+    """One fabricated SQLite store: one experiment per shape, plus `workbench report` on all,
+    with what each figure drew captured as it was rendered (``store.drawn``: shape → figure
+    title → panels)."""
+    from workbench.report import attention, build, figures, sensitivity
+
     folder = tmp_path_factory.mktemp("shapes")
     store = Store(folder)
     client = store.client()
     for name in SHAPES:
         _shape(name, client, client.create_experiment(name))
-    result = invoke("report", "--tracking-uri", store.uri, "--out", str(store.reports))
+    store.drawn = {}
+    real_render, real_write = figures.render, build._write_one
+
+    def recording(figure: Any, title: str, alt: str) -> Any:
+        store.drawn[current[-1]][title] = _panels(figure)
+        return real_render(figure, title, alt)
+
+    def writing(tracking_uri: str, name: str, *args: Any) -> Any:
+        current.append(name)
+        store.drawn[name] = {}
+        return real_write(tracking_uri, name, *args)
+
+    current: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (figures, sensitivity, attention):
+            patch.setattr(module, "render", recording)
+        patch.setattr(build, "_write_one", writing)
+        result = invoke("report", "--tracking-uri", store.uri, "--out", str(store.reports))
     store.output = result.output
     assert result.exit_code == 0, result.output
+    assert sorted(store.drawn) == sorted(SHAPES)
     return store
 
 
@@ -624,25 +647,8 @@ def _panels(figure: Any) -> list[Panel]:
 
 @pytest.fixture(scope="module")
 def drawn(shapes: Store) -> dict[str, dict[str, list[Panel]]]:
-    """Shape → figure title → its panels, captured as the report renders each figure."""
-    from workbench.report import attention, figures, sensitivity
-    from workbench.report.build import write_reports
-
-    captured: dict[str, dict[str, list[Panel]]] = {}
-    real = figures.render
-
-    def recording(figure: Any, title: str, alt: str) -> Any:
-        current[title] = _panels(figure)
-        return real(figure, title, alt)
-
-    with pytest.MonkeyPatch.context() as patch:
-        for module in (figures, sensitivity, attention):
-            patch.setattr(module, "render", recording)
-        for shape in SHAPES:
-            current: dict[str, list[Panel]] = {}
-            write_reports(shapes.uri, [shape], shapes.folder / "drawn")
-            captured[shape] = current
-    return captured
+    """Shape → figure title → its panels, captured as the report rendered each figure."""
+    return shapes.drawn  # type: ignore[no-any-return]
 
 
 def _points(shapes: Store, shape: str, finished_only: bool) -> dict[tuple[str, ...], set[str]]:
