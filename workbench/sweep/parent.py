@@ -9,9 +9,12 @@ the parent it was created under, and no run is ever attached to two. A sweep wit
 train writes nothing, parent included; so do ``--dry-run`` and ``plan``.
 
 The parent holds the resolved spec (``spec.yaml``), the grid's size (param ``grid_size``), how
-many of its plan's runs are in each state (metrics ``runs_finished``, ``runs_failed``, ...,
-one point per sweep that used it) and the best val loss of its finished runs with that run's
-name and id (``best_val_loss``, tags ``workbench.best_run_name`` and ``workbench.best_run_id``).
+many of its plan's runs are in each state when its last sweep ended (tags
+``workbench.runs_finished``, ``workbench.runs_failed``, ...: tags, not metrics, so that the
+Charts view of ``mlflow ui`` shows training curves, not seven panels of bookkeeping) and the best
+val loss of its finished runs with that run's name and id (metric ``best_val_loss``, the one
+number a parent of nested runs carries in MLflow's own tuning examples; tags
+``workbench.best_run_name`` and ``workbench.best_run_id``).
 Parents carry no ``workbench.run_key``, so no reader of runs (skip and resume, the report,
 ``sample``) ever takes one for a run.
 
@@ -48,9 +51,10 @@ STATES = (RunState.FINISHED, RunState.FAILED, RunState.DIVERGED, RunState.KILLED
 PARENT_TAG = "mlflow.parentRunId"
 
 
-def state_metric(state: RunState) -> str:
-    """``runs_finished``, ``runs_to_do``, ...: the parent's count of its runs in ``state``."""
-    return "runs_" + str(state).replace(" ", "_")
+def state_tag(state: RunState) -> str:
+    """``workbench.runs_finished``, ``workbench.runs_to_do``, ...: the tag holding the parent's
+    count of its runs in ``state``."""
+    return TAG + "runs_" + str(state).replace(" ", "_")
 
 
 @dataclass(frozen=True)
@@ -110,8 +114,8 @@ def end_parent(
         counts = Counter(record.state for record in mine.values())
         counts[RunState.TO_DO] = len(plan.runs) - len(mine)
         now = int(time.time() * 1000)
-        metrics = [Metric(state_metric(s), counts[s], now, parent.attempt) for s in STATES]
-        tags: dict[str, str] = {}
+        metrics = []
+        tags = {state_tag(s): str(counts[s]) for s in STATES}
         best = _best(mine.values())
         if best is not None:
             metrics.append(Metric("best_val_loss", best.metrics["best_val_loss"], now, 0))
