@@ -426,3 +426,65 @@ def test_the_console_script_exits_as_python_does_with_a_message() -> None:
     )
     done = console_run("--version", before=before)
     assert done.returncode == 1 and done.stderr.strip() == "stopped: why", done
+
+
+def test_the_estimate_comes_from_runs_of_the_same_shape_anywhere_in_the_experiment(
+    tmp_path: Path,
+) -> None:
+    """A run of another plan (another max_iters) still times a step of its shape; a shape
+    nobody measured is estimated per token from its model; nothing measured: unknown."""
+    from workbench.cli.estimate import StepTimes, params_of
+    from workbench.grid import expand
+    from workbench.tracking import RunRecord
+
+    one_variant = {"b": {"model": {"kind": "bigram"}}}
+    spec = write_spec(tmp_path, variants=one_variant, grid={"train.block_size": [8, 16]})
+    runs = expand(spec).runs  # bigram at block 8 and 16
+    assert [r.config.train.block_size for r in runs] == [8, 16]
+    assert StepTimes.of([]).seconds(runs[0], 100) is None
+    measured = {**params_of(runs[0]), "train.max_iters": "1000"}  # same shape, longer
+    finished = RunRecord("id", "FINISHED", {}, {"wall_time_s": 2.0}, 0, params=measured)
+    killed = RunRecord("id2", "KILLED", {}, {"wall_time_s": 99.0}, 0, params=measured)
+    times = StepTimes.of([finished, killed])
+    assert times.measured == 1
+    assert times.seconds(runs[0], 100) == pytest.approx(0.2)  # 2 ms a step
+    # block 16: twice the tokens a step, at the bigram's measured seconds per token
+    assert times.seconds(runs[1], 100) == pytest.approx(0.4)
+
+
+def test_the_time_left_is_labelled_and_comes_from_each_shapes_step_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two shapes: estimating until each has a measured rate; then the steps left of every
+    unfinished run at its shape's seconds per step, shared among the runs training at once."""
+    import io
+
+    from rich.console import Console
+
+    from workbench.cli import progress
+    from workbench.grid import expand
+    from workbench.sweep import events
+    from workbench.sweep.driver import Action, Decision
+    from workbench.tracking import RunState
+
+    one_variant = {"b": {"model": {"kind": "bigram"}}}
+    spec = write_spec(tmp_path, variants=one_variant, grid={"train.block_size": [8, 16]},
+                      seeds=[1, 2])  # fmt: skip
+    runs = expand(spec).runs  # 2 shapes x 2 seeds
+    assert len(runs) == 4 and {r.config.train.max_iters for r in runs} == {40}
+    display = progress.SweepProgress(Console(file=io.StringIO()), live=False)
+    display.start([Decision(r, Action.NEW, RunState.TO_DO) for r in runs])
+    assert display._left() == "time left: estimating"
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    small, large = runs[0], runs[2]
+    assert small.config.train.block_size == 8 and large.config.train.block_size == 16
+    for run in (small, large):
+        display.event(events.Started(run.key, 1))
+        display.event(events.Progress(run.key, 0, {}))
+    clock[0] = 1.0
+    display.event(events.Progress(small.key, 20, {}))  # 50 ms a step
+    assert display._left() == "time left: estimating"  # block 16 not measured yet
+    display.event(events.Progress(large.key, 10, {}))  # 100 ms a step
+    # left: 20 + 40 steps at 50 ms, 30 + 40 at 100 ms = 10 s, two runs at once
+    assert display._left() == "about 5s left"

@@ -95,9 +95,7 @@ def test_the_public_archive_route_computes_the_runs_logits(
     assert not list(tmp_path.glob("cache/**/*.pt2"))  # nothing kept across processes
 
 
-def test_the_public_model_route_writes_mlflows_own_directory(
-    public: None, tmp_path: Path
-) -> None:
+def test_the_public_model_route_writes_mlflows_own_directory(public: None, tmp_path: Path) -> None:
     model = build_model(ModelConfig(kind="multi_head", n_embd=16, n_head=2), 65, 8)
     tokenizer = CharTokenizer("".join(chr(32 + i) for i in range(65)))
     mlflow_model.save_model(tmp_path / "m", model, tokenizer)

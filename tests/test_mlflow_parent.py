@@ -65,12 +65,12 @@ def sweep(store: Store, spec: Path, *extra: str) -> None:
     assert result.exit_code == 0, result.output
 
 
-
 def counts_of(parent: Any) -> dict[str, int]:
     """The parent's run counts per state, from its ``workbench.runs_*`` tags."""
     prefix = TAG + "runs_"
     return {k.removeprefix(prefix): int(v) for k, v in parent.data.tags.items()
             if k.startswith(prefix)}  # fmt: skip
+
 
 # --- without training -------------------------------------------------------------------------
 

@@ -69,7 +69,10 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
 
     again = invoke("run", str(spec), *store.args())
     assert again.exit_code == 0, again.output
-    assert "skipped (finished)" in again.output
+    # a rerun with nothing to do says so in one line
+    assert again.output.strip().splitlines() == [
+        "t: nothing to do, 2 of 2 runs finished (--force retrains)"
+    ]
     assert len(store.runs()) == 2  # nothing trained twice
 
     plan = invoke("plan", str(spec), "--tracking-uri", store.uri)
@@ -78,6 +81,9 @@ def test_run_records_every_run_then_skips_them(store: Store, tmp_path: Path) -> 
 
     forced = invoke("run", str(spec), "--force", "--only", "bigram*", *store.args())
     assert forced.exit_code == 0, forced.output
+    *_, total = forced.output.strip().splitlines()  # the summary's last line: the totals
+    assert re.fullmatch(r"t: 1 run: 1 finished, in \d+s; best of this sweep: bigram s=1 "
+                        r"\(best val loss \d\.\d{4}\)", total), total  # fmt: skip
     assert [r.info.run_name for r in store.runs()].count("bigram s=1") == 2
 
     shorter = invoke("run", str(spec), "--set", "train.max_iters=20", "--only", "b*", *store.args())
@@ -111,7 +117,9 @@ def test_plan_and_dry_run_say_what_is_left(store: Store, tmp_path: Path) -> None
     first, left = totals(invoke(*plan))
     assert first == "4 runs: 2 finished, 0 to resume, 2 to train"
     assert re.fullmatch(
-        r"left: 20.5k tokens, about \d+s one run at a time \(from 2 finished runs\)", left
+        r"left: 20.5k tokens, about \d+s one run at a time "
+        r"\(from the step times of 2 finished runs\)",
+        left,
     )
     assert totals(invoke(*dry)) == [first, left]  # --dry-run reads the store as plan does
     assert "0 finished, 0 to resume, 4 to train" in totals(invoke(*dry, "--force"))[0]

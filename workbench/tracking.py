@@ -17,7 +17,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,7 @@ class RunRecord:
     tags: dict[str, str]
     metrics: dict[str, float]
     start_time: int
+    params: dict[str, str] = field(default_factory=dict)  # the config values it applies
 
     @property
     def diverged(self) -> bool:
@@ -192,6 +193,7 @@ def existing_runs(uri: str, experiment_id: str) -> dict[str, RunRecord]:
                 tags=dict(run.data.tags),
                 metrics=dict(run.data.metrics),
                 start_time=run.info.start_time or 0,
+                params=dict(run.data.params),
             )
     return records
 

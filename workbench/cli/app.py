@@ -10,6 +10,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -301,17 +302,18 @@ def _require_psutil() -> None:
 
 def _sweep(expanded: Plan, chosen: Executor, options: Options, console: Console, live: bool) -> int:
     """Run the sweep with its progress display, print the summary; returns the exit code."""
-    from workbench.cli.progress import SweepProgress, summary_table
+    from workbench.cli.progress import SweepProgress, print_summary
     from workbench.sweep.driver import run_sweep
     from workbench.sweep.executors.local import raise_keyboard_interrupt
 
     display = SweepProgress(console, live=live)
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM: the same as Ctrl-C
+    started = time.monotonic()
     try:
         summary = run_sweep(expanded, chosen, options, display.event, display.start)
     finally:
         display.stop()
-    console.print(summary_table(summary))
+    print_summary(console, summary, expanded.experiment, time.monotonic() - started)
     if summary.interrupted:
         console.print("interrupted: the next `workbench run` resumes from the checkpoints")
     return summary.exit_code

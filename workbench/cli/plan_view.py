@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from workbench.grid import Plan, Run
+from workbench.cli.estimate import StepTimes
+from workbench.grid import Plan
 from workbench.naming import format_value, human_count, short_names
 from workbench.store import client, store_errors
 from workbench.sweep.driver import Action, Decision, Options, decide
@@ -75,19 +75,21 @@ def what_is_left(
     options = Options(tracking_uri, Path(), Path(), force=force, rerun_failed=rerun_failed)
     decisions = decide(plan, dict(records), options)
     counts = {"finished": 0, "resume": 0, "train": 0, "failed": 0, "running": 0}
-    tokens: dict[str, int] = {}
+    times = StepTimes.of(records.values())
+    tokens, seconds = 0, 0.0
+    unknown = False
     for decision in decisions:
         outcome = _outcome(decision)
         counts[outcome] += 1
         if outcome in ("train", "resume"):
-            tokens[decision.run.key] = _tokens_left(decision, tracking_uri)
-    rates, measured = _seconds_per_token(plan.runs, records)
-    seconds = None
-    if rates:
-        fallback = statistics.median(rates.values())
-        kinds = {run.key: str(run.config.model.kind) for run in plan.runs}
-        seconds = sum(n * rates.get(kinds[key], fallback) for key, n in tokens.items())
-    return Left(**counts, tokens=sum(tokens.values()), seconds=seconds, measured=measured)
+            steps = _steps_left(decision, tracking_uri)
+            train = decision.run.config.train
+            tokens += steps * train.batch_size * train.block_size
+            estimate = times.seconds(decision.run, steps)
+            unknown = unknown or estimate is None
+            seconds += estimate or 0.0
+    return Left(**counts, tokens=tokens, seconds=None if unknown else seconds,
+                measured=times.measured)  # fmt: skip
 
 
 def _outcome(decision: Decision) -> str:
@@ -101,32 +103,15 @@ def _outcome(decision: Decision) -> str:
     return "failed"
 
 
-def _tokens_left(decision: Decision, tracking_uri: str) -> int:
-    """A run's tokens; for a resume, those of the steps after its last stored evaluation."""
+def _steps_left(decision: Decision, tracking_uri: str) -> int:
+    """A run's steps; for a resume, those after its last stored evaluation."""
     run, record = decision.run, decision.record
     if decision.action is not Action.RESUME or record is None:
-        return run.tokens
+        return run.config.train.max_iters
     with store_errors(tracking_uri):
         history = client(tracking_uri).get_metric_history(record.run_id, "val_loss")
     done = max((m.step for m in history), default=0)
-    train = run.config.train
-    return max(0, train.max_iters - done) * train.batch_size * train.block_size
-
-
-def _seconds_per_token(
-    runs: list[Run], records: Mapping[str, RunRecord]
-) -> tuple[dict[str, float], int]:
-    """Median seconds per token of each model kind over the plan's finished runs."""
-    per_kind: dict[str, list[float]] = {}
-    for run in runs:
-        record = records.get(run.key)
-        if record is None or record.status != "FINISHED":
-            continue
-        wall = record.metrics.get("wall_time_s")
-        if wall is not None and wall > 0:
-            per_kind.setdefault(str(run.config.model.kind), []).append(wall / run.tokens)
-    measured = sum(len(v) for v in per_kind.values())
-    return {kind: statistics.median(v) for kind, v in per_kind.items()}, measured
+    return max(0, run.config.train.max_iters - done)
 
 
 def duration(seconds: float) -> str:
@@ -157,7 +142,8 @@ def left_lines(plan: Plan, left: Left | None) -> list[str]:
         time = "time unknown until a run has finished"
     else:
         time = (
-            f"about {duration(left.seconds)} one run at a time (from {left.measured} finished runs)"
+            f"about {duration(left.seconds)} one run at a time "
+            f"(from the step times of {left.measured} finished runs)"
         )
     return [f"{len(plan.runs)} runs: {counts}", f"left: {human_count(left.tokens)} tokens, {time}"]
 

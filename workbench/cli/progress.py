@@ -1,18 +1,30 @@
-"""What a sweep shows while it runs (rich), and the summary table at its end."""
+"""What a sweep shows while it runs (rich), and the summary at its end.
+
+The time left is estimated from seconds per step, per model shape (:mod:`workbench.cli.estimate`):
+measured on the runs of this sweep as they report their steps, else on the experiment's finished
+runs of the shape; the steps each unfinished run has left, at its shape's rate, divided among the
+runs that train at once. It is labelled, and says "estimating" until it has a rate for every shape.
+"""
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from workbench.cli.estimate import StepTimes, params_of, shape_of
+from workbench.cli.plan_view import duration
 from workbench.sweep import events
 from workbench.sweep.driver import Action, Decision, Summary
 from workbench.tracking import RunState
+
+SUMMARY_ROWS = 30  # a longer sweep's summary lists only the runs that did not finish
 
 
 def _loss(value: float | None) -> str:
@@ -31,7 +43,7 @@ class SweepProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[counts]}"),
-            TimeRemainingColumn(),
+            TextColumn("[dim]{task.fields[left]}"),
             console=console,
         )
         self.task: Any = None
@@ -40,6 +52,12 @@ class SweepProgress:
         self.running: dict[str, dict[str, float]] = {}
         ended = (RunState.FINISHED, RunState.FAILED, RunState.DIVERGED, RunState.KILLED)
         self.counts = {**{state.value: 0 for state in ended}, "skipped": 0}
+        self.shapes: dict[str, str] = {}  # run key → its shape
+        self.left_steps: dict[str, int] = {}  # runs not ended → steps left
+        self.prior = StepTimes({}, {})  # the experiment's finished runs
+        self.seen: dict[str, tuple[int, float]] = {}  # running run → its first (step, time)
+        self.rates: dict[str, dict[str, float]] = {}  # shape → run key → seconds per step
+        self.at_once = 1  # the most runs seen training at once
 
     def start(self, decisions: list[Decision]) -> None:
         todo = [d for d in decisions if d.action is not Action.SKIP]
@@ -47,7 +65,14 @@ class SweepProgress:
         for d in decisions:
             self.names[d.run.key] = d.run.name
             self.max_iters[d.run.key] = d.run.config.train.max_iters
-        self.task = self.bar.add_task("grid", total=len(todo), counts=self._counts())
+            self.shapes[d.run.key] = shape_of(params_of(d.run))
+        self.left_steps = {d.run.key: d.run.config.train.max_iters for d in todo}
+        self.prior = StepTimes.of(d.record for d in decisions if d.record is not None)
+        self.task = self.bar.add_task(
+            "grid", total=len(todo), counts=self._counts(), left=self._left()
+        )
+        if not todo:  # the summary says it in one line
+            return
         claimed = sum(d.state is RunState.CLAIMED for d in decisions)
         if self.counts["skipped"] - claimed:
             self.console.print(
@@ -67,6 +92,35 @@ class SweepProgress:
         shown = {k: v for k, v in self.counts.items() if v}
         return " ".join([f"running {running}"] + [f"{k} {v}" for k, v in shown.items()])
 
+    def _rate(self, key: str) -> float | None:
+        """Seconds per step of ``key``'s shape: this sweep's runs', else the store's."""
+        measured = self.rates.get(self.shapes[key])
+        if measured:
+            return statistics.median(measured.values())
+        prior = self.prior.per_step.get(self.shapes[key])
+        return statistics.median(prior) if prior else None
+
+    def _left(self) -> str:
+        """``about 3m 20s left``, or ``time left: estimating``."""
+        if not self.left_steps:
+            return ""
+        total = 0.0
+        for key, steps in self.left_steps.items():
+            rate = self._rate(key)
+            if rate is None:
+                return "time left: estimating"
+            total += rate * steps
+        return f"about {duration(total / self.at_once)} left"
+
+    def _step(self, key: str, step: int) -> None:
+        """A run's progress: its steps left, and its shape's measured seconds per step."""
+        now = time.monotonic()
+        self.left_steps[key] = max(0, self.max_iters.get(key, 0) - step)
+        first = self.seen.setdefault(key, (step, now))
+        if step > first[0] and now > first[1]:
+            rate = (now - first[1]) / (step - first[0])
+            self.rates.setdefault(self.shapes.get(key, key), {})[key] = rate
+
     def _render(self) -> Group:
         table = Table(box=None, show_header=bool(self.running), pad_edge=False)
         for column in ("run", "step", "train", "val", "tok/s"):
@@ -85,11 +139,15 @@ class SweepProgress:
     def event(self, event: events.Event) -> None:
         if isinstance(event, events.Started):
             self.running[event.key] = {}
+            self.at_once = max(self.at_once, len(self.running))
         elif isinstance(event, events.Progress):
             self.running.setdefault(event.key, {}).update({"step": event.step, **event.metrics})
+            self._step(event.key, event.step)
         elif isinstance(event, events.Ended):
             result = event.result
             self.running.pop(event.key, None)
+            self.left_steps.pop(event.key, None)
+            self.seen.pop(event.key, None)
             self.counts[result.status.value] += 1
             self.bar.update(self.task, advance=1)
             if self.live is None:
@@ -99,7 +157,7 @@ class SweepProgress:
                     + (f"  ({result.reason})" if result.reason else "")
                 )
         if self.task is not None:
-            self.bar.update(self.task, counts=self._counts())
+            self.bar.update(self.task, counts=self._counts(), left=self._left())
         if self.live is not None:
             self.live.update(self._render())
 
@@ -109,23 +167,71 @@ class SweepProgress:
             self.live = None
 
 
-def summary_table(summary: Summary) -> Table:
+def print_summary(console: Console, summary: Summary, experiment: str, wall_s: float) -> None:
+    """The runs this sweep trained (all of them up to ``SUMMARY_ROWS``, else those that did not
+    finish), then one totals line; a sweep with nothing to do is one line."""
+    decisions = summary.decisions
+    if not summary.results:
+        console.print(nothing_to_do(experiment, decisions))
+        return
+    trained = [d for d in decisions if d.run.key in summary.results]
+    shown = trained if len(trained) <= SUMMARY_ROWS else [
+        d for d in trained if summary.results[d.run.key].status is not RunState.FINISHED
+    ]  # fmt: skip
+    if shown:
+        console.print(_table(summary, shown))
+    console.print(totals_line(summary, experiment, wall_s))
+
+
+def nothing_to_do(experiment: str, decisions: list[Decision]) -> str:
+    states = [d.state for d in decisions]
+    done = sum(s is RunState.FINISHED for s in states)
+    line = f"{experiment}: nothing to do, {done} of {len(decisions)} runs finished"
+    failed = sum(s in (RunState.FAILED, RunState.DIVERGED) for s in states)
+    if failed:
+        line += f", {failed} failed or diverged (--rerun-failed retries them)"
+    claimed = sum(s is RunState.CLAIMED for s in states)
+    if claimed:
+        line += f", {claimed} being trained by another workbench process"
+    return line + " (--force retrains)" if done == len(decisions) else line
+
+
+def totals_line(summary: Summary, experiment: str, wall_s: float) -> str:
+    """``ablation: 135 runs: 130 finished, 2 failed, ... in 4m 12s; best: NAME (val 1.9321)``."""
+    counts = {"finished": 0, "failed": 0, "diverged": 0, "stopped": 0}
+    for result in summary.results.values():
+        word = "stopped" if result.status is RunState.KILLED else result.status.value
+        counts[word] = counts.get(word, 0) + 1
+    skipped = len(summary.decisions) - len(summary.results)
+    parts = [f"{n} {word}" for word, n in counts.items() if n or word == "finished"]
+    if skipped:
+        parts.append(f"{skipped} skipped")
+    runs = len(summary.decisions)
+    line = f"{experiment}: {runs} run{'s' * (runs != 1)}: {', '.join(parts)}, in {duration(wall_s)}"
+    names = {d.run.key: d.run.name for d in summary.decisions}
+    finished = [(r.best_val_loss, key) for key, r in summary.results.items()
+                if r.status is RunState.FINISHED and r.best_val_loss is not None
+                and math.isfinite(r.best_val_loss)]  # fmt: skip
+    if finished:
+        best, key = min(finished)
+        line += f"; best of this sweep: {names[key]} (best val loss {best:.4f})"
+    return line
+
+
+def _table(summary: Summary, decisions: list[Decision]) -> Table:
     table = Table(title="sweep summary", title_justify="left")
     for column in ("run", "status", "best val loss", "time (s)"):
         table.add_column(column, justify="left" if column in ("run", "status") else "right")
-    for decision in summary.decisions:
-        result = summary.results.get(decision.run.key)
-        if result is not None:
-            status = result.status.value
-            best, wall = result.best_val_loss, result.wall_time_s
-            if result.reason and result.status is not RunState.FINISHED:
-                status = f"{status}: {result.reason}"
-        else:
-            skipped = decision.action is Action.SKIP
-            status = f"skipped ({decision.state.value})" if skipped else "not started"
-            metrics = decision.record.metrics if decision.record else {}
-            best, wall = metrics.get("best_val_loss"), metrics.get("wall_time_s")
+    for decision in decisions:
+        result = summary.results[decision.run.key]
+        status = result.status.value
+        if result.reason and result.status is not RunState.FINISHED:
+            status = f"{status}: {result.reason}"
+        wall = result.wall_time_s
         table.add_row(
-            decision.run.name, status, _loss(best), "-" if wall is None else f"{wall:.1f}"
+            decision.run.name,
+            status,
+            _loss(result.best_val_loss),
+            "-" if wall is None else f"{wall:.1f}",
         )
     return table
