@@ -17,9 +17,9 @@ from workbench.models.attention import SDPA, TORCH_OPS, PackedAttention
 from workbench.spec import RunConfig, pack_key
 from workbench.train.checkpoint import CHECKPOINT_NAME
 from workbench.train.factory import build_trainer
+from workbench.train.loop import TrainResult
 from workbench.train.optim import FlatAdamW
 from workbench.train.packed import build_packed_trainer
-from workbench.train.trainer import TrainResult
 
 ROUNDING = 1e-5  # float32 rounding over a few dozen steps (batched kernels sum in other orders)
 

@@ -54,7 +54,7 @@ def fused_adamw(device: torch.device) -> Callable[..., Any] | None:
     kernel = getattr(torch, "_fused_adamw_", None)
     if kernel is None or public_only() or device.type not in ("cpu", "cuda"):
         return None
-    return kernel  # type: ignore[no-any-return]
+    return kernel
 
 
 def archive_io() -> tuple[Callable[[str], Any], Callable[[str], Any]] | None:

@@ -72,7 +72,8 @@ class NextTokenLogits(nn.Module):
             1, start + torch.arange(block, device=idx.device)
         )  # (B, block): the last min(T, block) tokens, then padding
         logits = self.model.logits(window)  # (B, block, vocab)
-        return logits.index_select(1, torch.arange(torch.sym_min(T, block), device=idx.device))
+        kept = torch.sym_min(T, block)  # type: ignore[no-untyped-call]
+        return logits.index_select(1, torch.arange(kept, device=idx.device))
 
 
 def example_input(block_size: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from workbench.corpus import Corpus
     from workbench.models.ladder import LanguageModel
     from workbench.sweep.jobs import Job, JobResult
-    from workbench.train.trainer import TrainResult
+    from workbench.train.loop import TrainResult
 
 
 def record_start(

@@ -11,14 +11,13 @@ backend folded over the pack (``PackedAttention``).
 Everything else a member has is its solo run's, built by ``build_trainer``: its initial
 weights, batch sampler, eval sets, loop state, divergence rules, metrics, checkpoints and final
 artifacts. So a member's curves are its solo run's to float rounding, and a checkpoint written
-here resumes a solo run and the other way round.
+here resumes a solo run and the other way round. The loop is the solo run's own
+(``workbench.train.loop.fit_members``): this class is its ``Steps`` for K members.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +32,9 @@ from workbench.models.attention import PackedAttention
 from workbench.spec import RunConfig, pack_key
 from workbench.train.checkpoint import CHECKPOINT_NAME, load_checkpoint_file, save_checkpoint
 from workbench.train.factory import build_trainer
+from workbench.train.loop import TrainResult, fit_members
 from workbench.train.optim import FlatAdamW
-from workbench.train.trainer import Callback, Diverged, Trainer, TrainResult, learning_rate_at
+from workbench.train.trainer import Callback, Trainer, learning_rate_at
 
 
 def build_packed_trainer(
@@ -207,86 +207,23 @@ class PackedTrainer:
                 losses[k][f"{split}_loss"] = value
         return losses
 
-    # -- the loop ---------------------------------------------------------------------
+    # -- the loop's Steps ----------------------------------------------------------------
 
     def fit(self) -> list[TrainResult]:
         """Train every member to the end or to its divergence; one result per member."""
-        train, members = self.train_config, self.members
-        resumed = [m.load_checkpoint() for m in members]  # all or none (build_packed_trainer)
+        return fit_members(self)
+
+    def load(self) -> bool:
+        """Each member from its checkpoint (all or none: ``build_packed_trainer``), then its
+        moments into row k."""
+        resumed = [m.load_checkpoint() for m in self.members]
         if any(resumed):
             self._load_optimizer_rows()
-        tokens_per_step = train.batch_size * train.block_size
-        self.results: list[TrainResult | None] = [None] * len(members)
-        self.start, self.train_time = time.perf_counter(), 0.0
-        self.last_eval: list[dict[str, float] | None] = [None] * len(members)
-        if not any(resumed):
-            self._eval_point()
-        last_checkpoint = time.perf_counter()
-        window_start = time.perf_counter()
-        window_steps = [m.loop.window_steps for m in members]
-        pending = torch.tensor([m.loop.window_loss for m in members], device=self.device)
-        while any(self.active) and members[0].loop.step < train.max_iters:
-            losses = self.step()
-            step = members[0].loop.step
-            pending += losses
-            window_steps = [n + 1 for n in window_steps]
-            if self.device.type == "cpu" and not bool(torch.isfinite(losses).all()):
-                for k, value in enumerate(losses.tolist()):
-                    if self.active[k] and not math.isfinite(value):
-                        self._diverged(k, Diverged(f"loss became {value} at step {step}"))
-            if step % self.members[0].log_interval == 0 or step == train.max_iters:
-                means = (pending / torch.tensor(window_steps, device=self.device)).tolist()
-                elapsed = time.perf_counter() - window_start
-                self.train_time += elapsed
-                for k in self._active():
-                    try:
-                        members[k]._check_divergence(means[k])
-                    except Diverged as exc:
-                        self._diverged(k, exc)
-                        continue
-                    members[k]._log_progress(means[k], window_steps[k] * tokens_per_step / elapsed)
-                pending.zero_()
-                window_start, window_steps = time.perf_counter(), [0] * len(members)
-            at_eval = step % train.eval_interval == 0
-            if at_eval or step == train.max_iters:
-                self._eval_point()
-                due = time.perf_counter() - last_checkpoint >= members[0].checkpoint_every_s
-                if at_eval and step < train.max_iters and due:
-                    window_losses = pending.tolist()
-                    for k in self._active():
-                        members[k].callback.on_checkpoint(step)
-                        members[k].loop.window_loss = window_losses[k]
-                        members[k].loop.window_steps = window_steps[k]
-                        self._save_checkpoint(k)
-                    last_checkpoint = time.perf_counter()
-                window_start = time.perf_counter()
-        loop_end = time.perf_counter()
-        for k in self._active():
-            members[k]._final_artifacts()
-            self.results[k] = members[k]._result(
-                "finished", self.start, self.train_time, self.last_eval[k], None, loop_end
-            )
-        assert all(result is not None for result in self.results)
-        return [result for result in self.results if result is not None]
+        return any(resumed)
 
-    def _active(self) -> list[int]:
-        return [k for k, on in enumerate(self.active) if on]
-
-    def _eval_point(self) -> None:
-        losses = self.evaluate()
-        for k in self._active():
-            try:
-                self.last_eval[k] = self.members[k]._record_eval(losses[k])
-            except Diverged as exc:
-                self._diverged(k, exc)
-
-    def _diverged(self, k: int, exc: Diverged) -> None:
-        """Member k's result as its solo run's, then masked out: its row zeroed (nothing
-        non-finite left to compute) and stepped at rate 0 from now on."""
-        member = self.members[k]
-        self.results[k] = member._result(
-            "diverged", self.start, self.train_time, self.last_eval[k], str(exc)
-        )
+    def drop(self, k: int) -> None:
+        """Member k diverged: masked out, its row zeroed (nothing non-finite left to compute)
+        and stepped at rate 0 from now on."""
         self.active[k] = False
         self.active_mask[k] = False
         with torch.no_grad():
@@ -304,7 +241,7 @@ class PackedTrainer:
         }
         return copy.deepcopy(model, memo)
 
-    def _save_checkpoint(self, k: int) -> None:
+    def save(self, k: int) -> None:
         """Member k's checkpoint in the solo format: its optimizer state as its solo FlatAdamW
         (built by ``build_trainer``, otherwise unused) would hold it."""
         member = self.members[k]

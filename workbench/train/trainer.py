@@ -5,7 +5,9 @@ those parts from a run's config.
 
 One optimizer step is :meth:`Trainer.step`; evaluation runs on the fixed eval sets in as few
 forward passes as memory allows; checkpoints at eval points hold everything needed to continue
-exactly (``workbench.train.checkpoint``).
+exactly (``workbench.train.checkpoint``). The loop itself is written once, in
+``workbench.train.loop``: it advances a run alone or the K members of a pack, each member a
+Trainer with its own loop state, divergence, metrics and checkpoints.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -25,6 +26,7 @@ from workbench.corpus import BatchSampler, CharTokenizer
 from workbench.models import LanguageModel
 from workbench.spec import TrainConfig, lr_varies
 from workbench.train.checkpoint import CHECKPOINT_NAME, LoopState, load_checkpoint, save_checkpoint
+from workbench.train.loop import Alone, Diverged, TrainResult, fit_members
 from workbench.train.optim import FlatAdamW
 
 SAMPLE_CHARS = 500
@@ -54,22 +56,6 @@ class NullCallback:
         pass
 
 
-@dataclass
-class TrainResult:
-    status: Literal["finished", "diverged"]
-    step: int
-    best_val_loss: float
-    final_val_loss: float
-    final_train_loss: float
-    wall_time_s: float
-    tokens_per_sec: float
-    num_params: int
-    device: str
-    reason: str | None = None
-    history: list[dict[str, float]] = field(default_factory=list)  # eval points
-    loop_time_s: float = 0.0  # training steps and evals only: the span the lecture's scripts time
-
-
 def learning_rate_at(step: int, train: TrainConfig) -> float:
     """Linear warmup, then constant or cosine decay to ``min_lr`` at ``max_iters``."""
     if train.warmup_iters and step < train.warmup_iters:
@@ -81,10 +67,6 @@ def learning_rate_at(step: int, train: TrainConfig) -> float:
     return train.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (
         train.learning_rate - train.min_lr
     )
-
-
-class Diverged(Exception):
-    pass
 
 
 class Trainer:
@@ -180,50 +162,9 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        train = self.train_config
-        resumed = self.load_checkpoint()
-        tokens_per_step = train.batch_size * train.block_size
-        start = time.perf_counter()
-        train_time, last_eval = 0.0, None
-        if not resumed:
-            last_eval = self._eval_point()
-        last_checkpoint = time.perf_counter()
-        window_start, window_steps = time.perf_counter(), self.loop.window_steps
-        # Losses of the steps since the last progress point, carried over a resume (a
-        # checkpoint between two progress points must not shorten the next mean).
-        pending = torch.tensor(self.loop.window_loss, device=self.device)
-        try:
-            while self.loop.step < train.max_iters:
-                loss = self.step()
-                pending += loss
-                window_steps += 1
-                if self.device.type == "cpu" and not math.isfinite(loss.item()):
-                    raise Diverged(f"loss became {loss.item()} at step {self.loop.step}")
-                if self.loop.step % self.log_interval == 0 or self.loop.step == train.max_iters:
-                    mean_loss = (pending / window_steps).item()
-                    self._check_divergence(mean_loss)
-                    elapsed = time.perf_counter() - window_start
-                    train_time += elapsed
-                    self._log_progress(mean_loss, window_steps * tokens_per_step / elapsed)
-                    pending.zero_()
-                    window_start, window_steps = time.perf_counter(), 0
-                at_eval = self.loop.step % train.eval_interval == 0
-                if at_eval or self.loop.step == train.max_iters:
-                    last_eval = self._eval_point()
-                    due = time.perf_counter() - last_checkpoint >= self.checkpoint_every_s
-                    if at_eval and self.loop.step < train.max_iters and due:
-                        # Flush, then checkpoint: a crash between the two makes the resume
-                        # redo points already stored (the tracker drops them), never lose any.
-                        self.callback.on_checkpoint(self.loop.step)
-                        self.loop.window_loss, self.loop.window_steps = pending.item(), window_steps
-                        self.save_checkpoint()
-                        last_checkpoint = time.perf_counter()
-                    window_start = time.perf_counter()
-        except Diverged as exc:
-            return self._result("diverged", start, train_time, last_eval, str(exc))
-        loop_end = time.perf_counter()
-        self._final_artifacts()
-        return self._result("finished", start, train_time, last_eval, None, loop_end)
+        """Train to ``max_iters`` (or to divergence), resuming from ``run_dir``'s checkpoint."""
+        (result,) = fit_members(Alone(self))
+        return result
 
     def _check_divergence(self, loss: float, what: str = "loss") -> None:
         """Non-finite, or ``divergence_factor`` times the loss at step 0 (chance level)."""
@@ -253,7 +194,7 @@ class Trainer:
         return self._record_eval(self.evaluate())
 
     def _record_eval(self, losses: dict[str, float]) -> dict[str, float]:
-        """Check, keep and report one eval point's losses (a packed trainer's too)."""
+        """Check, keep and report one eval point's losses."""
         for name, value in losses.items():
             self._check_divergence(value, name)
         self.loop.best_val_loss = min(self.loop.best_val_loss, losses["val_loss"])
