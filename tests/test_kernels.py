@@ -463,3 +463,14 @@ def test_forward_never_reads_settings(setting: AttentionSetting, monkeypatch: py
         each.eval()
         with torch.no_grad():
             each(idx)
+
+
+def test_attention_dropout_always_takes_sdpa_and_the_tag_says_so() -> None:
+    """The CPU paths compute no dropout: with it, auto is SDPA for every call, and torch or
+    native are refused, so ``workbench.attention`` names the path every step took."""
+    cpu = torch.device("cpu")
+    assert resolve_attention("auto", cpu, 8, 8, dropout=0.2).name == "sdpa"
+    for setting in ("torch", "native"):
+        with pytest.raises(AttentionUnavailable, match="computes no attention dropout"):
+            resolve_attention(setting, cpu, 8, 8, dropout=0.2)
+    assert resolve_attention("auto", cpu, 8, 8, dropout=0.0).name in ("native", "torch")

@@ -887,3 +887,16 @@ def test_huge_values_in_messages_are_clipped(tmp_path: Path) -> None:
     for line in (kind, device):
         assert len(line) < 300, line[:400]
         assert "..." in line, line
+
+
+def test_a_cpu_attention_path_with_dropout_is_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    spec = write_spec(tmp_path, model={"kind": "multi_head", "dropout": 0.1},
+                      train={"attention": "native"})  # fmt: skip
+    result = CliRunner().invoke(app, ["plan", str(spec), "--no-store"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert "train.attention: computes no attention dropout" in line and "native" in line

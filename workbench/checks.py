@@ -171,6 +171,16 @@ def _semantic_problems(config: RunConfig, spec_path: Path) -> list[tuple[str, st
         problems.append(
             ("model.n_head", f"must divide model.n_embd ({model.n_embd})", model.n_head)
         )
+    attends = model.kind in ("single_head", "multi_head", "transformer")
+    if attends and train.attention in ("torch", "native") and model.dropout > 0:
+        problems.append(
+            (
+                "train.attention",
+                f"computes no attention dropout (model.dropout is {model.dropout}): "
+                "use auto or sdpa",
+                train.attention,
+            )
+        )
     if train.eval_interval > train.max_iters:
         problems.append(
             (

@@ -243,16 +243,29 @@ TORCH_OPS = TorchOpsAttention()
 
 
 def resolve_attention(
-    setting: AttentionSetting, device: torch.device, block_size: int, head_size: int
+    setting: AttentionSetting,
+    device: torch.device,
+    block_size: int,
+    head_size: int,
+    dropout: float = 0.0,
 ) -> AttentionBackend:
     """The backend a job's models use, chosen once when it starts (``train.attention``).
 
     ``auto``: on a CPU, for blocks of up to ``TINY_BLOCK`` positions, the native kernel where
-    one can be built (a warning where it cannot), else the torch path; SDPA otherwise.
+    one can be built (a warning where it cannot), else the torch path; SDPA otherwise, and
+    always with attention dropout (the CPU paths compute none: their training steps would be
+    SDPA's, and the run's ``workbench.attention`` tag would name a path it did not take).
     ``native`` and ``torch`` where they cannot run raise :class:`AttentionUnavailable`.
     """
     cpu = device.type == "cpu"
     if setting == "sdpa":
+        return SDPA
+    if dropout > 0:
+        if setting != "auto":
+            raise AttentionUnavailable(
+                f"train.attention={setting} computes no attention dropout "
+                f"(model.dropout is {dropout}): use auto or sdpa"
+            )
         return SDPA
     if setting == "torch":
         if not cpu:

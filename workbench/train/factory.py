@@ -46,7 +46,9 @@ def build_trainer(
     attention = None
     if config.model.kind in ATTENTION_KINDS:  # chosen here, once; the model is handed it
         head_size = attention_head_size(config.model)
-        attention = resolve_attention(train.attention, device, train.block_size, head_size)
+        attention = resolve_attention(
+            train.attention, device, train.block_size, head_size, config.model.dropout
+        )
     torch.manual_seed(config.seed)
     model = build_model(config.model, corpus.tokenizer.vocab_size, train.block_size, attention)
     model = model.to(device)
