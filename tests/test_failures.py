@@ -140,9 +140,11 @@ def test_killed_worker_resumes_to_the_uninterrupted_numbers(
     proc = start(spec, store, "--jobs", "2")
 
     def a_worker() -> int | None:
+        if not checkpoint_written(store):  # the store is not opened here before the sweep made it
+            return None
         for run in store.runs():
             pid = run.data.tags.get(TAG + "pid")
-            if run.info.status == "RUNNING" and pid and checkpoint_written(store):
+            if run.info.status == "RUNNING" and pid:
                 return int(pid)
         return None
 

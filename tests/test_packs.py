@@ -164,7 +164,7 @@ def test_a_diverging_member_is_masked_and_the_others_finish(store: Store, tmp_pa
     assert sorted(r.info.status for r in runs.values()) == ["FAILED", "FINISHED"]
 
 
-LONG = {"max_iters": 4000, "eval_interval": 100, "eval_iters": 2, "device": "cpu"}
+LONG = {"max_iters": 1500, "eval_interval": 50, "eval_iters": 2, "device": "cpu"}
 
 
 @pytest.mark.slow

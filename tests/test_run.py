@@ -297,7 +297,7 @@ def test_divergence_and_failure_do_not_stop_the_grid(store: Store, tmp_path: Pat
 
 # Long enough that a signal after the first checkpoint lands in training, not in the end of the
 # run (its logged model and figures take a second or two).
-LONG = {"max_iters": 4000, "eval_interval": 100, "eval_iters": 2, "device": "cpu"}
+LONG = {"max_iters": 1500, "eval_interval": 50, "eval_iters": 2, "device": "cpu"}
 
 
 def test_killed_worker_leaves_its_run_resumable(store: Store, tmp_path: Path) -> None:
