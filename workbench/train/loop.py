@@ -122,21 +122,23 @@ def fit_members(steps: Steps) -> list[TrainResult]:
     if not resumed:
         eval_point()
     last_checkpoint = window_start = time.perf_counter()
-    window_steps = [m.loop.window_steps for m in members]
-    # Losses of the steps since the last progress point, carried over a resume (a checkpoint
-    # between two progress points must not shorten the next mean).
+    # Steps since the last progress point (the members step together: one count), and their
+    # losses, carried over a resume (a checkpoint between two progress points must not shorten
+    # the next mean).
+    window_steps = first.loop.window_steps
     pending = torch.tensor([m.loop.window_loss for m in members], device=first.device)
+    on_cpu = first.device.type == "cpu"  # where reading a loss costs no device sync
     while active and first.loop.step < train.max_iters:
         losses = steps.step()
         step = first.loop.step
         pending += losses
-        window_steps = [n + 1 for n in window_steps]
-        if first.device.type == "cpu" and not bool(torch.isfinite(losses).all()):
+        window_steps += 1
+        if on_cpu and not math.isfinite((losses if K == 1 else losses.sum()).item()):
             for k, value in enumerate(losses.tolist()):
-                if k in active and not math.isfinite(value):
+                if not math.isfinite(value) and k in active:
                     diverged(k, Diverged(f"loss became {value} at step {step}"))
         if step % first.log_interval == 0 or step == train.max_iters:
-            means = (pending / torch.tensor(window_steps, device=first.device)).tolist()
+            means = (pending / window_steps).tolist()
             elapsed = time.perf_counter() - window_start
             train_time += elapsed
             for k in list(active):
@@ -145,9 +147,9 @@ def fit_members(steps: Steps) -> list[TrainResult]:
                 except Diverged as exc:
                     diverged(k, exc)
                     continue
-                members[k]._log_progress(means[k], window_steps[k] * tokens_per_step / elapsed)
+                members[k]._log_progress(means[k], window_steps * tokens_per_step / elapsed)
             pending.zero_()
-            window_start, window_steps = time.perf_counter(), [0] * K
+            window_start, window_steps = time.perf_counter(), 0
         at_eval = step % train.eval_interval == 0
         if at_eval or step == train.max_iters:
             eval_point()
@@ -159,7 +161,7 @@ def fit_members(steps: Steps) -> list[TrainResult]:
                 for k in active:
                     members[k].callback.on_checkpoint(step)
                     members[k].loop.window_loss = window_losses[k]
-                    members[k].loop.window_steps = window_steps[k]
+                    members[k].loop.window_steps = window_steps
                     steps.save(k)
                 last_checkpoint = time.perf_counter()
             window_start = time.perf_counter()
