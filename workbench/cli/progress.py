@@ -24,6 +24,7 @@ from workbench.sweep import events
 from workbench.sweep.driver import Action, Decision, Summary
 from workbench.tracking import RunState
 
+REFRESH_S = 0.25  # the live display's redraws, at most
 SUMMARY_ROWS = 30  # a longer sweep's summary lists only the runs that did not finish
 
 
@@ -58,6 +59,7 @@ class SweepProgress:
         self.seen: dict[str, tuple[int, float]] = {}  # running run → its first (step, time)
         self.rates: dict[str, dict[str, float]] = {}  # shape → run key → seconds per step
         self.at_once = 1  # the most runs seen training at once
+        self.shown_at = 0.0  # when the live display was last redrawn
 
     def start(self, decisions: list[Decision]) -> None:
         todo = [d for d in decisions if d.action is not Action.SKIP]
@@ -156,10 +158,14 @@ class SweepProgress:
                     f"best val {_loss(result.best_val_loss)}"
                     + (f"  ({result.reason})" if result.reason else "")
                 )
-        if self.task is not None:
-            self.bar.update(self.task, counts=self._counts(), left=self._left())
-        if self.live is not None:
-            self.live.update(self._render())
+        if self.live is None:  # nothing shows the bar: no estimate to compute
+            return
+        now = time.monotonic()
+        if isinstance(event, events.Progress) and now - self.shown_at < REFRESH_S:
+            return  # progress arrives every few steps of every run: redraw a few times a second
+        self.shown_at = now
+        self.bar.update(self.task, counts=self._counts(), left=self._left())
+        self.live.update(self._render())
 
     def stop(self) -> None:
         if self.live is not None:
