@@ -25,11 +25,12 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from timed_run import unpack
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = """\
@@ -73,15 +74,6 @@ def one_turn(package_root: Path, env: dict[str, str]) -> dict[str, float]:
         "help_s": timed([*workbench, "--help"], ROOT, env),
         "plan_s": timed([*workbench, "plan", "experiments/ablation.yaml", "--no-store"], ROOT, env),
     }
-
-
-def unpack(revision: str, into: Path) -> Path:
-    archive = into / "tree.tar"
-    with archive.open("wb") as out:
-        subprocess.run(["git", "archive", revision, "workbench"], cwd=ROOT, stdout=out, check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(into, filter="data")
-    return into
 
 
 def summary(turns: list[dict[str, float]], imports: list[float]) -> dict[str, Any]:

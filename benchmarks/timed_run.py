@@ -1,10 +1,12 @@
-"""Time one whole ``workbench run`` command in a fresh SQLite store (shared by benchmarks)."""
+"""Time one whole ``workbench run`` command in a fresh SQLite store, and unpack another commit's
+package to run beside this tree's (shared by benchmarks)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -22,3 +24,14 @@ def timed_run(spec: Path, *flags: str) -> float:
         env={**os.environ, "RAY_AUTH_MODE": "disabled"},
     )  # fmt: skip
     return time.perf_counter() - start
+
+
+def unpack(revision: str, into: Path) -> Path:
+    """``revision``'s ``workbench`` package, unpacked under ``into`` (put it on PYTHONPATH)."""
+    root = Path(__file__).resolve().parents[1]
+    archive = into / "tree.tar"
+    with archive.open("wb") as out:
+        subprocess.run(["git", "archive", revision, "workbench"], cwd=root, stdout=out, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+    return into
