@@ -488,3 +488,22 @@ def test_the_time_left_is_labelled_and_comes_from_each_shapes_step_time(
     display.event(events.Progress(large.key, 10, {}))  # 100 ms a step
     # left: 20 + 40 steps at 50 ms, 30 + 40 at 100 ms = 10 s, two runs at once
     assert display._left() == "about 5s left"
+
+
+def test_a_sweep_interrupted_before_any_run_ended_is_not_nothing_to_do(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from workbench.cli.progress import print_summary
+    from workbench.grid import expand
+    from workbench.sweep.driver import Action, Decision, Summary
+    from workbench.tracking import RunState
+
+    runs = expand(write_spec(tmp_path)).runs
+    decisions = [Decision(r, Action.NEW, RunState.TO_DO) for r in runs]
+    out = io.StringIO()
+    print_summary(Console(file=out, width=200), Summary("1", "s", decisions), "t", 3.0)
+    assert (
+        out.getvalue().strip() == f"t: {len(runs)} runs: 0 finished, {len(runs)} not started, in 3s"
+    )

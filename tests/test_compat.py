@@ -124,3 +124,19 @@ def test_the_console_exit_runs_atexit_handlers_either_way(public_route: bool) ->
                           env={**os.environ, **env}, timeout=120)  # fmt: skip
     assert done.returncode == 3, done.stderr
     assert done.stdout == "outhandler ran\n"
+
+
+def test_the_switch_is_read_without_a_home_or_a_data_folder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CLI's exit asks it after every command, --help included, wherever it runs."""
+
+    def no_home() -> Path:
+        raise RuntimeError("no home directory")
+
+    monkeypatch.setattr(Path, "home", no_home)
+    for name in ("WORKBENCH_DATA_DIR", "XDG_CACHE_HOME", "WORKBENCH_PUBLIC_APIS"):
+        monkeypatch.delenv(name, raising=False)
+    assert compat.public_only() is False
+    monkeypatch.setenv("WORKBENCH_PUBLIC_APIS", "1")
+    assert compat.public_only() is True

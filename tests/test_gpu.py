@@ -132,7 +132,7 @@ def test_cuda_training_and_sample_are_reproducible(shakespeare: Corpus):
     assert a.sample(200) == b.sample(200)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=pytest.mark.private_api), False])
 def test_flat_adamw_on_cuda_matches_torch_adamw(fused: bool):
     ours, theirs = small_net().cuda(), small_net().cuda()
     flat = FlatAdamW(list(ours.parameters()), lr=3e-2, weight_decay=0.1, fused=fused)

@@ -32,15 +32,16 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from workbench.settings import load_settings
+from workbench.settings import OFF
 
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI's exit must not import it
     import torch
 
 
 def public_only() -> bool:
-    """``WORKBENCH_PUBLIC_APIS=1``: every public route, whatever is installed."""
-    return load_settings().public_apis_only
+    """``WORKBENCH_PUBLIC_APIS=1``: every public route, whatever is installed. Read here, not
+    through ``load_settings`` (which needs a home or a data folder): the CLI's exit asks too."""
+    return os.environ.get("WORKBENCH_PUBLIC_APIS", "0").lower() not in OFF
 
 
 # --- torch ---------------------------------------------------------------------------------------

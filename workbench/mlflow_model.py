@@ -80,7 +80,8 @@ def _environment_files() -> dict[str, str]:
 
 
 def signature(vocab_size: int) -> Any:
-    """Token ids (B, T) int64 in, logits (B, T, vocab) float32 out."""
+    """Token ids (B, T) int64 in, logits (B, min(T, block_size), vocab) float32 out: a longer
+    prompt is cropped to its last block_size tokens."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec

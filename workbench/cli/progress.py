@@ -112,7 +112,8 @@ class SweepProgress:
             if rate is None:
                 return "time left: estimating"
             total += rate * steps
-        return f"about {duration(total / self.at_once)} left"
+        at_once = max(1, min(self.at_once, len(self.left_steps)))
+        return f"about {duration(total / at_once)} left"
 
     def _step(self, key: str, step: int) -> None:
         """A run's progress: its steps left, and its shape's measured seconds per step."""
@@ -177,7 +178,7 @@ def print_summary(console: Console, summary: Summary, experiment: str, wall_s: f
     """The runs this sweep trained (all of them up to ``SUMMARY_ROWS``, else those that did not
     finish), then one totals line; a sweep with nothing to do is one line."""
     decisions = summary.decisions
-    if not summary.results:
+    if all(d.action is Action.SKIP for d in decisions):
         console.print(nothing_to_do(experiment, decisions))
         return
     trained = [d for d in decisions if d.run.key in summary.results]
@@ -208,10 +209,13 @@ def totals_line(summary: Summary, experiment: str, wall_s: float) -> str:
     for result in summary.results.values():
         word = "stopped" if result.status is RunState.KILLED else result.status.value
         counts[word] = counts.get(word, 0) + 1
-    skipped = len(summary.decisions) - len(summary.results)
+    skipped = sum(d.action is Action.SKIP for d in summary.decisions)
+    not_started = len(summary.decisions) - skipped - len(summary.results)
     parts = [f"{n} {word}" for word, n in counts.items() if n or word == "finished"]
     if skipped:
         parts.append(f"{skipped} skipped")
+    if not_started:
+        parts.append(f"{not_started} not started")
     runs = len(summary.decisions)
     line = f"{experiment}: {runs} run{'s' * (runs != 1)}: {', '.join(parts)}, in {duration(wall_s)}"
     names = {d.run.key: d.run.name for d in summary.decisions}

@@ -168,10 +168,7 @@ def end_killed(job: Job, reason: str, mlflow_client: Any | None = None, step: in
     A second signal must not leave the run RUNNING, so signals wait until this is done."""
     with _signals_ignored(), contextlib.suppress(WorkbenchError, *store_error_types()):
         mlflow_client = mlflow_client or client(job.tracking_uri)
-        try:
-            ended = _end_killed(mlflow_client, job, reason)
-        except DriverLost:  # the driver went in the middle: the store is this worker's now
-            ended = _end_killed(mlflow_client, job, reason)
+        ended = _end_killed(mlflow_client, job, reason)
         if ended is not None:
             return ended
     return JobResult(job.key, job.run_id, RunState.KILLED, step=step, reason=reason)

@@ -137,6 +137,8 @@ def fit_members(steps: Steps) -> list[TrainResult]:
             for k, value in enumerate(losses.tolist()):
                 if not math.isfinite(value) and k in active:
                     diverged(k, Diverged(f"loss became {value} at step {step}"))
+            if not active:
+                break
         if step % first.log_interval == 0 or step == train.max_iters:
             means = (pending / window_steps).tolist()
             elapsed = time.perf_counter() - window_start
@@ -150,6 +152,8 @@ def fit_members(steps: Steps) -> list[TrainResult]:
                 members[k]._log_progress(means[k], window_steps * tokens_per_step / elapsed)
             pending.zero_()
             window_start, window_steps = time.perf_counter(), 0
+            if not active:
+                break
         at_eval = step % train.eval_interval == 0
         if at_eval or step == train.max_iters:
             eval_point()

@@ -74,6 +74,9 @@ class FlatAdamW:
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         # torch's fused kernel is private (workbench.compat): None takes the public update.
         self._kernel = compat.fused_adamw(first.device) if fused is not False else None
+        if fused and self._kernel is None:
+            raise ValueError("FlatAdamW(fused=True): torch's fused AdamW kernel is not available "
+                             "here (or WORKBENCH_PUBLIC_APIS=1 turned it off)")  # fmt: skip
         self.fused = self._kernel is not None
         self.params = flat_params
         self.group_sizes = torch.tensor(
