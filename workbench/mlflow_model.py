@@ -54,7 +54,8 @@ def pip_requirements() -> list[str]:
     import torch
     from packaging.version import Version
 
-    return [f"torch=={Version(torch.__version__).public}"]  # no local label (+cpu): installable
+    # no local label (+cpu): installable
+    return [f"torch=={Version(torch.version.__version__).public}"]
 
 
 @functools.cache
@@ -102,7 +103,6 @@ def save_model(
     not exist): the pytorch flavor's pt2 layout, with its pyfunc flavor and environment files.
     Written here from the shape's kept archive with MLflow's private helpers
     (``workbench.compat``); without them, by ``mlflow.pytorch.save_model``, which traces."""
-    import mlflow.pytorch
     import torch
     from mlflow import pyfunc
     from mlflow.models import Model
@@ -130,7 +130,7 @@ def save_model(
     mlflow_model.add_flavor(
         "pytorch",
         model_data="data",
-        pytorch_version=str(torch.__version__),
+        pytorch_version=torch.version.__version__,
         code=None,
         extra_files=[{"path": f"extra_files/{TOKENIZER_FILE}"}],
     )
@@ -138,7 +138,7 @@ def save_model(
         mlflow_model,
         loader_module="mlflow.pytorch",
         data="data",
-        pickle_module_name=mlflow.pytorch.pickle_module.__name__,
+        pickle_module_name="mlflow.pytorch.pickle_module",  # what save_model writes
         code=None,
         conda_env="conda.yaml",
         python_env="python_env.yaml",

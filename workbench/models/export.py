@@ -6,7 +6,7 @@ dimension: a prompt longer than the block size is cropped to its last ``block_si
 as ``generate`` crops it.
 
 Tracing costs a few hundred milliseconds, and the first trace of a process about a second more
-(importing ``torch._dynamo``): more than a short run's training. What differs between two runs
+(importing torch's compiler stack): more than a short run's training. What differs between two runs
 of one model shape is only the weights, so the program's archive (``torch.export.save``'s pt2
 file) is traced once per shape and kept, in the process and in the user's cache folder
 (``<cache>/exports``, keyed by the torch version, the source of :mod:`workbench.models` as the
@@ -155,7 +155,7 @@ def template_key(model: LanguageModel) -> str:
     """What the traced program depends on: the torch version, the model code this process
     loaded and the model's shape."""
     shape = (model.config.model_dump_json(), model.vocab_size, model.block_size)
-    code = f"{torch.__version__}\0{SOURCE_DIGEST}"
+    code = f"{torch.version.__version__}\0{SOURCE_DIGEST}"
     return hashlib.sha256(f"{code}\0{json.dumps(shape)}".encode()).hexdigest()
 
 

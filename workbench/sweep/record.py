@@ -44,7 +44,7 @@ def record_start(
         TAG + "pid": str(os.getpid()),
         TAG + "host": socket.gethostname(),
         TAG + "device": str(device),
-        TAG + "torch_version": str(torch.__version__),  # a plain str: the driver stores it
+        TAG + "torch_version": torch.version.__version__,  # a plain str: the driver stores it
     }
     backend = model.attention_backend
     if backend is not None:  # which attention code ran (train.attention: auto chooses per machine)
