@@ -143,7 +143,7 @@ def test_the_model_directory_is_what_mlflow_pytorch_save_model_writes(
         str(theirs),
         serialization_format="pt2",
         signature=mlflow_model.signature(65),
-        input_example=example_input(8).numpy(),
+        input_example=example_input().numpy(),
         pip_requirements=mlflow_model.pip_requirements(),
         metadata={"block_size": 8, "vocab_size": 65},
         extra_files=[str(tokenizer_file)],

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from workbench.datasets import KNOWN_DATASETS
 from workbench.spec import (
+    ATTENTION_KINDS,
     MODEL_KINDS,
     RunConfig,
     check_dotted_key,
@@ -171,8 +172,11 @@ def _semantic_problems(config: RunConfig, spec_path: Path) -> list[tuple[str, st
         problems.append(
             ("model.n_head", f"must divide model.n_embd ({model.n_embd})", model.n_head)
         )
-    attends = model.kind in ("single_head", "multi_head", "transformer")
-    if attends and train.attention in ("torch", "native") and model.dropout > 0:
+    if (
+        model.kind in ATTENTION_KINDS
+        and train.attention in ("torch", "native")
+        and model.dropout > 0
+    ):
         problems.append(
             (
                 "train.attention",

@@ -32,16 +32,15 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from workbench.settings import OFF
+from workbench.settings import public_apis_only
 
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI's exit must not import it
     import torch
 
 
 def public_only() -> bool:
-    """``WORKBENCH_PUBLIC_APIS=1``: every public route, whatever is installed. Read here, not
-    through ``load_settings`` (which needs a home or a data folder): the CLI's exit asks too."""
-    return os.environ.get("WORKBENCH_PUBLIC_APIS", "0").lower() not in OFF
+    """``WORKBENCH_PUBLIC_APIS=1``: every public route, whatever is installed."""
+    return public_apis_only()
 
 
 # --- torch ---------------------------------------------------------------------------------------
@@ -100,8 +99,8 @@ def mlflow_model_helpers() -> tuple[Callable[..., Any], Callable[..., Any], Any]
 
 
 def exit_without_teardown(code: int) -> None:
-    """Run atexit's handlers, then end the process without the interpreter's teardown; with the
-    public route, an ordinary ``SystemExit``. The caller flushes its streams first."""
+    """Run atexit's handlers, flush stdout and stderr, then end the process without the
+    interpreter's teardown; with the public route, an ordinary ``SystemExit``."""
     run_handlers = getattr(atexit, "_run_exitfuncs", None)
     if run_handlers is None or public_only():
         raise SystemExit(code)

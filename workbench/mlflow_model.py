@@ -120,7 +120,7 @@ def save_model(
         return
     save_example = helpers[0]
     path.mkdir(parents=True)
-    save_example(mlflow_model, example_input(block_size).numpy(), str(path))
+    save_example(mlflow_model, example_input().numpy(), str(path))
     mlflow_model.signature = signature(tokenizer.vocab_size)
     mlflow_model.metadata = metadata
     (path / "data").mkdir()
@@ -174,7 +174,7 @@ def _save_with_mlflow(
         mlflow.pytorch.save_model(
             NextTokenLogits(same).eval(), str(path), mlflow_model=mlflow_model,
             signature=signature(tokenizer.vocab_size),
-            input_example=example_input(model.block_size).numpy(), metadata=metadata,
+            input_example=example_input().numpy(), metadata=metadata,
             extra_files=[str(vocabulary)], pip_requirements=pip_requirements(),
             serialization_format="pt2",
         )  # fmt: skip

@@ -29,7 +29,12 @@ class Settings:
     c_compiler: str | None  # CC; None: the first of cc, gcc, clang on the PATH
     store_template_dir: Path | None = None  # empty MLflow databases, one per MLflow version
     export_template_dir: Path | None = None  # traced model archives, one per model shape
-    public_apis_only: bool = False  # WORKBENCH_PUBLIC_APIS=1: no private API (workbench.compat)
+
+
+def public_apis_only() -> bool:
+    """``WORKBENCH_PUBLIC_APIS=1``: no private API (``workbench.compat``). A function of its own:
+    it needs no home or data folder, and the CLI asks it at every exit."""
+    return os.environ.get("WORKBENCH_PUBLIC_APIS", "0").lower() not in OFF
 
 
 def load_settings() -> Settings:
@@ -49,5 +54,4 @@ def load_settings() -> Settings:
         c_compiler=os.environ.get("CC") or None,
         store_template_dir=cache_dir / "stores" if cache_dir else None,
         export_template_dir=cache_dir / "exports" if cache_dir else None,
-        public_apis_only=os.environ.get("WORKBENCH_PUBLIC_APIS", "0").lower() not in OFF,
     )

@@ -153,6 +153,8 @@ MODEL_FIELDS: dict[str, tuple[str, ...]] = {
     ),
 }  # fmt: skip
 
+ATTENTION_KINDS = ("single_head", "multi_head", "transformer")  # the kinds that call attention
+
 
 def lr_varies(train: TrainConfig) -> bool:
     """Whether the learning rate changes during training (warmup or a decaying schedule)."""

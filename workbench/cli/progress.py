@@ -1,9 +1,10 @@
 """What a sweep shows while it runs (rich), and the summary at its end.
 
 The time left is estimated from seconds per step, per model shape (:mod:`workbench.cli.estimate`):
-measured on the runs of this sweep as they report their steps, else on the experiment's finished
-runs of the shape; the steps each unfinished run has left, at its shape's rate, divided among the
-runs that train at once. It is labelled, and says "estimating" until it has a rate for every shape.
+measured on the runs of this sweep as they report their steps, else from the plan's finished
+runs as ``plan`` estimates; the steps each unfinished run has left, at its shape's rate, divided
+among the runs that train at once. It is labelled, and says "estimating" until it has a rate for
+every shape.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rich.table import Table
 
 from workbench.cli.estimate import StepTimes, params_of, shape_of
 from workbench.cli.plan_view import duration
+from workbench.grid import Run
 from workbench.sweep import events
 from workbench.sweep.driver import Action, Decision, Summary
 from workbench.tracking import RunState
@@ -54,6 +56,7 @@ class SweepProgress:
         ended = (RunState.FINISHED, RunState.FAILED, RunState.DIVERGED, RunState.KILLED)
         self.counts = {**{state.value: 0 for state in ended}, "skipped": 0}
         self.shapes: dict[str, str] = {}  # run key → its shape
+        self.of_shape: dict[str, Run] = {}  # shape → a run of it (what StepTimes estimates)
         self.left_steps: dict[str, int] = {}  # runs not ended → steps left
         self.prior = StepTimes({}, {})  # the experiment's finished runs
         self.seen: dict[str, tuple[int, float]] = {}  # running run → its first (step, time)
@@ -68,6 +71,7 @@ class SweepProgress:
             self.names[d.run.key] = d.run.name
             self.max_iters[d.run.key] = d.run.config.train.max_iters
             self.shapes[d.run.key] = shape_of(params_of(d.run))
+            self.of_shape.setdefault(self.shapes[d.run.key], d.run)
         self.left_steps = {d.run.key: d.run.config.train.max_iters for d in todo}
         self.prior = StepTimes.of(d.record for d in decisions if d.record is not None)
         self.task = self.bar.add_task(
@@ -94,24 +98,25 @@ class SweepProgress:
         shown = {k: v for k, v in self.counts.items() if v}
         return " ".join([f"running {running}"] + [f"{k} {v}" for k, v in shown.items()])
 
-    def _rate(self, key: str) -> float | None:
-        """Seconds per step of ``key``'s shape: this sweep's runs', else the store's."""
-        measured = self.rates.get(self.shapes[key])
-        if measured:
-            return statistics.median(measured.values())
-        prior = self.prior.per_step.get(self.shapes[key])
-        return statistics.median(prior) if prior else None
-
     def _left(self) -> str:
-        """``about 3m 20s left``, or ``time left: estimating``."""
+        """``about 3m 20s left``, or ``time left: estimating``: each shape's steps left at its
+        seconds per step as this sweep's runs measure it, else as the store's finished runs do
+        (``StepTimes``, as ``plan`` estimates)."""
         if not self.left_steps:
             return ""
-        total = 0.0
+        steps_left: dict[str, int] = {}
         for key, steps in self.left_steps.items():
-            rate = self._rate(key)
-            if rate is None:
+            steps_left[self.shapes[key]] = steps_left.get(self.shapes[key], 0) + steps
+        total = 0.0
+        for shape, steps in steps_left.items():
+            measured = self.rates.get(shape)
+            if measured:
+                total += statistics.median(measured.values()) * steps
+                continue
+            estimate = self.prior.seconds(self.of_shape[shape], steps)
+            if estimate is None:
                 return "time left: estimating"
-            total += rate * steps
+            total += estimate
         at_once = max(1, min(self.at_once, len(self.left_steps)))
         return f"about {duration(total / at_once)} left"
 
@@ -122,7 +127,7 @@ class SweepProgress:
         first = self.seen.setdefault(key, (step, now))
         if step > first[0] and now > first[1]:
             rate = (now - first[1]) / (step - first[0])
-            self.rates.setdefault(self.shapes.get(key, key), {})[key] = rate
+            self.rates.setdefault(self.shapes[key], {})[key] = rate
 
     def _render(self) -> Group:
         table = Table(box=None, show_header=bool(self.running), pad_edge=False)

@@ -29,8 +29,10 @@ import os
 import tempfile
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,7 @@ CACHED_SHAPES = 16  # archives kept per process (the ablation has 15 model shape
 WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
 WRITER_RECORDS = (".data/",)  # written by torch's archive writer itself
 
+_T = TypeVar("_T")
 _templates: OrderedDict[str, _Template] = OrderedDict()
 _programs: OrderedDict[str, ExportedProgram] = OrderedDict()  # the public route's
 
@@ -76,7 +79,7 @@ class NextTokenLogits(nn.Module):
         return logits.index_select(1, torch.arange(kept, device=idx.device))
 
 
-def example_input(block_size: int) -> torch.Tensor:
+def example_input() -> torch.Tensor:
     """A (2, 2) batch to trace with: sizes 0 and 1 would be traced as constants."""
     return torch.zeros(2, 2, dtype=torch.int64)
 
@@ -103,14 +106,9 @@ def save_logits(model: LanguageModel, path: Path) -> None:
 def _program(model: LanguageModel) -> ExportedProgram:
     """The public route: the shape's program, traced once per process, with ``model``'s
     weights copied into its state dict."""
-    key = template_key(model)
-    program = _programs.get(key)
-    if program is None:
-        fresh = build_model(model.config, model.vocab_size, model.block_size, attention=SDPA)
-        program = _programs[key] = trace_logits(fresh)
-        if len(_programs) > CACHED_SHAPES:
-            _programs.popitem(last=False)
-    _programs.move_to_end(key)
+    program = _recent(_programs, template_key(model), lambda: trace_logits(
+        build_model(model.config, model.vocab_size, model.block_size, attention=SDPA)
+    ))  # fmt: skip
     state = program.state_dict
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -135,20 +133,27 @@ def _raw(tensor: torch.Tensor) -> bytes:
 def _template(model: LanguageModel) -> _Template:
     """The shape's archive: this process's, else the cache folder's, else traced (and kept)."""
     key = template_key(model)
-    template = _templates.get(key)
-    if template is not None:
-        _templates.move_to_end(key)
-        return template
+    return _recent(_templates, key, lambda: _kept_or_traced(model, key))
+
+
+def _kept_or_traced(model: LanguageModel, key: str) -> _Template:
     cached = _cache_file(key)
     if cached is not None and cached.is_file():
         with contextlib.suppress(Exception):  # unreadable, or not this model's: traced again
-            template = _read_template(cached, model)
-    if template is None:
-        template = _traced_template(model, cached)
-    _templates[key] = template
-    if len(_templates) > CACHED_SHAPES:
-        _templates.popitem(last=False)
-    return template
+            return _read_template(cached, model)
+    return _traced_template(model, cached)
+
+
+def _recent(cache: OrderedDict[str, _T], key: str, make: Callable[[], _T]) -> _T:
+    """``cache[key]``, made by ``make`` where it is missing; the ``CACHED_SHAPES`` most recently
+    used are kept."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = cache[key] = make()
+    if len(cache) > CACHED_SHAPES:
+        cache.popitem(last=False)
+    return value
 
 
 def template_key(model: LanguageModel) -> str:
@@ -243,7 +248,7 @@ def trace_logits(model: LanguageModel) -> ExportedProgram:
     """The logits program of ``model`` as it is, traced on the CPU; build it with SDPA
     attention (a C kernel cannot be traced)."""
     module = NextTokenLogits(model).eval()
-    example = example_input(model.block_size)
+    example = example_input()
     return torch.export.export(
         module, (example,), dynamic_shapes=({0: Dim("batch", min=1), 1: Dim("time", min=1)},)
     )

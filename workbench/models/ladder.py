@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.models.attention import SDPA, AttentionBackend, causal_bias, resolve_attention
-from workbench.spec import ModelConfig
+from workbench.spec import ATTENTION_KINDS, ModelConfig
 
 
 class LanguageModel(nn.Module):
@@ -393,7 +393,6 @@ MODELS: dict[str, type[LanguageModel]] = {
     "multi_head": MultiHead,
     "transformer": Transformer,
 }
-ATTENTION_KINDS = ("single_head", "multi_head", "transformer")  # the kinds that call attention
 
 
 def attention_head_size(config: ModelConfig) -> int:

@@ -15,8 +15,8 @@ import torch
 from workbench.corpus import BatchSampler, Corpus, eval_set
 from workbench.models import build_model
 from workbench.models.attention import resolve_attention
-from workbench.models.ladder import ATTENTION_KINDS, attention_head_size
-from workbench.spec import RunConfig
+from workbench.models.ladder import attention_head_size
+from workbench.spec import ATTENTION_KINDS, RunConfig
 from workbench.train.optim import FlatAdamW
 from workbench.train.process import resolve_device
 from workbench.train.trainer import Callback, Trainer

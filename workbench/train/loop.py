@@ -107,7 +107,7 @@ def fit_members(steps: Steps) -> list[TrainResult]:
     active = list(range(K))
 
     def diverged(k: int, exc: Diverged) -> None:
-        results[k] = members[k]._result("diverged", start, train_time, last_eval[k], str(exc))
+        results[k] = members[k].result("diverged", start, train_time, last_eval[k], str(exc))
         active.remove(k)
         steps.drop(k)
 
@@ -115,7 +115,7 @@ def fit_members(steps: Steps) -> list[TrainResult]:
         losses = steps.evaluate()
         for k in list(active):
             try:
-                last_eval[k] = members[k]._record_eval(losses[k])
+                last_eval[k] = members[k].record_eval(losses[k])
             except Diverged as exc:
                 diverged(k, exc)
 
@@ -145,11 +145,11 @@ def fit_members(steps: Steps) -> list[TrainResult]:
             train_time += elapsed
             for k in list(active):
                 try:
-                    members[k]._check_divergence(means[k])
+                    members[k].check_divergence(means[k])
                 except Diverged as exc:
                     diverged(k, exc)
                     continue
-                members[k]._log_progress(means[k], window_steps * tokens_per_step / elapsed)
+                members[k].log_progress(means[k], window_steps * tokens_per_step / elapsed)
             pending.zero_()
             window_start, window_steps = time.perf_counter(), 0
             if not active:
@@ -171,6 +171,6 @@ def fit_members(steps: Steps) -> list[TrainResult]:
             window_start = time.perf_counter()
     loop_end = time.perf_counter()
     for k in active:
-        members[k]._final_artifacts()
-        results[k] = members[k]._result("finished", start, train_time, last_eval[k], None, loop_end)
+        members[k].final_artifacts()
+        results[k] = members[k].result("finished", start, train_time, last_eval[k], None, loop_end)
     return [result for result in results if result is not None]

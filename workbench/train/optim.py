@@ -77,7 +77,6 @@ class FlatAdamW:
         if fused and self._kernel is None:
             raise ValueError("FlatAdamW(fused=True): torch's fused AdamW kernel is not available "
                              "here (or WORKBENCH_PUBLIC_APIS=1 turned it off)")  # fmt: skip
-        self.fused = self._kernel is not None
         self.params = flat_params
         self.group_sizes = torch.tensor(
             [sum(p.numel() for p in group) for group in groups], device=first.device
@@ -98,6 +97,11 @@ class FlatAdamW:
         self.step_number = 0
         self.direction: torch.Tensor | None = None  # scratch for one rate per group
         self.lr = lr
+
+    @property
+    def fused(self) -> bool:
+        """Whether a step is torch's fused kernel (else the same update in element-wise ops)."""
+        return self._kernel is not None
 
     @property
     def lr(self) -> float | torch.Tensor:

@@ -166,7 +166,7 @@ class Trainer:
         (result,) = fit_members(Alone(self))
         return result
 
-    def _check_divergence(self, loss: float, what: str = "loss") -> None:
+    def check_divergence(self, loss: float, what: str = "loss") -> None:
         """Non-finite, or ``divergence_factor`` times the loss at step 0 (chance level)."""
         if not math.isfinite(loss):
             raise Diverged(f"{what} became {loss} by step {self.loop.step}")
@@ -178,7 +178,7 @@ class Trainer:
                 f"by step {self.loop.step}"
             )
 
-    def _log_progress(self, mean_loss: float, tokens_per_sec: float) -> None:
+    def log_progress(self, mean_loss: float, tokens_per_sec: float) -> None:
         beta = 0.9
         self.loop.smoothed_loss = (
             mean_loss
@@ -190,19 +190,16 @@ class Trainer:
             metrics["lr"] = learning_rate_at(self.loop.step - 1, self.train_config)  # last step's
         self.callback.on_metrics(metrics, self.loop.step)
 
-    def _eval_point(self) -> dict[str, float]:
-        return self._record_eval(self.evaluate())
-
-    def _record_eval(self, losses: dict[str, float]) -> dict[str, float]:
+    def record_eval(self, losses: dict[str, float]) -> dict[str, float]:
         """Check, keep and report one eval point's losses."""
         for name, value in losses.items():
-            self._check_divergence(value, name)
+            self.check_divergence(value, name)
         self.loop.best_val_loss = min(self.loop.best_val_loss, losses["val_loss"])
         self.loop.history.append({"step": float(self.loop.step), **losses})
         self.callback.on_metrics(losses, self.loop.step)
         return losses
 
-    def _result(
+    def result(
         self,
         status: Literal["finished", "diverged"],
         start: float,
@@ -232,7 +229,7 @@ class Trainer:
 
     # -- end of run -------------------------------------------------------------------
 
-    def _final_artifacts(self) -> None:
+    def final_artifacts(self) -> None:
         tokenizer = self.tokenizer
         self.callback.on_artifact("sample.txt", self.sample(SAMPLE_CHARS))
         prompt_ids = self.attention_prompt
