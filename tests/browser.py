@@ -49,6 +49,29 @@ class PageVisit:
     title: str = ""
     body_text: str = ""
     screenshot: Path | None = None
+    # Each image as the browser drew it: (alt text, shown width, shown height, the fraction of
+    # its pixels in colour): axes, ticks and titles are grey and black, so a figure whose
+    # panels are blank draws almost no colour; its curves, bars and heatmap cells do.
+    drawn: list[tuple[str, int, int, float]] = field(default_factory=list)
+    headings: list[str] = field(default_factory=list)  # h1-h3, in page order
+
+
+# The colour of each image: drawn onto a canvas at its natural size, the share of its pixels whose
+# channels differ by more than 60 (not white, grey or black). Images are data: URIs, so the
+# canvas stays readable.
+INK = """JSON.stringify(Array.from(document.images).map(img => {
+  const canvas = document.createElement("canvas");
+  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  const context = canvas.getContext("2d");
+  context.drawImage(img, 0, 0);
+  const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
+  let ink = 0;
+  for (let i = 0; i < pixels.length; i += 4) {
+    const [r, g, b] = [pixels[i], pixels[i + 1], pixels[i + 2]];
+    if (Math.max(r, g, b) - Math.min(r, g, b) > 60) ink++;
+  }
+  return [img.alt, img.width, img.height, ink / Math.max(1, pixels.length / 4)];
+}))"""
 
 
 class DevTools:
@@ -194,6 +217,10 @@ def open_page(
             ),
             title=str(evaluate("document.title")),
             body_text=str(evaluate("document.body.innerText")),
+            drawn=[tuple(i) for i in json.loads(evaluate(INK))],
+            headings=list(
+                evaluate("[...document.querySelectorAll('h1,h2,h3')].map(h => h.innerText)")
+            ),
         )
         if screenshot is not None:
             height = int(evaluate("document.documentElement.scrollHeight"))

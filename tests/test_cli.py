@@ -90,6 +90,28 @@ def test_every_command_has_help_text(name: str) -> None:
     assert flat(first_line) in flat(result.stdout)
 
 
+def test_help_text_is_rewrapped_whole() -> None:
+    """A docstring's line breaks are not the terminal's: each command's description in
+    ``--help`` fills its lines but the last (20defc6 broke `plan` and `report` mid-sentence),
+    and brackets are text, not markup (``'workbench[system-metrics]'`` was cut to
+    ``'workbench'``)."""
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "100", "TERMINAL_WIDTH": "100"})
+    assert result.exit_code == 0, result.output
+    entries: list[list[str]] = []
+    for line in result.stdout.splitlines():
+        cells = line.strip("│ \n")
+        if re.match(rf"│ ({'|'.join(command_names())}) ", line):
+            entries.append([cells])
+        elif entries and line.startswith("│ ") and cells:
+            entries[-1].append(cells)
+    assert len(entries) == len(command_names()), result.stdout
+    for entry in entries:
+        widths = [len(line) for line in entry]
+        assert all(w >= 0.75 * max(widths) for w in widths[:-1]), entry
+    run_help = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "100"})
+    assert "'workbench[system-metrics]'" in flat(run_help.stdout).replace(" ", "")
+
+
 def test_every_option_and_argument_has_help_text() -> None:
     group = typer.main.get_command(app)
     commands = group.commands  # type: ignore[attr-defined]

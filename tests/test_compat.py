@@ -18,9 +18,8 @@ from floats import assert_f32_close
 
 from workbench import compat, mlflow_model
 from workbench.corpus import CharTokenizer
-from workbench.models import export
+from workbench.models import build_model, export
 from workbench.models.attention import SDPA
-from workbench.models.ladder import build_model
 from workbench.spec import ModelConfig
 from workbench.train.optim import FlatAdamW
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from floats import assert_f32_close
 
 from workbench.errors import WorkbenchError
+from workbench.models import attention_head_size, build_model
 from workbench.models import native as kernels
 from workbench.models.attention import (
     SDPA,
@@ -29,7 +30,6 @@ from workbench.models.attention import (
     causal_bias,
     resolve_attention,
 )
-from workbench.models.ladder import attention_head_size, build_model
 from workbench.settings import load_settings
 from workbench.spec import AttentionSetting, ModelConfig
 

@@ -19,16 +19,11 @@ from specs import write_spec
 
 from workbench.datasets import KNOWN_DATASETS
 from workbench.grid import expand
+from workbench.provenance import source_tags, user
 from workbench.settings import load_settings
 from workbench.sweep.driver import Options, run_note, run_sweep
 from workbench.sweep.jobs import Job, JobResult
-from workbench.tracking import (
-    TAG,
-    dataset_digest,
-    dataset_inputs,
-    source_tags,
-    user,
-)
+from workbench.tracking import TAG, dataset_digest, dataset_inputs
 
 SHAKESPEARE = KNOWN_DATASETS["tinyshakespeare"]
 

@@ -21,10 +21,9 @@ from specs import write_spec
 
 from workbench import mlflow_model
 from workbench.corpus import CharTokenizer
-from workbench.models import export
+from workbench.models import MODELS, build_model, export
 from workbench.models.attention import SDPA
 from workbench.models.export import NextTokenLogits, example_input, save_logits
-from workbench.models.ladder import MODELS, build_model
 from workbench.settings import load_settings
 from workbench.spec import ModelConfig, RunConfig
 from workbench.sweep import record

@@ -38,12 +38,13 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 slow = pytest.mark.slow  # trains: seconds to a minute each
 
 
-def assert_png(content: bytes) -> None:
-    """Valid PNG bytes: the signature, then an IHDR chunk with a non-empty image."""
+def assert_png(content: bytes) -> tuple[int, int]:
+    """Valid PNG bytes: the signature, then an IHDR chunk with a non-empty image; its size."""
     assert content[:8] == PNG_SIGNATURE
     assert content[12:16] == b"IHDR"
     width, height = int.from_bytes(content[16:20], "big"), int.from_bytes(content[20:24], "big")
     assert width > 50 and height > 50
+    return width, height
 
 
 def artifact(client: MlflowClient, run_id: str, path: str) -> bytes:
@@ -96,11 +97,13 @@ def test_run_figures_are_small_valid_pngs_and_draw_text_plainly() -> None:
                for s in range(0, 41, 20)]  # fmt: skip
     curve = loss_curve_png(history, "multi_head $\\a$ s=1")  # broken mathtext, as text
     assert curve is not None
-    assert_png(curve)
+    width, height = assert_png(curve)
+    assert width >= 480 and height >= 320  # mlflow ui shows it at this size: readable
     assert loss_curve_png([], "nothing") is None
     weights = [[[[1.0 if k == q else 0.0 for k in range(4)] for q in range(4)]] * 2]  # 1 x 2
     image = attention_png("$\\a$", weights)  # the same in a prompt
-    assert_png(image)
+    width, height = assert_png(image)
+    assert width >= 400 and height >= 200
     assert len(image) < 60_000 and len(curve) < 60_000
 
 
@@ -244,6 +247,10 @@ def test_a_rerun_reuses_the_parent_and_set_or_only_get_their_own(
     }
     assert {p.info.status for p in store.parents()} == {"FINISHED"}
     assert len({p.data.tags[PLAN_TAG] for p in store.parents()}) == 3
+    names = {p.info.run_name: p.data.tags[PLAN_TAG][:8] for p in store.parents()}
+    assert sorted(name.rsplit(" [", 1)[0] for name in names) == [  # what --set and --only made
+        "t", "t iters=20", "t only=bigram*"]  # fmt: skip
+    assert all(name.endswith(f" [{plan}]") for name, plan in names.items())
 
     report = ["report", "--tracking-uri", store.uri, "--out", str(tmp_path / "reports")]
     assert invoke(*report).exit_code == 0

@@ -17,6 +17,7 @@ from reference import (
 )
 from torch import nn
 
+from workbench.models import MODELS, build_model, count_params
 from workbench.models.attention import (
     SDPA,
     TINY_BLOCK,
@@ -25,7 +26,6 @@ from workbench.models.attention import (
     causal_bias,
 )
 from workbench.models.ladder import (
-    MODELS,
     CausalSelfAttention,
     LanguageModel,
     MultiHead,
@@ -33,8 +33,6 @@ from workbench.models.ladder import (
     SoftmaxAverage,
     Transformer,
     UniformAverage,
-    build_model,
-    count_params,
 )
 from workbench.spec import MODEL_KINDS, ModelConfig
 

@@ -22,7 +22,7 @@ from workbench.settings import load_settings
 from workbench.spec import RunConfig, pack_key
 from workbench.store import ensure_experiment
 from workbench.sweep.driver import Action, Decision
-from workbench.sweep.jobs import Job, MlflowCallback
+from workbench.sweep.jobs import DriverLost, Job, MlflowCallback, execute_job
 from workbench.sweep.packs import Pack, execute_pack, group
 from workbench.tracking import TAG, MetricBuffer, RunState
 from workbench.train.factory import build_trainer
@@ -356,3 +356,21 @@ def test_open_members_of_a_pack_keep_their_heartbeat(store: Store) -> None:
     callback.on_metrics({"train_loss_smooth": 1.0}, 10)
     beat = store.client.get_run(pack.jobs[1].run_id).data.tags[TAG + "heartbeat"]
     assert abs(float(beat) - time.time()) < 60
+
+
+def test_a_driver_that_is_gone_stops_runs_and_packs_resumable(store: Store) -> None:
+    """A worker whose driver is gone (its progress event cannot be sent) stops each run KILLED,
+    resumable, with that reason: an interruption of its own kind, neither a Ctrl-C nor a
+    failure."""
+    assert not issubclass(DriverLost, (KeyboardInterrupt, Exception))
+
+    def driver_gone(progress: Any) -> None:
+        raise DriverLost("the driver process is gone")
+
+    alone = pack_of(store, [7]).jobs[0]
+    results = [execute_job(alone, driver_gone), *execute_pack(pack_of(store, [5, 6]), driver_gone)]
+    for result in results:
+        assert result.status == RunState.KILLED and result.reason == "the driver process is gone"
+        run = store.client.get_run(result.run_id)
+        assert run.info.status == "KILLED", run.data.tags
+        assert run.data.tags[TAG + "reason"] == "the driver process is gone"

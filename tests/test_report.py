@@ -589,6 +589,7 @@ def test_every_store_shape_gives_a_page(shapes: Store, shape: str) -> None:
     assert ("No run finished, so there is no leaderboard yet." in text) is not finished
     if finished:
         assert _table_rows(html, "Leaderboard")
+        assert "depend on the machine and on its load" in text  # wall time, tokens/s
     if shape == "nan_losses":
         assert [r[1] for r in _table_rows(html, "Leaderboard")] == ["bigram"]
     if shape in ("one_variant_one_axis", "three_axes"):
@@ -607,6 +608,16 @@ def test_store_shapes_in_a_headless_browser(shapes: Store, shape: str, tmp_path:
     assert [u for u in visit.requests if not u.startswith(("file:", "data:"))] == []
     assert visit.images >= 2 and visit.images_decoded
     assert visit.title == f"{shape}: workbench report"
+    # What the browser drew: every section, and every figure in colour (its curves, points or
+    # cells: the curves of the ablation with their lines hidden, as 20defc6 drew them, have
+    # 0.01 % of their pixels in colour; the sparsest figure drawn here, 0.12 %), at a size
+    # that can be read.
+    assert {"Leaderboard", "Loss curves", "Sensitivity"} <= set(visit.headings), visit.headings
+    for alt, width, height, colour in visit.drawn:
+        assert colour > 0.0005, (alt, colour)
+        assert width >= 300 and height >= 150, (alt, width, height)
+    drawn = [alt for alt, *_ in visit.drawn]
+    assert any(alt.startswith("loss against step") for alt in drawn), drawn
 
 
 # --- every figure draws what it claims ---------------------------------------------------------

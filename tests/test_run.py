@@ -168,10 +168,12 @@ def test_sample_takes_a_name_id_or_key_and_never_guesses(store: Store, tmp_path:
     assert ambiguous.exit_code == 2 and "Traceback" not in ambiguous.output
     lines = ambiguous.stderr.splitlines()
     assert "'bigram s=1' names 3 finished runs of 2 different configs" in lines[0]
+    assert "(they differ in train.max_iters)" in lines[0]  # which setting to look at
     assert len(lines) == 4
     for line, run in zip(lines[1:], reversed(runs), strict=True):  # newest first
         assert run.info.run_id in line and run.data.tags[TAG + "run_key"] in line
         assert "experiment t" in line and "started 20" in line
+        assert line.endswith(f"train.max_iters={run.data.params['train.max_iters']}"), line
     assert ambiguous.stdout == ""
     for ok in (old_key, new_key, runs[0].info.run_id):  # the same key twice: the newest
         assert sample(ok).exit_code == 0, sample(ok).output
@@ -216,6 +218,7 @@ def test_params_and_config_yaml_say_only_what_applies(store: Store, tmp_path: Pa
         assert "None" not in params.values()
         for absent in ("data.path", "train.threads", "train.min_lr", "model.head_size"):
             assert absent not in params, absent
+        assert ("train.attention" in params) is (variant == "multi_head")  # bigram has none
         assert params["data.dataset"] == "tinyshakespeare" and params["train.device"] == "cpu"
         folder = store.client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
         logged = yaml.safe_load(Path(folder).read_text())

@@ -71,6 +71,7 @@ class Plan:
     varying_keys: list[str]
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (dropped, same as)
     excluded: int = 0
+    made_by: str = ""  # what --set and --only made of the spec (``iters=200 only=bigram*``)
 
     @property
     def experiment(self) -> str:
@@ -158,7 +159,11 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
             raise SpecError([f"--only {clip(' '.join(only))}: no run name matches"])
     if not runs:
         raise SpecError([f"{origin}: exclude: every run is excluded"])
-    return Plan(spec_path, spec, runs, varying, duplicates, excluded)
+    made_by = [
+        f"{labels[k]}={name_value(v)}" for k, v in {o.key: o.value for o in overrides}.items()
+    ]
+    made_by += [f"only={glob}" for glob in only or []]
+    return Plan(spec_path, spec, runs, varying, duplicates, excluded, clip(" ".join(made_by)))
 
 
 def _inside_section(loc: tuple[Any, ...]) -> bool:
@@ -359,9 +364,8 @@ def _changed_by_set(as_written: dict[str, Any], overrides: list[Override]) -> di
 
 def _named(run: Run, changed: dict[str, Any], labels: dict[str, str], index: int) -> Run:
     """The run named variant, grid values, then ``--set`` values unlike the spec's, then seed,
-    short keys first so that the runs table's ~25 characters show what varies
-    (``multi_head bs=32 lr=3e-3 s=1337``): two runs of different configs in one plan never
-    share a name."""
+    in short keys (``multi_head bs=32 lr=3e-3 s=1337``): two runs of different configs in one
+    plan never share a name."""
     values = [f"{labels[k]}={name_value(v)}" for k, v in run.varying.items()]
     values += [f"{labels[k]}={name_value(v)}" for k, v in changed.items()]
     name = " ".join([run.variant, *values, f"{RUN_NAME_KEYS['seed']}={run.seed}"])

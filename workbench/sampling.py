@@ -78,16 +78,21 @@ def _finished_runs(mlflow_client: Any, experiment_ids: list[str], run: str) -> l
 
 def _candidates(run: str, found: list[Any], experiments: dict[str, str]) -> list[str]:
     keys = {r.data.tags.get(TAG + "run_key") for r in found}
+    every = sorted({k for r in found for k in r.data.params})
+    differ = [k for k in every if len({r.data.params.get(k) for r in found}) > 1]
     lines = [
-        f"{clip(repr(run))} names {len(found)} finished runs of {len(keys)} different configs; "
-        "pass a run id or a run key (--experiment narrows a name):"
+        f"{clip(repr(run))} names {len(found)} finished runs of {len(keys)} different configs"
+        + (f" (they differ in {clip(', '.join(differ))})" if differ else "")
+        + "; pass a run id or a run key (--experiment narrows a name):"
     ]
     for hit in found[:MAX_CANDIDATES]:
         started = datetime.fromtimestamp((hit.info.start_time or 0) / 1000, tz=timezone.utc)
+        values = " ".join(f"{k}={hit.data.params.get(k, 'unset')}" for k in differ)
         lines.append(
             f"  run id {hit.info.run_id}  key {hit.data.tags.get(TAG + 'run_key')}  "
             f"experiment {clip(experiments.get(hit.info.experiment_id, '?'))}  "
             f"started {started:%Y-%m-%d %H:%M:%S} UTC  name {clip(hit.info.run_name or '')}"
+            + (f"  {clip(values)}" if values else "")
         )
     if len(found) > MAX_CANDIDATES:
         lines.append(f"  ... and {len(found) - MAX_CANDIDATES} more")

@@ -163,12 +163,14 @@ def lr_varies(train: TrainConfig) -> bool:
 
 def applicable_config(config: RunConfig) -> dict[str, Any]:
     """The config as it says what the run was: only the model keys its kind reads, no unset
-    (None) value, no cosine floor under a constant schedule. For params and ``config.yaml``;
-    training always uses the full config."""
+    (None) value, no cosine floor under a constant schedule, no attention backend for a model
+    without attention. For params and ``config.yaml``; training always uses the full config."""
     full = config.model_dump(mode="json")
     kind = config.model.kind
     if kind is not None:
         full["model"] = {k: v for k, v in full["model"].items() if k in MODEL_FIELDS[kind]}
+        if kind not in ATTENTION_KINDS:
+            del full["train"]["attention"]
     if config.train.lr_schedule == "constant":
         del full["train"]["min_lr"]
     for section in SECTIONS:

@@ -8,23 +8,21 @@ marks a run KILLED itself.
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import math
 import os
 import re
 import socket
-import subprocess
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from workbench import __version__
+from workbench.states import RunState as RunState
 
-# The store's names that other modules import from here (mypy: explicit re-exports).
+# The store's names (and the run states) that other modules import from here (mypy: explicit
+# re-exports).
 from workbench.store import client as client
 from workbench.store import ensure_experiment as ensure_experiment
 from workbench.store import sqlite_path as sqlite_path
@@ -47,24 +45,6 @@ def experiment_slug(name: str) -> str:
     readable = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:40] or "experiment"
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     return f"{readable}-{digest}"
-
-
-class RunState(str, Enum):
-    """What a run is: one word for each state in the plan, the progress line, the summary and
-    the report. The first six come from the store (MLflow's status and our tags, read in
-    :attr:`RunRecord.state` and nowhere else); the driver adds the last two."""
-
-    FINISHED = "finished"
-    FAILED = "failed"  # training raised
-    DIVERGED = "diverged"  # FAILED in MLflow, with the workbench.diverged tag
-    KILLED = "killed"  # interrupted or crashed: resumable
-    RUNNING = "running"
-    STALE = "stale"  # left RUNNING by a process that is gone, or silent for too long: resumable
-    TO_DO = "to do"  # not in the store yet
-    CLAIMED = "claimed"  # held by another live workbench process
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -196,98 +176,6 @@ def existing_runs(uri: str, experiment_id: str) -> dict[str, RunRecord]:
                 params=dict(run.data.params),
             )
     return records
-
-
-def git_state(folder: Path) -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the git checkout holding ``folder``, or (None, None)."""
-    checkout = git_checkout(folder)
-    return (None, None) if checkout is None else (checkout.commit, checkout.dirty)
-
-
-@dataclass(frozen=True)
-class GitCheckout:
-    root: Path
-    commit: str
-    dirty: bool  # tracked files changed since the commit
-    remote_url: str | None  # origin's (else the first remote's) URL, without credentials
-
-
-def git_checkout(folder: Path) -> GitCheckout | None:
-    """The git checkout holding ``folder``, or None (no checkout, or no git)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=folder, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        commit, root = git("rev-parse", "HEAD", "--show-toplevel").splitlines()
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        remotes = git("remote").split()
-    except (OSError, ValueError, subprocess.CalledProcessError):
-        return None
-    remote = "origin" if "origin" in remotes else (remotes[0] if remotes else None)
-    try:
-        url = _without_credentials(git("remote", "get-url", remote)) if remote else None
-    except (OSError, subprocess.CalledProcessError):
-        url = None
-    return GitCheckout(Path(root), commit, dirty, url or None)
-
-
-def _without_credentials(url: str) -> str:
-    """``https://user:token@host/x.git`` → ``https://host/x.git``: a URL recorded in a store
-    that others read must not carry a secret (``git@host:x.git`` has none)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    authority, slash, path = rest.partition("/")
-    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
-
-
-def user() -> str:
-    """Who runs this, as MLflow's own runs say it (``getpass.getuser``)."""
-    try:
-        return getpass.getuser()
-    except (ImportError, KeyError, OSError):  # no name for this uid (some containers)
-        return "unknown"
-
-
-def source_tags(spec_path: Path) -> dict[str, str]:
-    """MLflow's own source tags for the runs of a spec, which ``mlflow ui`` shows in its Source,
-    Version and User columns, and workbench's ``git_dirty``.
-
-    The source is the spec file and the commit is that of the git checkout the spec lives in:
-    the user's experiment repository, which holds what the runs were asked to be. A spec outside
-    any checkout names its absolute path and has no ``mlflow.source.git.*`` tags; the commit of
-    workbench's own checkout (where it runs from one) is then ``workbench.git_commit``.
-    """
-    spec = spec_path.resolve()
-    tags = {"mlflow.source.type": "LOCAL", "mlflow.user": user()}
-    checkout = git_checkout(spec.parent)
-    if checkout is not None and spec.is_relative_to(checkout.root.resolve()):
-        tags["mlflow.source.name"] = spec.relative_to(checkout.root.resolve()).as_posix()
-        tags["mlflow.source.git.commit"] = checkout.commit
-        if checkout.remote_url is not None:
-            tags["mlflow.source.git.repoURL"] = checkout.remote_url
-    else:
-        tags["mlflow.source.name"] = str(spec)
-        checkout = git_checkout(Path(__file__).resolve().parent)
-        if checkout is not None:
-            tags[TAG + "git_commit"] = checkout.commit
-    if checkout is not None:
-        tags[TAG + "git_dirty"] = str(checkout.dirty).lower()
-    return tags
-
-
-def commit_of(tags: dict[str, str]) -> str | None:
-    """The commit a run records: its source's, else (older runs, or a spec outside any
-    checkout) workbench's own ``git_commit`` tag."""
-    return tags.get("mlflow.source.git.commit") or tags.get(TAG + "git_commit")
-
-
-def spec_of(tags: dict[str, str]) -> str | None:
-    """The spec file a run came from (older runs: the ``workbench.spec`` tag)."""
-    return tags.get("mlflow.source.name") or tags.get(TAG + "spec")
 
 
 DATASET_DIGEST_LENGTH = 16
@@ -432,7 +320,3 @@ class MetricBuffer:
     def heartbeat(self) -> None:
         self.last_heartbeat = time.time()
         self.client.set_tag(self.run_id, TAG + "heartbeat", f"{self.last_heartbeat:.0f}")
-
-
-def base_tags() -> dict[str, str]:
-    return {TAG + "version": __version__, TAG + "host": socket.gethostname()}

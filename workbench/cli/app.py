@@ -33,6 +33,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # a docstring's lines are rewrapped as one paragraph
 )
 
 SpecArg = Annotated[
@@ -328,7 +329,9 @@ def sample(
             "refused, listing them)."
         ),
     ],
-    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")] = "\n",
+    prompt: Annotated[
+        str, typer.Option("--prompt", help="Text to continue.", show_default="a newline")
+    ] = "\n",
     tokens: Annotated[int, typer.Option("--tokens", min=1, help="Characters to generate.")] = 500,
     temperature: Annotated[
         float, typer.Option("--temperature", min=0.0, help="Sampling temperature.")

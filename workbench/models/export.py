@@ -40,8 +40,8 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from workbench import compat
+from workbench.models import LanguageModel, build_model
 from workbench.models.attention import SDPA
-from workbench.models.ladder import LanguageModel, build_model
 from workbench.models.source import SOURCE_DIGEST
 
 CACHED_SHAPES = 16  # archives kept per process (the ablation has 15 model shapes)

@@ -10,29 +10,34 @@ a job starts); what runs inside that call is not this file's business.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.models.attention import SDPA, AttentionBackend, causal_bias, resolve_attention
-from workbench.spec import ATTENTION_KINDS, ModelConfig
+from workbench.models.attention import SDPA, AttentionBackend, causal_bias
+from workbench.spec import ModelConfig
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a model is built for besides its config: the vocabulary, the longest context, and
+    the attention backend its attention calls (None for the kinds without attention)."""
+
+    vocab_size: int
+    block_size: int
+    attention: AttentionBackend | None = None
 
 
 class LanguageModel(nn.Module):
     """Shared plumbing: the loss, generation, and (for attention models) attention maps."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        vocab_size: int,
-        block_size: int,
-        attention: AttentionBackend | None = None,
-    ) -> None:
+    def __init__(self, config: ModelConfig, setup: Setup) -> None:
         super().__init__()
         self.config = config
-        self.vocab_size = vocab_size
-        self.block_size = block_size
-        self.attention_backend = attention  # None: this kind has no attention
+        self.vocab_size, self.block_size = setup.vocab_size, setup.block_size
+        self.attention_backend = setup.attention  # None: this kind has no attention
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T, vocab): the next-token logits of every position of ``idx`` (B, T)."""
@@ -80,15 +85,9 @@ class LanguageModel(nn.Module):
 class Bigram(LanguageModel):
     """Rung 0: a vocab × vocab table, read straight off as the next character's logits."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        vocab_size: int,
-        block_size: int,
-        attention: AttentionBackend | None = None,
-    ) -> None:
-        super().__init__(config, vocab_size, block_size, attention)
-        self.token_embedding = nn.Embedding(vocab_size, vocab_size)
+    def __init__(self, config: ModelConfig, setup: Setup) -> None:
+        super().__init__(config, setup)
+        self.token_embedding = nn.Embedding(setup.vocab_size, setup.vocab_size)
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(idx)  # (B, T, vocab)
@@ -97,17 +96,11 @@ class Bigram(LanguageModel):
 class Embedded(LanguageModel):
     """Token plus position embeddings in, ``lm_head`` out; subclasses mix positions between."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        vocab_size: int,
-        block_size: int,
-        attention: AttentionBackend | None = None,
-    ) -> None:
-        super().__init__(config, vocab_size, block_size, attention)
-        self.token_embedding = nn.Embedding(vocab_size, config.n_embd)
-        self.position_embedding = nn.Embedding(block_size, config.n_embd)
-        self.lm_head = nn.Linear(self.head_width(), vocab_size)
+    def __init__(self, config: ModelConfig, setup: Setup) -> None:
+        super().__init__(config, setup)
+        self.token_embedding = nn.Embedding(setup.vocab_size, config.n_embd)
+        self.position_embedding = nn.Embedding(setup.block_size, config.n_embd)
+        self.lm_head = nn.Linear(self.head_width(), setup.vocab_size)
 
     def head_width(self) -> int:
         return self.config.n_embd
@@ -136,15 +129,9 @@ class UniformAverage(Embedded):
 
     weights: torch.Tensor  # (block_size, block_size) buffer
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        vocab_size: int,
-        block_size: int,
-        attention: AttentionBackend | None = None,
-    ) -> None:
-        super().__init__(config, vocab_size, block_size, attention)
-        tril = torch.tril(torch.ones(block_size, block_size))
+    def __init__(self, config: ModelConfig, setup: Setup) -> None:
+        super().__init__(config, setup)
+        tril = torch.tril(torch.ones(setup.block_size, setup.block_size))
         self.register_buffer("weights", tril / tril.sum(1, keepdim=True), persistent=False)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,17 +149,11 @@ class SoftmaxAverage(Embedded):
 
     mask: torch.Tensor  # (block_size, block_size) bool buffer
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        vocab_size: int,
-        block_size: int,
-        attention: AttentionBackend | None = None,
-    ) -> None:
-        super().__init__(config, vocab_size, block_size, attention)
-        affinity = torch.zeros(block_size, block_size)
+    def __init__(self, config: ModelConfig, setup: Setup) -> None:
+        super().__init__(config, setup)
+        affinity = torch.zeros(setup.block_size, setup.block_size)
         self.affinity = nn.Parameter(affinity, requires_grad=config.learnable)
-        self.register_buffer("mask", causal_mask(block_size), persistent=False)
+        self.register_buffer("mask", causal_mask(setup.block_size), persistent=False)
 
     def mixing_weights(self, T: int) -> torch.Tensor:
         wei = self.affinity[:T, :T].masked_fill(~self.mask[:T, :T], float("-inf"))
@@ -214,6 +195,16 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = dropout_layer(dropout)
         self.register_buffer("causal_bias", causal_bias(block_size), persistent=False)
 
+    @classmethod
+    def of(
+        cls, config: ModelConfig, setup: Setup, n_head: int, head_size: int, proj: bool
+    ) -> CausalSelfAttention:
+        """The attention of a model of ``config`` built for ``setup``."""
+        backend = setup.attention or SDPA
+        return cls(
+            config.n_embd, n_head, head_size, setup.block_size, proj, config.dropout, backend
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) in, (B, T, n_head * head_size) out, or (B, T, n_embd) with ``proj``."""
         dropout = self.dropout if self.training else 0.0
@@ -235,23 +226,9 @@ class CausalSelfAttention(nn.Module):
 class SingleHead(Embedded):
     """Rung 2: one causal self-attention head of ``head_size`` (default ``n_embd``)."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        vocab_size: int,
-        block_size: int,
-        attention: AttentionBackend = SDPA,
-    ) -> None:
-        super().__init__(config, vocab_size, block_size, attention)
-        self.attention = CausalSelfAttention(
-            config.n_embd,
-            1,
-            self.head_width(),
-            block_size,
-            proj=False,
-            dropout=config.dropout,
-            attention=attention,
-        )
+    def __init__(self, config: ModelConfig, setup: Setup) -> None:
+        super().__init__(config, setup)
+        self.attention = CausalSelfAttention.of(config, setup, 1, self.head_width(), proj=False)
 
     def head_width(self) -> int:
         return self.config.head_size or self.config.n_embd
@@ -266,23 +243,10 @@ class SingleHead(Embedded):
 class MultiHead(Embedded):
     """Rung 3: ``n_head`` heads of ``n_embd / n_head``, concatenated (projected if ``proj``)."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        vocab_size: int,
-        block_size: int,
-        attention: AttentionBackend = SDPA,
-    ) -> None:
-        super().__init__(config, vocab_size, block_size, attention)
-        self.attention = CausalSelfAttention(
-            config.n_embd,
-            config.n_head,
-            config.n_embd // config.n_head,
-            block_size,
-            proj=bool(config.proj),
-            dropout=config.dropout,
-            attention=attention,
-        )
+    def __init__(self, config: ModelConfig, setup: Setup) -> None:
+        super().__init__(config, setup)
+        heads, size = config.n_head, config.n_embd // config.n_head
+        self.attention = CausalSelfAttention.of(config, setup, heads, size, bool(config.proj))
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         return self.attention(x)  # (B, T, C)
@@ -309,21 +273,12 @@ def feed_forward(kind: str, n_embd: int, dropout: float) -> nn.Module | None:
 class Block(nn.Module):
     """Attention then feed-forward, each optionally pre-normed and wrapped in a residual."""
 
-    def __init__(
-        self, config: ModelConfig, block_size: int, attention: AttentionBackend = SDPA
-    ) -> None:
+    def __init__(self, config: ModelConfig, setup: Setup) -> None:
         super().__init__()
-        C = config.n_embd
+        C, heads = config.n_embd, config.n_head
         self.residual = config.residual
-        self.attention = CausalSelfAttention(
-            C,
-            config.n_head,
-            C // config.n_head,
-            block_size,
-            proj=config.proj is not False,
-            dropout=config.dropout,
-            attention=attention,
-        )
+        proj = config.proj is not False
+        self.attention = CausalSelfAttention.of(config, setup, heads, C // heads, proj)
         self.ffwd = feed_forward(config.ffwd, C, config.dropout)
         self.ln1 = nn.LayerNorm(C) if config.layernorm else None
         self.ln2 = nn.LayerNorm(C) if config.layernorm and self.ffwd is not None else None
@@ -343,17 +298,9 @@ class Transformer(Embedded):
     """Rungs 1-7 as configs: ``n_layer`` blocks (0: embeddings only) with switches for the
     feed-forward, residuals, layer norm, dropout and init."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        vocab_size: int,
-        block_size: int,
-        attention: AttentionBackend = SDPA,
-    ) -> None:
-        super().__init__(config, vocab_size, block_size, attention)
-        self.blocks = nn.ModuleList(
-            Block(config, block_size, attention) for _ in range(config.n_layer)
-        )
+    def __init__(self, config: ModelConfig, setup: Setup) -> None:
+        super().__init__(config, setup)
+        self.blocks = nn.ModuleList(Block(config, setup) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd) if config.layernorm else None
         if config.init == "normal":
             self.apply(_init_normal)
@@ -383,45 +330,3 @@ def _init_normal(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-
-MODELS: dict[str, type[LanguageModel]] = {
-    "bigram": Bigram,
-    "uniform_avg": UniformAverage,
-    "softmax_avg": SoftmaxAverage,
-    "single_head": SingleHead,
-    "multi_head": MultiHead,
-    "transformer": Transformer,
-}
-
-
-def attention_head_size(config: ModelConfig) -> int:
-    """The head size of a model's attention (what the native kernel is compiled for)."""
-    if config.kind == "single_head":
-        return config.head_size or config.n_embd
-    return config.n_embd // config.n_head
-
-
-def build_model(
-    config: ModelConfig,
-    vocab_size: int,
-    block_size: int,
-    attention: AttentionBackend | None = None,
-) -> LanguageModel:
-    """The model of ``config``, its attention computed by ``attention`` (default: what
-    ``train.attention: auto`` resolves to on a CPU; ``model.attention_backend.name`` says)."""
-    if config.kind is None:
-        raise ValueError("model.kind is not set")
-    if config.kind not in ATTENTION_KINDS:
-        attention = None
-    elif attention is None:
-        attention = resolve_attention(
-            "auto", torch.device("cpu"), block_size, attention_head_size(config)
-        )
-    return MODELS[config.kind](config, vocab_size, block_size, attention)
-
-
-def count_params(config: ModelConfig, vocab_size: int, block_size: int) -> int:
-    """Parameters of a model, without allocating its weights (or building a kernel)."""
-    with torch.device("meta"):
-        return build_model(config, vocab_size, block_size, attention=SDPA).num_params()

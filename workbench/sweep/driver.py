@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from workbench.errors import WorkbenchError
 from workbench.grid import Plan, Run
 from workbench.naming import format_value
+from workbench.provenance import base_tags, source_tags
 from workbench.spec import applicable_config
 from workbench.store import client, ensure_experiment, sqlite_path, store_error_types, store_errors
 from workbench.sweep.claims import Claims
@@ -37,12 +38,10 @@ from workbench.tracking import (
     TAG,
     RunRecord,
     RunState,
-    base_tags,
     dataset_inputs,
     existing_runs,
     experiment_slug,
     flatten,
-    source_tags,
 )
 
 

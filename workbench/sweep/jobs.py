@@ -39,8 +39,10 @@ JobStatus: TypeAlias = Literal[
 """How a job ends."""
 
 
-class DriverLost(KeyboardInterrupt):
-    """Raised in a worker whose driver process is gone: an interruption, never a verdict."""
+class DriverLost(BaseException):
+    """Raised in a worker whose driver process is gone: an interruption, never a verdict. Its
+    own exception, not a KeyboardInterrupt (a handler of Ctrl-C must not mean "the driver is
+    gone"), and not an Exception (no ``except Exception`` takes it for a failure)."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ def train_recorded(
         if job.resumed:  # points after the last checkpoint may be stored already
             buffer.skip_stored(list(STORED_KEYS))
         return _train_and_record(job, mlflow_client, buffer, callback)
-    except KeyboardInterrupt as exc:
+    except (KeyboardInterrupt, DriverLost) as exc:
         reason = str(exc) or "interrupted"
     except BaseException as exc:
         if not is_environment_failure(exc):

@@ -24,6 +24,7 @@ from workbench.errors import WorkbenchError, first_line
 from workbench.spec import RunConfig, pack_key
 from workbench.sweep.jobs import (
     STORED_KEYS,
+    DriverLost,
     Job,
     JobResult,
     MlflowCallback,
@@ -179,7 +180,7 @@ class _PackRun:
                     self.buffers[k].skip_stored(list(STORED_KEYS))
             self.train()
             return self.results()
-        except KeyboardInterrupt as exc:
+        except (KeyboardInterrupt, DriverLost) as exc:
             reason = str(exc) or "interrupted"
         except BaseException as exc:
             if is_environment_failure(exc):

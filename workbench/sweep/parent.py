@@ -85,8 +85,9 @@ def open_parent(
             attempt = 1
             tags.update({PLAN_TAG: identity, TAG + "attempt": "1",
                          "mlflow.note.content": _note(plan, identity)})  # fmt: skip
-            # Named after the experiment and the plan: two plans' parents never share a name.
-            name = f"{plan.experiment} [{identity[:8]}]"
+            # Named after the experiment, what --set and --only made of it, and the plan: two
+            # plans' parents never share a name.
+            name = " ".join(filter(None, [plan.experiment, plan.made_by, f"[{identity[:8]}]"]))
             created = mlflow_client.create_run(experiment_id, run_name=name, tags=tags)
             run_id = str(created.info.run_id)
             mlflow_client.log_batch(run_id, params=[Param("grid_size", str(len(plan.runs)))])

@@ -76,7 +76,7 @@ def record_end(
     artifacts, figures and logged model, then ends FINISHED."""
     from workbench.sweep.jobs import JobResult
 
-    diverged = result.status == "diverged"
+    diverged = result.status is RunState.DIVERGED
     summary = {
         "best_val_loss": result.best_val_loss,
         "final_val_loss": result.final_val_loss,

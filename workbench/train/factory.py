@@ -13,9 +13,8 @@ from typing import Any
 import torch
 
 from workbench.corpus import BatchSampler, Corpus, eval_set
-from workbench.models import build_model
+from workbench.models import attention_head_size, build_model
 from workbench.models.attention import resolve_attention
-from workbench.models.ladder import attention_head_size
 from workbench.spec import ATTENTION_KINDS, RunConfig
 from workbench.train.optim import FlatAdamW
 from workbench.train.process import resolve_device

@@ -13,9 +13,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
 import torch
+
+from workbench.states import RunState
 
 if TYPE_CHECKING:
     from workbench.train.trainer import Trainer
@@ -25,9 +27,13 @@ class Diverged(Exception):
     pass
 
 
+Ended: TypeAlias = Literal[RunState.FINISHED, RunState.DIVERGED]
+"""How training itself ends (a failure raises; an interruption is KeyboardInterrupt)."""
+
+
 @dataclass
 class TrainResult:
-    status: Literal["finished", "diverged"]
+    status: Ended
     step: int
     best_val_loss: float
     final_val_loss: float
@@ -107,7 +113,7 @@ def fit_members(steps: Steps) -> list[TrainResult]:
     active = list(range(K))
 
     def diverged(k: int, exc: Diverged) -> None:
-        results[k] = members[k].result("diverged", start, train_time, last_eval[k], str(exc))
+        results[k] = members[k].result(RunState.DIVERGED, start, train_time, last_eval[k], str(exc))
         active.remove(k)
         steps.drop(k)
 
@@ -172,5 +178,7 @@ def fit_members(steps: Steps) -> list[TrainResult]:
     loop_end = time.perf_counter()
     for k in active:
         members[k].final_artifacts()
-        results[k] = members[k].result("finished", start, train_time, last_eval[k], None, loop_end)
+        results[k] = members[k].result(
+            RunState.FINISHED, start, train_time, last_eval[k], None, loop_end
+        )
     return [result for result in results if result is not None]

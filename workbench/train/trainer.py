@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -26,7 +26,7 @@ from workbench.corpus import BatchSampler, CharTokenizer
 from workbench.models import LanguageModel
 from workbench.spec import TrainConfig, lr_varies
 from workbench.train.checkpoint import CHECKPOINT_NAME, LoopState, load_checkpoint, save_checkpoint
-from workbench.train.loop import Alone, Diverged, TrainResult, fit_members
+from workbench.train.loop import Alone, Diverged, Ended, TrainResult, fit_members
 from workbench.train.optim import FlatAdamW
 
 SAMPLE_CHARS = 500
@@ -201,7 +201,7 @@ class Trainer:
 
     def result(
         self,
-        status: Literal["finished", "diverged"],
+        status: Ended,
         start: float,
         train_time: float,
         last_eval: dict[str, float] | None,

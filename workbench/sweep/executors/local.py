@@ -83,13 +83,13 @@ def _worker_main(env: dict[str, str], conn: Connection, early: bool = False) -> 
                 driver.send(Started(job.key, os.getpid()))
             # A send to a driver that is gone raises DriverLost: the job stops, resumable.
             results = execute_unit(unit, driver.send)
-        except KeyboardInterrupt:  # before the job function could handle it itself
+        except (KeyboardInterrupt, DriverLost):  # before the job function could handle it
             reason = "the driver process is gone" if driver.lost else "interrupted"
             results = [end_killed(job, reason) for job in members(unit)]
         try:
             for result in results:
                 driver.send(Ended(result.key, result))
-        except KeyboardInterrupt:  # DriverLost: nobody to tell
+        except (KeyboardInterrupt, DriverLost):  # nobody to tell, or told to stop
             break
     # Every run this worker held is ended in the store and reported: nothing is left to write,
     # so skip the interpreter's teardown of torch and mlflow (about a second the driver waits).
