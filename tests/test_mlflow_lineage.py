@@ -21,8 +21,9 @@ from workbench.datasets import KNOWN_DATASETS
 from workbench.grid import expand
 from workbench.provenance import source_tags, user
 from workbench.settings import load_settings
-from workbench.sweep.driver import Options, run_note, run_sweep
+from workbench.sweep.driver import Options, run_sweep
 from workbench.sweep.jobs import Job, JobResult
+from workbench.sweep.record import run_note
 from workbench.tracking import TAG, dataset_digest, dataset_inputs
 
 SHAKESPEARE = KNOWN_DATASETS["tinyshakespeare"]

@@ -7,7 +7,6 @@ Expansion is deterministic: the same spec always gives the same runs, names and 
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import hashlib
 import itertools
@@ -23,6 +22,7 @@ from workbench.checks import Override, Source, structure_problems, validate_run
 from workbench.datasets import DEFAULT_DATASET, data_checksum
 from workbench.errors import SpecError
 from workbench.naming import RUN_NAME_KEYS, name_value, run_name_labels
+from workbench.overrides import apply_top_level, changed_by_set, parse_overrides
 from workbench.spec import (
     DEFAULT_SEEDS,
     SECTIONS,
@@ -33,7 +33,7 @@ from workbench.spec import (
     shown,
     spec_problems,
 )
-from workbench.yamlio import load_yaml_file, parse_value
+from workbench.yamlio import load_yaml_file
 
 RUN_KEY_LENGTH = 16
 MAX_RUNS = 100_000  # a grid larger than this is refused before it is expanded
@@ -78,20 +78,6 @@ class Plan:
         return self.spec.experiment
 
 
-def parse_overrides(items: list[str]) -> list[Override]:
-    problems, overrides = [], []
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            problems.append(f"--set {shown(item)}: expected KEY=VALUE, e.g. train.max_iters=200")
-            continue
-        overrides.append(Override(key=key, value=parse_value(text), text=item))
-    if problems:
-        raise SpecError(problems)
-    return overrides
-
-
 def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | None = None) -> Plan:
     """Load, validate and expand a spec; raises SpecError listing every problem at once.
 
@@ -103,7 +89,7 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
     raw = load_yaml_file(spec_path)
     if not isinstance(raw, dict):
         raise SpecError([f"{origin}: expected a mapping at the top level (got {shown(raw)})"])
-    raw = _apply_top_level_overrides(raw, overrides)
+    raw = apply_top_level(raw, overrides)
     overrides = [o for o in overrides if "." in o.key]
     problems = structure_problems(raw, origin, overrides)
     spec: Spec | None = None
@@ -143,7 +129,7 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
                     problems.extend(errors)
                     continue
                 assert config is not None
-                changed = _changed_by_set(as_written, overrides)
+                changed = changed_by_set(as_written, overrides)
                 run = _make_run(variant, seed, config, varying, checksums)
                 runs.append(_named(run, changed, labels, index))
     if problems:
@@ -171,27 +157,6 @@ def _inside_section(loc: tuple[Any, ...]) -> bool:
     if len(loc) >= 2 and loc[0] in SECTIONS:
         return True
     return len(loc) >= 4 and loc[0] == "variants" and loc[2] in SECTIONS
-
-
-def _apply_top_level_overrides(raw: dict[str, Any], overrides: list[Override]) -> dict[str, Any]:
-    """``--set seeds=[1,2]`` or ``--set experiment=x`` change the spec itself."""
-    top = [o for o in overrides if "." not in o.key]
-    if not top:
-        return raw
-    allowed = ("experiment", "seeds")
-    bad = [o for o in top if o.key not in allowed]
-    if bad:
-        raise SpecError(
-            [
-                f"--set: {o.key}: unknown key (allowed: {', '.join(allowed)}, or a dotted key "
-                "such as train.max_iters)"
-                for o in bad
-            ]
-        )
-    raw = copy.deepcopy(raw)
-    for o in top:
-        raw[o.key] = o.value
-    return raw
 
 
 Axis = list[tuple[str, list[Any], Source]]  # keys that vary together, their values, sources
@@ -341,25 +306,6 @@ def _make_run(
         varying={key: _lookup(config, key) for key in varying},
         data_sha256=checksum,
     )
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal as config values: 1 and 1.0 are, true and 1 are not."""
-    return bool(a == b) and isinstance(a, bool) == isinstance(b, bool)
-
-
-def _changed_by_set(as_written: dict[str, Any], overrides: list[Override]) -> dict[str, Any]:
-    """The ``--set`` values of one run that differ from what its spec gives it (as YAML values;
-    the last ``--set`` of a key wins)."""
-    final = {o.key: o.value for o in overrides}
-    changed = {}
-    for key, value in final.items():
-        section, _, name = key.partition(".")
-        written = as_written.get(section) or {}
-        before = written[name] if name in written else SECTIONS[section].model_fields[name].default
-        if not _same(before, value):
-            changed[key] = value
-    return changed
 
 
 def _named(run: Run, changed: dict[str, Any], labels: dict[str, str], index: int) -> Run:

@@ -162,9 +162,9 @@ def _save_with_mlflow(
     ``model`` built with SDPA attention (its signature makes batch and time dynamic)."""
     import mlflow.pytorch
 
+    from workbench.models import build_model
     from workbench.models.attention import SDPA
     from workbench.models.export import NextTokenLogits, example_input
-    from workbench.models import build_model
 
     same = build_model(model.config, model.vocab_size, model.block_size, attention=SDPA)
     same.load_state_dict(model.state_dict())

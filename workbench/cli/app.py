@@ -7,10 +7,8 @@ Heavy modules (torch, mlflow, pandas) are imported inside the commands that need
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,10 +20,7 @@ from workbench import __version__, compat
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from workbench.grid import Plan
-    from workbench.sweep.driver import Executor, Options
     from workbench.sweep.packs import PackSetting
 
 app = typer.Typer(
@@ -144,27 +139,6 @@ def _print_plan_from_store(
     print_plan(expanded, status, left=left)
 
 
-def _fetch_data(plan: Plan, data_dir: Path) -> None:
-    """Download the known data sets the runs need and the cache lacks, with a progress bar
-    (the driver checks every cached copy's checksum before training)."""
-    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
-
-    from workbench.datasets import KNOWN_DATASETS, fetch_known
-
-    for name in sorted({r.config.data.dataset for r in plan.runs if r.config.data.dataset}):
-        if (data_dir / KNOWN_DATASETS[name].filename).exists():
-            continue
-        with Progress(
-            *Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), transient=True
-        ) as bar:
-            task = bar.add_task(f"downloading {name}", total=None)
-
-            def advance(done: int, total: int | None) -> None:
-                bar.update(task, completed=done, total=total)  # noqa: B023
-
-            fetch_known(name, data_dir, progress=advance)
-
-
 @app.command()
 def run(
     spec: SpecArg,
@@ -275,8 +249,11 @@ def run(
             pack_size=pack_size or DEFAULT_PACK_SIZE,
             workers=getattr(chosen, "jobs", 1),  # local worker processes; Ray: its own slots
         )
-        _fetch_data(expanded, options.data_dir)
-        code = _sweep(expanded, chosen, options, console, live=progress and console.is_terminal)
+        from workbench.cli.progress import download_data, sweep_with_progress
+
+        download_data(expanded, options.data_dir)
+        live = progress and console.is_terminal
+        code = sweep_with_progress(expanded, chosen, options, console, live)
         raise typer.Exit(code=code)
 
 
@@ -299,25 +276,6 @@ def _require_psutil() -> None:
             "--system-metrics needs psutil, which is not installed: "
             "pip install 'workbench[system-metrics]'"
         ) from None
-
-
-def _sweep(expanded: Plan, chosen: Executor, options: Options, console: Console, live: bool) -> int:
-    """Run the sweep with its progress display, print the summary; returns the exit code."""
-    from workbench.cli.progress import SweepProgress, print_summary
-    from workbench.sweep.driver import run_sweep
-    from workbench.sweep.executors.local import raise_keyboard_interrupt
-
-    display = SweepProgress(console, live=live)
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM: the same as Ctrl-C
-    started = time.monotonic()
-    try:
-        summary = run_sweep(expanded, chosen, options, display.event, display.start)
-    finally:
-        display.stop()
-    print_summary(console, summary, expanded.experiment, time.monotonic() - started)
-    if summary.interrupted:
-        console.print("interrupted: the next `workbench run` resumes from the checkpoints")
-    return summary.exit_code
 
 
 @app.command()

@@ -154,7 +154,7 @@ def print_plan(
     console: Console | None = None,
     left: Left | None = None,
 ) -> None:
-    from workbench.models.counts import parameter_counts  # imports torch
+    from workbench.cli.counts import parameter_counts  # imports torch
 
     console = console or make_console()
     params = parameter_counts(plan.runs)

@@ -1,4 +1,4 @@
-"""What a sweep shows while it runs (rich), and the summary at its end.
+"""What a sweep shows while it runs (rich), from the data's download to the summary at its end.
 
 The time left is estimated from seconds per step, per model shape (:mod:`workbench.cli.estimate`):
 measured on the runs of this sweep as they report their steps, else from the plan's finished
@@ -10,9 +10,11 @@ every shape.
 from __future__ import annotations
 
 import math
+import signal
 import statistics
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -21,10 +23,13 @@ from rich.table import Table
 
 from workbench.cli.estimate import StepTimes, params_of, shape_of
 from workbench.cli.plan_view import duration
-from workbench.grid import Run
+from workbench.grid import Plan, Run
 from workbench.sweep import events
 from workbench.sweep.driver import Action, Decision, Summary
 from workbench.tracking import RunState
+
+if TYPE_CHECKING:
+    from workbench.sweep.driver import Executor, Options
 
 REFRESH_S = 0.25  # the live display's redraws, at most
 SUMMARY_ROWS = 30  # a longer sweep's summary lists only the runs that did not finish
@@ -250,3 +255,44 @@ def _table(summary: Summary, decisions: list[Decision]) -> Table:
             "-" if wall is None else f"{wall:.1f}",
         )
     return table
+
+
+def download_data(plan: Plan, data_dir: Path) -> None:
+    """Download the known data sets the runs need and the cache lacks, with a progress bar
+    (the driver checks every cached copy's checksum before training)."""
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    from workbench.datasets import KNOWN_DATASETS, fetch_known
+
+    for name in sorted({r.config.data.dataset for r in plan.runs if r.config.data.dataset}):
+        if (data_dir / KNOWN_DATASETS[name].filename).exists():
+            continue
+        with Progress(
+            *Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), transient=True
+        ) as bar:
+            task = bar.add_task(f"downloading {name}", total=None)
+
+            def advance(done: int, total: int | None) -> None:
+                bar.update(task, completed=done, total=total)  # noqa: B023
+
+            fetch_known(name, data_dir, progress=advance)
+
+
+def sweep_with_progress(
+    expanded: Plan, chosen: Executor, options: Options, console: Console, live: bool
+) -> int:
+    """Run the sweep with its progress display, print the summary; returns the exit code."""
+    from workbench.sweep.driver import run_sweep
+    from workbench.sweep.executors.local import raise_keyboard_interrupt
+
+    display = SweepProgress(console, live=live)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM: the same as Ctrl-C
+    started = time.monotonic()
+    try:
+        summary = run_sweep(expanded, chosen, options, display.event, display.start)
+    finally:
+        display.stop()
+    print_summary(console, summary, expanded.experiment, time.monotonic() - started)
+    if summary.interrupted:
+        console.print("interrupted: the next `workbench run` resumes from the checkpoints")
+    return summary.exit_code

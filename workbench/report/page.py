@@ -6,31 +6,20 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from workbench.naming import format_value, human_count, short_name
-from workbench.report import analysis, attention, figures, sensitivity, text
+from workbench.report import analysis, attention, figures, sensitivity, tables, text
 from workbench.report.analysis import LOSS
 from workbench.report.load import SEED_PARAMS, STATES, ExperimentData, artifact_text
+from workbench.spec import ATTENTION_KINDS
 from workbench.tracking import TAG
 
 if TYPE_CHECKING:
     import pandas as pd
 
 SAMPLE_SHOWN_CHARS = 500
-ATTENTION_KINDS = ("single_head", "multi_head", "transformer")  # whose heads the report draws
 MAX_ATTENTION_FIGURES = 6
-
-
-@dataclass
-class Table:
-    """Cells already formatted as text; the template escapes them."""
-
-    columns: list[str]
-    rows: list[list[str]]
-    numeric: list[bool] = field(default_factory=list)
 
 
 def page_context(data: ExperimentData) -> dict[str, Any]:
@@ -46,11 +35,11 @@ def page_context(data: ExperimentData) -> dict[str, Any]:
         "header": _header(data),
         "axes": [short_name(a, data.axes) for a in data.axes],
         "intervals": intervals,
-        "no_intervals_reason": _no_intervals_reason(board, most_seeds),
+        "no_intervals_reason": tables.no_intervals_reason(board, most_seeds),
         "board": None,
         "comparisons": [],
-        "differences": _differences_table(data, points),
-        "points": _points_table(data, points, intervals),
+        "differences": tables.differences_table(data, points),
+        "points": tables.points_table(data, points, intervals),
         "mixed": _mixed_configs(data),
         "fixed": _fixed(data),
         "provenance": _provenance(data),
@@ -59,7 +48,7 @@ def page_context(data: ExperimentData) -> dict[str, Any]:
     }
     with figures.plotting():
         if not board.empty:
-            context["board"] = _board_table(data, board, intervals, context["has_reference"])
+            context["board"] = tables.board_table(data, board, intervals, context["has_reference"])
             context["comparisons"] = [
                 c.sentence() for c in analysis.adjacent_comparisons(data, board, points)
             ]
@@ -68,8 +57,8 @@ def page_context(data: ExperimentData) -> dict[str, Any]:
         context.update(_sensitivity(data, done, points, board, intervals))
         context.update(_gap(data))
         context["attention"] = _attention(data, board, done)
-    context["problems"] = _problems(data)
-    context["unfinished"] = _unfinished(data)
+    context["problems"] = tables.problems(data)
+    context["unfinished"] = tables.unfinished(data)
     context["samples"] = _samples(data, board, done)
     return context
 
@@ -193,74 +182,6 @@ def _clip(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _differences_table(data: ExperimentData, points: pd.DataFrame) -> Table | None:
-    """Rows: grid points; columns: adjacent rungs, later − earlier, ± the 95% interval."""
-    differences = analysis.point_differences(data, points)
-    if not differences:
-        return None
-    pairs = list(dict.fromkeys(f"{d.later} − {d.earlier}" for d in differences))
-    cells: dict[str, dict[str, str]] = {}
-    for d in differences:
-        cells.setdefault(d.point, {})[f"{d.later} − {d.earlier}"] = d.cell()
-    rows = [[point, *(by_pair.get(pair, "") for pair in pairs)] for point, by_pair in cells.items()]
-    return Table(["grid point", *pairs], rows, [False, *(True for _ in pairs)])
-
-
-def _points_table(data: ExperimentData, points: pd.DataFrame, intervals: bool) -> Table | None:
-    """Every grid point of every variant, in ladder order: the pooling laid open."""
-    if points.empty:
-        return None
-    rung = {v: i for i, v in enumerate(data.variants)}
-    ordered = points.assign(rung=points["variant"].map(rung)).sort_values("rung", kind="stable")
-    rows = []
-    for row in ordered.itertuples(index=False):
-        cells = [str(row.variant), str(row.point), str(row.seeds), f"{row.mean:.4f}"]
-        if intervals:
-            cells.append(f"± {row.half_width:.4f}" if math.isfinite(row.half_width) else "")
-        rows.append(cells)
-    columns = ["variant", "grid point", "seeds", "mean best val loss"]
-    columns += ["± 95% CI"] if intervals else []
-    return Table(columns, rows, [False, False, True, True, True][: len(columns)])
-
-
-def _no_intervals_reason(board: pd.DataFrame, most_seeds: int) -> str:
-    if board.empty or most_seeds >= 2:
-        return ""
-    return (
-        "Every grid point has one finished seed, so there are no confidence intervals: an "
-        "interval over seeds needs at least two. Add seeds to the spec to see how much of a "
-        "difference is noise."
-    )
-
-
-def _board_table(
-    data: ExperimentData, board: pd.DataFrame, intervals: bool, reference: bool
-) -> Table:
-    columns = ["#", "variant", "best grid point", "seeds", "mean best val loss"]
-    columns += ["± 95% CI"] if intervals else []
-    columns += ["published"] if reference else []
-    columns += ["parameters", "wall time", "tokens/s"]
-    rows = []
-    for rank, row in enumerate(board.itertuples(index=False), start=1):
-        cells = [str(rank), str(row.variant), str(row.point), str(row.seeds), f"{row.mean:.4f}"]
-        if intervals:
-            cells.append(f"± {row.half_width:.4f}" if math.isfinite(row.half_width) else "(1 seed)")
-        if reference:
-            cells.append(
-                f"{row.reference_val_loss:.2f}"
-                if row.reference_val_loss == row.reference_val_loss
-                else ""
-            )
-        cells += [
-            human_count(row.num_params),
-            text.duration(row.wall_time_s),
-            human_count(row.tokens_per_sec),
-        ]
-        rows.append(cells)
-    numeric = [c not in ("variant", "best grid point") for c in columns]
-    return Table(columns, rows, numeric)
-
-
 def _curves(data: ExperimentData, done: pd.DataFrame) -> dict[str, Any]:
     shown = done if not done.empty else data.runs
     curves = figures.curve_data(data, shown)
@@ -327,39 +248,10 @@ def _gap(data: ExperimentData) -> dict[str, Any]:
          f"{summary.loc[v, 'max']:+.4f}", str(int(summary.loc[v, "count"]))]
         for v in order
     ]  # fmt: skip
-    table = Table(
+    table = tables.Table(
         ["variant", "mean gap", "min", "max", "runs"], rows, [False, True, True, True, True]
     )
     return {"gap_figure": figures.gap_plot(data, gaps), "gap_table": table}
-
-
-def _problems(data: ExperimentData) -> Table | None:
-    runs = data.runs
-    bad = runs[runs["state"].isin(["failed", "diverged"])].sort_values("run_name")
-    if bad.empty:
-        return None
-    rows = [
-        [str(r.run_name), str(r.state), text.step(r.stopped_step, r.last_step), str(r.reason or "")]
-        for r in bad.itertuples(index=False)
-    ]
-    return Table(["run", "state", "stopped at step", "reason"], rows, [False, False, True, False])
-
-
-def _unfinished(data: ExperimentData) -> Table | None:
-    runs = data.runs
-    live = runs[runs["state"].isin(["killed", "running", "stale"])].sort_values("run_name")
-    if live.empty:
-        return None
-    words = {
-        "killed": "killed (interrupted; `workbench run` resumes it)",
-        "running": "running",
-        "stale": "left RUNNING by a process that is gone (or silent for over 10 minutes)",
-    }
-    rows = [
-        [str(r.run_name), words[str(r.state)], text.step(math.nan, r.last_step)]
-        for r in live.itertuples(index=False)
-    ]
-    return Table(["run", "state", "last step logged"], rows, [False, False, True])
 
 
 def _best_runs(board: pd.DataFrame, done: pd.DataFrame) -> list[tuple[str, pd.Series]]:

@@ -25,23 +25,20 @@ from typing import Any, Protocol
 
 from workbench.errors import WorkbenchError
 from workbench.grid import Plan, Run
-from workbench.naming import format_value
 from workbench.provenance import base_tags, source_tags
-from workbench.spec import applicable_config
 from workbench.store import client, ensure_experiment, sqlite_path, store_error_types, store_errors
 from workbench.sweep.claims import Claims
 from workbench.sweep.events import CrashFn, Ended, Event, EventFn
 from workbench.sweep.jobs import Job, JobResult, JobStatus, ended_result, signals_deferred
 from workbench.sweep.packs import DEFAULT_PACK_SIZE, Pack, PackSetting, Unit, group
 from workbench.sweep.parent import PARENT_TAG, SweepParent, end_parent, open_parent
+from workbench.sweep.record import create_run
 from workbench.tracking import (
     TAG,
     RunRecord,
     RunState,
-    dataset_inputs,
     existing_runs,
     experiment_slug,
-    flatten,
 )
 
 
@@ -371,7 +368,7 @@ class _StoreRuns:
         shutil.rmtree(self.experiment_dir / run.key, ignore_errors=True)
         tags = {**self.tags, TAG + "threads": str(threads), PARENT_TAG: self.parent.run_id}
         with signals_deferred():  # a run is created whole: tags, params and inputs, or not
-            return _create_run(self.mlflow_client, self.experiment_id, run, tags)
+            return create_run(self.mlflow_client, self.experiment_id, run, tags)
 
     def on_crash(self, job: Job, reason: str, status: JobStatus) -> JobResult:
         """A worker that died or never answered: ``killed`` leaves the run resumable. A worker
@@ -386,50 +383,3 @@ class _StoreRuns:
                 job.run_id, status="KILLED" if status is RunState.KILLED else "FAILED"
             )
         return JobResult(job.key, job.run_id, status, reason=reason)
-
-
-def _create_run(
-    mlflow_client: Any, experiment_id: str, run: Run, sweep_tags: dict[str, str]
-) -> str:
-    """The MLflow run of a grid point: its tags, note, params and dataset inputs, written once
-    (a resume reopens the run and keeps them)."""
-    from mlflow.entities import Param
-
-    config = run.config
-    tags = {
-        **sweep_tags,
-        TAG + "run_key": run.key,
-        TAG + "variant": run.variant,
-        TAG + "seed": str(run.seed),
-        TAG + "variant_index": str(run.variant_index),  # the spec's order of the ladder
-        TAG + "attempt": "1",
-        TAG + "heartbeat": f"{time.time():.0f}",
-        **{TAG + "grid." + k: str(v) for k, v in run.varying.items()},
-        "mlflow.note.content": run_note(run, sweep_tags.get("mlflow.source.name", "")),
-    }
-    if run.reference_val_loss is not None:  # the published figure, for the report
-        tags[TAG + "reference_val_loss"] = str(run.reference_val_loss)
-    created = mlflow_client.create_run(experiment_id, run_name=run.name, tags=tags)
-    run_id: str = created.info.run_id
-    values = flatten(applicable_config(config))  # what the run was, nothing that does not apply
-    values["data_sha256"] = run.data_sha256  # num_params: the worker's, once it built the model
-    mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
-    data = config.data
-    inputs = dataset_inputs(data.dataset, data.path, run.data_sha256, data.val_fraction)
-    mlflow_client.log_inputs(run_id, datasets=inputs)
-    return run_id
-
-
-def run_note(run: Run, spec: str) -> str:
-    """One line saying what a run is, MLflow's run description (``mlflow.note.content``):
-    its variant and seed, the values its spec's grid gives it, the ``--set`` values that change
-    it, and the spec file."""
-    values = ", ".join(f"`{k}={format_value(v)}`" for k, v in run.varying.items())
-    changed = ", ".join(f"`{k}={format_value(v)}`" for k, v in run.changed.items())
-    parts = [f"Variant `{run.variant}`, seed {run.seed}"]
-    if values:
-        parts.append(f"grid: {values}")
-    if changed:
-        parts.append(f"--set: {changed}")
-    where = f" of `{spec}`" if spec else ""
-    return "; ".join(parts) + where + "."

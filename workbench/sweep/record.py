@@ -1,7 +1,8 @@
-"""What a job writes to its run around training: the tags of the process that trains it, and
-at the end its summary metrics, its verdict (finished or diverged), its artifacts and figures and
-its logged model. One place for both a run trained alone (:mod:`workbench.sweep.jobs`) and a
-member of a pack (:mod:`workbench.sweep.packs`), so both look the same in MLflow.
+"""What a run records: when the driver creates it, its tags, description, params and datasets;
+around training, the tags of the process that trains it, and at the end its summary metrics, its
+verdict (finished or diverged), its artifacts and figures and its logged model. One place for
+both a run trained alone (:mod:`workbench.sweep.jobs`) and a member of a pack
+(:mod:`workbench.sweep.packs`), so both look the same in MLflow.
 """
 
 from __future__ import annotations
@@ -12,18 +13,22 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from workbench.errors import first_line
-from workbench.tracking import TAG, MetricBuffer, RunState
+from workbench.naming import format_value
+from workbench.spec import applicable_config
+from workbench.tracking import TAG, MetricBuffer, RunState, dataset_inputs, flatten
 
 if TYPE_CHECKING:
     import torch
 
     from workbench.corpus import Corpus
+    from workbench.grid import Run
     from workbench.models.ladder import LanguageModel
     from workbench.sweep.jobs import Job, JobResult
     from workbench.train.loop import TrainResult
@@ -176,3 +181,48 @@ def log_final_model(mlflow_client: Any, job: Job, model: Any, tokenizer: Any, st
         # FINISHED without one, and says why.
         reason = f"{type(exc).__name__}: {first_line(exc, 200)}"
         mlflow_client.set_tag(job.run_id, TAG + "model_error", reason)
+
+
+def create_run(mlflow_client: Any, experiment_id: str, run: Run, sweep_tags: dict[str, str]) -> str:
+    """The MLflow run of a grid point: its tags, note, params and dataset inputs, written once
+    (a resume reopens the run and keeps them)."""
+    from mlflow.entities import Param
+
+    config = run.config
+    tags = {
+        **sweep_tags,
+        TAG + "run_key": run.key,
+        TAG + "variant": run.variant,
+        TAG + "seed": str(run.seed),
+        TAG + "variant_index": str(run.variant_index),  # the spec's order of the ladder
+        TAG + "attempt": "1",
+        TAG + "heartbeat": f"{time.time():.0f}",
+        **{TAG + "grid." + k: str(v) for k, v in run.varying.items()},
+        "mlflow.note.content": run_note(run, sweep_tags.get("mlflow.source.name", "")),
+    }
+    if run.reference_val_loss is not None:  # the published figure, for the report
+        tags[TAG + "reference_val_loss"] = str(run.reference_val_loss)
+    created = mlflow_client.create_run(experiment_id, run_name=run.name, tags=tags)
+    run_id: str = created.info.run_id
+    values = flatten(applicable_config(config))  # what the run was, nothing that does not apply
+    values["data_sha256"] = run.data_sha256  # num_params: the worker's, once it built the model
+    mlflow_client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
+    data = config.data
+    inputs = dataset_inputs(data.dataset, data.path, run.data_sha256, data.val_fraction)
+    mlflow_client.log_inputs(run_id, datasets=inputs)
+    return run_id
+
+
+def run_note(run: Run, spec: str) -> str:
+    """One line saying what a run is, MLflow's run description (``mlflow.note.content``):
+    its variant and seed, the values its spec's grid gives it, the ``--set`` values that change
+    it, and the spec file."""
+    values = ", ".join(f"`{k}={format_value(v)}`" for k, v in run.varying.items())
+    changed = ", ".join(f"`{k}={format_value(v)}`" for k, v in run.changed.items())
+    parts = [f"Variant `{run.variant}`, seed {run.seed}"]
+    if values:
+        parts.append(f"grid: {values}")
+    if changed:
+        parts.append(f"--set: {changed}")
+    where = f" of `{spec}`" if spec else ""
+    return "; ".join(parts) + where + "."
