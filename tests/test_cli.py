@@ -161,19 +161,20 @@ def test_plan_totals_mention_excluded_and_identical_runs(tmp_path: Path) -> None
         train: {max_iters: 100, eval_interval: 10}
         variants:
           a: {model: {kind: bigram}}
-          b: {model: {kind: bigram}}
           c: {model: {kind: bigram, n_embd: 16}}
+        grid: {train.block_size: [8, 16]}
         exclude: [{variant: c}]
         """,
     )
-    result = runner.invoke(app, ["plan", str(path)])
+    # --set over a grid key: its two points are one run, trained once
+    result = runner.invoke(app, ["plan", str(path), "--set", "train.block_size=8"])
     assert result.exit_code == 0, result.output
     assert "demo: 1 runs" in result.stdout
-    assert "1 runs: 0 finished, 0 to resume, 1 to train, 1 excluded, 1 identical runs dropped" in (
+    assert "1 runs: 0 finished, 0 to resume, 1 to train, 2 excluded, 1 identical runs dropped" in (
         result.stdout
     )
     assert "left: 25.6k tokens" in result.stdout
-    assert "identical: b s=1337 = a s=1337" in result.stdout
+    assert "identical: a bs=8 s=1337 = a s=1337" in result.stdout
 
 
 def test_plan_with_set_and_only(tmp_path: Path) -> None:

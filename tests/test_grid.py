@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from specs import spec_dict, write_spec
 
+from workbench.errors import SpecError
 from workbench.grid import Plan, expand, run_key
 from workbench.naming import format_value, name_value, run_name_labels, short_names
 from workbench.spec import all_dotted_keys
@@ -347,20 +348,29 @@ def test_short_names_keep_the_section_when_two_keys_clash() -> None:
 # --- identical runs -----------------------------------------------------------------------------
 
 
-def test_identical_variants_are_reported_and_run_once(tmp_path: Path) -> None:
+def test_variants_that_resolve_to_one_config_are_refused_naming_both(tmp_path: Path) -> None:
+    """Ten names for one config trained once under one of them, the others nowhere (the second
+    hostile round): two variants that are one config are a spec error, one line per pair."""
     spec = spec_dict(
         model={"kind": None},
         variants={
             "a": {"model": {"kind": "bigram"}},
             "b": {"model": {"kind": "bigram", "n_embd": 32}},  # n_embd 32 is the default
             "c": {"model": {"kind": "bigram", "n_embd": 16}},
+            "d": {"model": {"kind": "multi_head"}},
+            "e": {"model": {"kind": "multi_head", "n_head": 4}},  # n_head 4 is the default
         },
         seeds=[1, 2],
     )
-    plan = expand(write_spec(tmp_path, spec))
-    assert names(plan) == ["a s=1", "a s=2", "c s=1", "c s=2"]
-    assert plan.duplicates == [("b s=1", "a s=1"), ("b s=2", "a s=2")]
-    assert len(set(keys(plan))) == len(plan.runs)
+    path = write_spec(tmp_path, spec)
+    with pytest.raises(SpecError) as info:
+        expand(path)
+    assert info.value.problems == [
+        f"{path}: variants: 'a' and 'b' resolve to the same config ('b s=1' = 'a s=1'): "
+        "make them differ, or keep one",
+        f"{path}: variants: 'd' and 'e' resolve to the same config ('e s=1' = 'd s=1'): "
+        "make them differ, or keep one",
+    ]
 
 
 def test_set_over_a_grid_key_makes_the_grid_points_identical(tmp_path: Path) -> None:

@@ -472,11 +472,34 @@ def test_min_lr_must_not_exceed_learning_rate(tmp_path: Path) -> None:
             "exclude[0].train.blok_size: unknown key (did you mean train.block_size?)",
         ),
         ({"exclude": [{"seed": 1337}]}, "exclude: every run is excluded"),
+        (  # a list would match no value and exclude nothing
+            {"exclude": [{"train.block_size": [8]}]},
+            "exclude[0].train.block_size: expected one value (for several, write one exclude "
+            "entry per value) (got [8])",
+        ),
+        (
+            {"exclude": [{"seed": {"a": 1}}]},
+            "exclude[0].seed: expected one value (for several, write one exclude entry per "
+            "value) (got {'a': 1})",
+        ),
     ],
 )
 def test_grid_zip_exclude_seeds_problems(tmp_path: Path, extra: dict[str, Any], line: str) -> None:
     path = write_spec(tmp_path, spec_dict(**extra))
     assert problems_of(path) == [f"{path}: {line}"]
+
+
+def test_variant_names_alike_after_unicode_normalisation_are_refused(tmp_path: Path) -> None:
+    composed, decomposed = "caf\u00e9", "cafe\u0301"  # both print as café
+    variants = {
+        composed: {"model": {"kind": "bigram"}},
+        decomposed: {"model": {"kind": "multi_head"}},
+    }
+    path = write_spec(tmp_path, spec_dict(model={"kind": None}, variants=variants))
+    assert problems_of(path) == [
+        f"{path}: variants: 'cafe\\u0301' and 'caf\\xe9' differ only in their Unicode form "
+        "(NFC), so they read alike"
+    ]
 
 
 def test_exclude_naming_an_unknown_variant_lists_the_variants(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ file longer than a block, ...). Each problem names the file, the key and the bad
 from __future__ import annotations
 
 import functools
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,13 @@ def structure_problems(raw: dict[str, Any], origin: str, overrides: list[Overrid
     if len(integers) != len(set(integers)):
         problems.append(format_problem(origin, "seeds", "repeated seed", seeds))
     names = set(_mapping(raw.get("variants")))
+    normal: dict[str, list[str]] = {}
+    for name in map(str, names):
+        normal.setdefault(unicodedata.normalize("NFC", name), []).append(name)
+    for same in (sorted(group) for group in normal.values() if len(group) > 1):
+        spelled = " and ".join(ascii(name) for name in same)  # escapes show how they differ
+        message = f"{spelled} differ only in their Unicode form (NFC), so they read alike"
+        problems.append(format_problem(origin, "variants", message))
     excludes = raw.get("exclude")
     for i, entry in enumerate(excludes if isinstance(excludes, list) else []):
         if isinstance(entry, dict) and not entry:
@@ -101,6 +109,9 @@ def structure_problems(raw: dict[str, Any], origin: str, overrides: list[Overrid
                     allowed = clip(", ".join(sorted(names))) or "none defined"
                     message = f"no such variant (allowed: {allowed})"
                     problems.append(format_problem(origin, where, message, value))
+            elif isinstance(value, (list, dict)):  # it would equal no run's value: excluding none
+                message = "expected one value (for several, write one exclude entry per value)"
+                problems.append(format_problem(origin, where, message, value))
             elif key != "seed" and (problem := check_dotted_key(str(key))):
                 problems.append(format_problem(origin, where, problem))
     for name in _mapping(raw.get("reference")):

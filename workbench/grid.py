@@ -137,7 +137,7 @@ def expand(spec_path: Path, sets: list[str] | None = None, only: list[str] | Non
     assert spec is not None
     references = spec.reference or {}
     runs = [replace(run, reference_val_loss=references.get(run.variant)) for run in runs]
-    runs, duplicates = _drop_duplicates(runs)
+    runs, duplicates = _drop_duplicates(runs, origin)
     runs = _unique_names(runs)
     if only:
         runs = [r for r in runs if any(fnmatch.fnmatchcase(r.name, g) for g in only)]
@@ -342,13 +342,28 @@ def run_key(config: RunConfig, data_sha256: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:RUN_KEY_LENGTH]
 
 
-def _drop_duplicates(runs: list[Run]) -> tuple[list[Run], list[tuple[str, str]]]:
+def _drop_duplicates(runs: list[Run], origin: str) -> tuple[list[Run], list[tuple[str, str]]]:
+    """One run per key: a variant's grid points that a key it does not read tells apart (an
+    ``n_embd`` axis on the bigram) are one run. Two variants that resolve to one config are
+    refused, naming both: one name would stand for the other's run."""
     first: dict[str, Run] = {}
     kept, duplicates = [], []
+    clashes: dict[tuple[str, str], str] = {}
     for run in runs:
-        if run.key in first:
-            duplicates.append((run.name, first[run.key].name))
-        else:
+        if run.key not in first:
             first[run.key] = run
             kept.append(run)
+        elif run.variant == first[run.key].variant:
+            duplicates.append((run.name, first[run.key].name))
+        else:
+            pair = (first[run.key].variant, run.variant)
+            clashes.setdefault(pair, f"{shown(run.name)} = {shown(first[run.key].name)}")
+    if clashes:
+        raise SpecError(
+            [
+                f"{origin}: variants: {shown(a)} and {shown(b)} resolve to the same config "
+                f"({example}): make them differ, or keep one"
+                for (a, b), example in clashes.items()
+            ]
+        )
     return kept, duplicates
