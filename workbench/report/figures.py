@@ -91,6 +91,25 @@ def render(figure: MplFigure, title: str, alt: str) -> Figure:
     return Figure(title, src, alt, width, height)
 
 
+LABEL_CHARS = 40  # a variant name longer than this is shortened where a figure draws it
+
+
+def drawn_labels(names: Sequence[str]) -> dict[str, str]:
+    """Each name as figures draw it: whole up to ``LABEL_CHARS`` characters, else cut with "…"
+    (and, where two cuts would read alike, the name's hash after it). A 9000-character name
+    would otherwise be a legend wider than the figure. Tables list names whole."""
+    import hashlib
+
+    labels: dict[str, str] = {}
+    for name in names:
+        label = name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1] + "…"
+        if label in labels.values():
+            digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+            label = name[: LABEL_CHARS - 10] + "…" + digest
+        labels[name] = label
+    return labels
+
+
 def palette(variants: Sequence[str]) -> dict[str, Any]:
     import seaborn as sns
 

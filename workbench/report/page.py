@@ -4,6 +4,7 @@ template's context. The data comes from ``load``, the numbers from ``analysis``,
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from typing import TYPE_CHECKING, Any
@@ -52,7 +53,10 @@ def page_context(data: ExperimentData) -> dict[str, Any]:
             context["comparisons"] = [
                 c.sentence() for c in analysis.adjacent_comparisons(data, board, points)
             ]
-            context["variant_figure"] = figures.variant_plot(data, board, done, intervals)
+            drawn, drawn_board, drawn_done = _drawn(data, board, done)
+            context["variant_figure"] = figures.variant_plot(
+                drawn, drawn_board, drawn_done, intervals
+            )
         context.update(_curves(data, done))
         context.update(_sensitivity(data, done, points, board, intervals))
         context.update(_gap(data))
@@ -182,9 +186,25 @@ def _clip(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def _drawn(data: ExperimentData, *frames: pd.DataFrame) -> tuple[Any, ...]:
+    """``data`` and ``frames`` as figures draw them: long variant names shortened
+    (``figures.drawn_labels``) in ``variants`` and every ``variant`` column."""
+    labels = figures.drawn_labels(data.variants)
+    if all(name == label for name, label in labels.items()):
+        return (data, *frames)
+
+    def relabel(frame: pd.DataFrame) -> pd.DataFrame:
+        if "variant" not in frame.columns:
+            return frame
+        return frame.assign(variant=frame["variant"].map(lambda v: labels.get(v, v)))
+
+    drawn = dataclasses.replace(data, variants=list(labels.values()), runs=relabel(data.runs))
+    return (drawn, *(relabel(frame) for frame in frames))
+
+
 def _curves(data: ExperimentData, done: pd.DataFrame) -> dict[str, Any]:
     shown = done if not done.empty else data.runs
-    curves = figures.curve_data(data, shown)
+    data, curves = _drawn(data, figures.curve_data(data, shown))
     if curves.empty:
         return {"curve_figures": [], "curves_note": "No run logged an evaluation yet."}
     note = "Mean over seeds at each eval step."
@@ -222,12 +242,14 @@ def _sensitivity(
     notes = []
     if len(by_size) >= 2:
         pair = (by_size[0], by_size[1])
-        result["heatmap"] = sensitivity.heatmaps(data, points, board, pair)
+        drawn, drawn_points, drawn_board = _drawn(data, points, board)
+        result["heatmap"] = sensitivity.heatmaps(drawn, drawn_points, drawn_board, pair)
         others = [short_name(a, data.axes) for a in data.axes if a not in pair]
         if others:
             notes.append(f"Heatmaps hold {', '.join(others)} at each variant's best value.")
         notes.append("Each cell is the mean over seeds; the red box is the best cell.")
-    result["axis_lines"] = sensitivity.axis_lines(data, done, points, intervals)
+    drawn, drawn_done, drawn_points = _drawn(data, done, points)
+    result["axis_lines"] = sensitivity.axis_lines(drawn, drawn_done, drawn_points, intervals)
     if len(data.axes) > 1:
         notes.append(
             "Along each axis, every point is at the best values of the other axes"
@@ -251,7 +273,8 @@ def _gap(data: ExperimentData) -> dict[str, Any]:
     table = tables.Table(
         ["variant", "mean gap", "min", "max", "runs"], rows, [False, True, True, True, True]
     )
-    return {"gap_figure": figures.gap_plot(data, gaps), "gap_table": table}
+    drawn, drawn_gaps = _drawn(data, gaps)
+    return {"gap_figure": figures.gap_plot(drawn, drawn_gaps), "gap_table": table}
 
 
 def _best_runs(board: pd.DataFrame, done: pd.DataFrame) -> list[tuple[str, pd.Series]]:
