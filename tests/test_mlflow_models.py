@@ -312,6 +312,23 @@ def test_a_logged_model_that_names_code_is_refused_before_mlflow_loads_it(
     assert not any(entry.endswith("code") for entry in sys.path)
 
 
+def test_a_logged_model_whose_mlmodel_holds_a_yaml_tag_is_refused_in_one_line(
+    store: Store, tmp_path: Path
+) -> None:
+    """An MLmodel with a Python tag (``!!python/object/apply``): YAML that a safe loader refuses
+    (nothing constructed, nothing run), so `sample` refuses the model in one line, exit 2 (the
+    second hostile round met a 73-line traceback and exit 1)."""
+    model = build_model(ModelConfig(kind="bigram"), 5, 8, attention=SDPA).eval()  # type: ignore[arg-type]
+    folder = tmp_path / "forged"
+    mlflow_model.save_model(folder, model, CharTokenizer.from_text("abcde"))
+    marker = tmp_path / "ran"
+    tagged = f"run: !!python/object/apply:os.system ['touch {marker}']\n"
+    (folder / "MLmodel").write_text(tagged + (folder / "MLmodel").read_text())
+    line = refused_line(store, folder)
+    assert "python/object" in line
+    assert not marker.exists()
+
+
 # --- the traced archive kept per model shape ---------------------------------------------------
 
 

@@ -374,3 +374,22 @@ def test_a_driver_that_is_gone_stops_runs_and_packs_resumable(store: Store) -> N
         run = store.client.get_run(result.run_id)
         assert run.info.status == "KILLED", run.data.tags
         assert run.data.tags[TAG + "reason"] == "the driver process is gone"
+
+
+def test_a_full_disk_under_the_store_is_said_in_those_words() -> None:
+    """SQLite's "database or disk is full" reaches a job inside SQLAlchemy's autoflush wording
+    inside an MlflowException (the second hostile round read only the autoflush): the run ends
+    KILLED, resumable, and its reason says the disk is full."""
+    from mlflow.exceptions import MlflowException
+
+    from workbench.sweep.jobs import describe_environment_failure, is_environment_failure
+
+    exc = MlflowException(
+        "(raised as a result of Query-invoked autoflush; consider using a session.no_autoflush "
+        "block if this flush is occurring prematurely)\n(sqlite3.OperationalError) database or "
+        "disk is full\n[SQL: INSERT INTO metrics ...]"
+    )
+    assert is_environment_failure(exc)
+    assert describe_environment_failure(exc) == (
+        "the tracking store's disk is full (SQLite: database or disk is full)"
+    )

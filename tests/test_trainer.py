@@ -198,6 +198,34 @@ def test_a_checkpoint_that_is_not_plain_data_is_refused(shakespeare: Corpus, tmp
             build_trainer(config, shakespeare, run_dir=tmp_path).load_checkpoint()
 
 
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_truncated_checkpoint_is_refused_naming_its_file(
+    tmp_path: Path, mmap: bool, monkeypatch: pytest.MonkeyPatch
+):
+    """A checkpoint cut short: one line that names the file and what was wrong, whatever torch
+    raises (the second hostile round met a bare "OSError: [Errno 22] Invalid argument")."""
+    import errno
+
+    from workbench.train.checkpoint import CHECKPOINT_KEYS, load_checkpoint_file
+
+    path = tmp_path / CHECKPOINT_NAME
+    torch.save({key: torch.zeros(1 << 16) for key in CHECKPOINT_KEYS}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as cut:
+        load_checkpoint_file(path, mmap=mmap)
+
+    def mapping_fails(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(torch, "load", mapping_fails)
+    with pytest.raises(CheckpointError) as mapped:
+        load_checkpoint_file(path, mmap=mmap)
+    for info in (cut, mapped):
+        (line,) = str(info.value).splitlines()
+        assert line.startswith(f"checkpoint {path} refused: unreadable ("), line
+    assert "OSError: [Errno 22] Invalid argument" in str(mapped.value)
+
+
 @pytest.mark.parametrize(
     ("schedule", "warmup"), [("constant", 30), ("cosine", 0)], ids=["warmup", "cosine"]
 )

@@ -252,7 +252,6 @@ def load_model(tracking_uri: str, mlflow_client: Any, model_id: str) -> LoggedRu
     pickle by default): its check that the archive holds no pickle then runs."""
     import mlflow.artifacts
     import mlflow.pytorch
-    from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
     from workbench.corpus import CharTokenizer
@@ -277,7 +276,7 @@ def load_model(tracking_uri: str, mlflow_client: Any, model_id: str) -> LoggedRu
                 raise ValueError(f"data/ holds {data}, not the one pt2 program")
             with _pickle_refused():
                 module = mlflow.pytorch.load_model(str(local))
-        except (MlflowException, KeyError, TypeError, ValueError, OSError) as exc:
+        except Exception as exc:  # whatever the stored files make MLflow or torch raise
             raise WorkbenchError(
                 f"logged model {model_id} refused: not a pickle-free workbench model "
                 f"({type(exc).__name__}: {first_line(exc, 300)})"

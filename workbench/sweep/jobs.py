@@ -242,6 +242,8 @@ def describe_environment_failure(exc: BaseException) -> str:
         what = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
         where = f" writing {exc.filename}" if exc.filename else ""
         return f"{what}{where}"
+    if "database or disk is full" in str(exc):  # SQLite's words, inside SQLAlchemy's and MLflow's
+        return "the tracking store's disk is full (SQLite: database or disk is full)"
     return f"tracking store unavailable: {type(exc).__name__}: {first_line(exc, 400)}"
 
 

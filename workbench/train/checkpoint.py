@@ -116,9 +116,9 @@ def load_checkpoint_file(
             f"checkpoint {path} refused: it holds objects other than tensors and plain values "
             "(loading it could run code)"
         ) from None
-    except (RuntimeError, ValueError, EOFError) as exc:
+    except (RuntimeError, ValueError, EOFError, OSError) as exc:  # OSError: mapping a cut file
         raise CheckpointError(
-            f"checkpoint {path} refused: unreadable ({first_line(exc, 200)})"
+            f"checkpoint {path} refused: unreadable ({type(exc).__name__}: {first_line(exc, 200)})"
         ) from None
     if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
         raise CheckpointError(f"checkpoint {path} refused: not a workbench checkpoint")
