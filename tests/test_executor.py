@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from specs import write_spec
@@ -137,3 +138,58 @@ def test_a_signal_held_back_without_a_python_handler_still_acts() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.stdout == "held back\n" and done.returncode == -signal.SIGTERM, done
+
+
+# --- liveness: a process is its pid and when it started -----------------------------------------
+
+
+def test_a_running_run_whose_pid_now_names_another_process_is_stale(tmp_path: Path) -> None:
+    """A pid the kernel handed to another process (after a crash, or a reboot) keeps no run
+    RUNNING: the start time recorded beside the pid tells the two apart."""
+    from workbench.tracking import process_start
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        here = {TAG + "host": socket.gethostname(), TAG + "pid": str(other.pid)}
+        start = process_start(other.pid)
+        if start is None:
+            pytest.skip("this OS does not say when a process started (/proc)")
+        boot = start.split(":")[0]
+        cases = {
+            start: RunState.RUNNING,  # its own process, alive
+            f"{boot}:1": RunState.STALE,  # the pid of a process started since
+            f"another-boot:{start.split(':')[1]}": RunState.STALE,  # from before a reboot
+        }
+        for recorded, state in cases.items():
+            tags = {**here, TAG + "pid_start": recorded}
+            assert RunRecord("id", "RUNNING", tags, {}, start_time=0).state is state, recorded
+        # A run recorded before start times were: the pid alone, as before.
+        assert RunRecord("id", "RUNNING", here, {}, start_time=0).state is RunState.RUNNING
+    finally:
+        other.kill()
+        other.wait()
+    tags = {**here, TAG + "pid_start": start}
+    assert RunRecord("id", "RUNNING", tags, {}, start_time=0).state is RunState.STALE  # gone
+
+
+def test_a_run_left_running_by_a_reused_pid_is_resumed(store: Any, tmp_path: Path) -> None:
+    """The second hostile round: a RUNNING run whose recorded pid belongs to a live, unrelated
+    process was skipped as "running elsewhere" for as long as that process lived."""
+    from runs import invoke
+
+    spec = write_spec(tmp_path)
+    assert invoke("run", str(spec), *store.args()).exit_code == 0
+    run = store.runs()[0]
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for name in ("pid", "driver_pid"):  # both now name the unrelated process
+            store.client.set_tag(run.info.run_id, TAG + name, str(unrelated.pid))
+        store.client.update_run(run.info.run_id, status="RUNNING")
+        result = invoke("run", str(spec), *store.args())
+        assert result.exit_code == 0, result.output
+        again = store.client.get_run(run.info.run_id)
+        assert again.info.status == "FINISHED" and again.data.tags[TAG + "attempt"] == "2"
+        assert unrelated.poll() is None  # still alive, and not taken for the run
+    finally:
+        unrelated.kill()
+        unrelated.wait()

@@ -32,7 +32,7 @@ from workbench.store import client, ensure_experiment
 from workbench.sweep.claims import Claims
 from workbench.sweep.driver import plan_records
 from workbench.sweep.parent import open_parent, resolved_spec
-from workbench.tracking import PLAN_TAG, TAG, RunState, existing_runs, plan_id
+from workbench.tracking import PLAN_TAG, TAG, RunState, existing_runs, plan_id, process_start
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 slow = pytest.mark.slow  # trains: seconds to a minute each
@@ -385,3 +385,36 @@ def test_parent_pngs_and_report_through_a_tracking_server(tmp_path: Path) -> Non
         assert_png(artifact(client, multi_head.info.run_id, "attention.png"))
         for run in runs:
             assert_png(artifact(client, run.info.run_id, "loss_curve.png"))
+
+
+def test_a_dead_sweeps_parent_is_ended_by_the_next_command(store: Store, tmp_path: Path) -> None:
+    """A driver killed outright left its parent RUNNING until the same plan ran again (the
+    second hostile round); `workbench report` and a `workbench run` of any plan of the
+    experiment find its process gone and end it KILLED. A live sweep's parent is left alone."""
+    import subprocess
+    import sys
+
+    spec = write_spec(tmp_path)
+    sweep(store, spec)
+    (parent,) = store.parents()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid: a process that has ended
+    store.client.set_tag(parent.info.run_id, TAG + "driver_pid", str(gone.pid))
+    store.client.update_run(parent.info.run_id, status="RUNNING")
+    report = ["report", "--tracking-uri", store.uri, "--out", str(tmp_path / "reports")]
+    assert invoke(*report).exit_code == 0
+    ended = store.client.get_run(parent.info.run_id)
+    assert ended.info.status == "KILLED"
+    assert ended.data.tags[TAG + "reason"] == "its sweep's process is gone"
+
+    store.client.update_run(parent.info.run_id, status="RUNNING")  # again, and this time alive
+    store.client.set_tag(parent.info.run_id, TAG + "driver_pid", str(os.getpid()))
+    start = process_start(os.getpid())  # None where the OS does not say: the pid alone
+    if start is not None:
+        store.client.set_tag(parent.info.run_id, TAG + "driver_pid_start", start)
+    assert invoke(*report).exit_code == 0
+    assert store.client.get_run(parent.info.run_id).info.status == "RUNNING"
+
+    store.client.set_tag(parent.info.run_id, TAG + "driver_pid", str(gone.pid))
+    sweep(store, spec, "--set", "train.max_iters=20")  # another plan of the experiment
+    assert store.client.get_run(parent.info.run_id).info.status == "KILLED"

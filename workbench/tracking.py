@@ -8,13 +8,14 @@ marks a run KILLED itself.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import re
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,15 +73,27 @@ class RunRecord:
         return int_tag(self.tags, TAG + "threads")
 
     def is_stale(self, now: float | None = None) -> bool:
-        """A RUNNING run whose process is gone (kill -9, power loss) or silent for too long."""
+        """A RUNNING run whose process is gone (kill -9, power loss) or silent for too long. A
+        process is its pid and when it started (``process_start``): a pid the kernel handed to
+        another process since, or one from before a reboot, is not the run's."""
         if self.status != "RUNNING":
             return False
-        pids = [int_tag(self.tags, TAG + name) for name in ("pid", "driver_pid")]
-        if self.tags.get(TAG + "host") == socket.gethostname() and any(pids):  # ask the OS
-            return not any(pid and _pid_alive(pid) for pid in pids)
+        pids = {name: int_tag(self.tags, TAG + name) for name in ("pid", "driver_pid")}
+        if self.tags.get(TAG + "host") == socket.gethostname() and any(pids.values()):
+            return not any(
+                pid and _pid_alive(pid) and self._same_process(name, pid)
+                for name, pid in pids.items()
+            )
         now = time.time() if now is None else now  # elsewhere: silent for too long
         heartbeat = int_tag(self.tags, TAG + "heartbeat") or self.start_time // 1000
         return now - heartbeat > STALE_AFTER_S
+
+    def _same_process(self, name: str, pid: int) -> bool:
+        recorded = self.tags.get(f"{TAG}{name}_start")
+        if not recorded:  # recorded before workbench stored start times: the pid alone
+            return True
+        now = process_start(pid)
+        return now is None or now == recorded  # None: this OS does not say
 
     @property
     def state(self) -> RunState:
@@ -102,6 +115,25 @@ def int_tag(tags: dict[str, str], name: str) -> int | None:
     except (ValueError, OverflowError):
         return None
     return number if number is not None and number > 0 else None
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started, as ``<boot id>:<clock ticks after boot>`` (Linux's
+    /proc), None where the OS does not say: with its pid, what identifies a process across pid
+    reuse and reboots."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return f"{boot}:{fields[19]}"  # the 22nd field, starttime (fields[0] is the 3rd)
+    except (OSError, IndexError):
+        return None
+
+
+def process_tags(name: str) -> dict[str, str]:
+    """This process as ``workbench.<name>`` (its pid) and ``workbench.<name>_start``."""
+    pid = os.getpid()
+    start = process_start(pid)
+    return {TAG + name: str(pid), **({f"{TAG}{name}_start": start} if start else {})}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -135,6 +167,35 @@ def parent_runs(mlflow_client: Any, experiment_id: str, plan: str | None = None)
     """The parent runs of an experiment (of one plan, if given), oldest first."""
     filter_string = PARENT_RUNS if plan is None else f"tags.`{PLAN_TAG}` = '{plan}'"
     return list(_search_pages(mlflow_client, experiment_id, filter_string, "ASC"))
+
+
+def end_dead_parents(
+    mlflow_client: Any,
+    experiment_id: str,
+    holding: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None,
+) -> int:
+    """End KILLED each parent of the experiment left RUNNING by a sweep whose driver is gone;
+    how many. Only a driver of this host is judged (its pid and start time, as a run's): a
+    parent's heartbeat is not refreshed while its sweep runs, so silence says nothing of a
+    driver elsewhere. With ``holding`` (a sweep's ``Claims.holding``), under each plan's lock, so
+    that a sweep reopening the parent is never undone."""
+    ended = 0
+    for found in parent_runs(mlflow_client, experiment_id):
+        tags = found.data.tags
+        if found.info.status != "RUNNING" or tags.get(TAG + "host") != socket.gethostname():
+            continue
+        plan = tags.get(PLAN_TAG, "")
+        with holding("plan-" + plan) if holding else contextlib.nullcontext():
+            run = mlflow_client.get_run(found.info.run_id)  # as it is now, under the lock
+            record = RunRecord(
+                "", run.info.status, dict(run.data.tags), {}, run.info.start_time or 0
+            )
+            if not record.is_stale():  # is_stale: RUNNING, and its process is gone
+                continue
+            mlflow_client.set_tag(run.info.run_id, TAG + "reason", "its sweep's process is gone")
+            mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+            ended += 1
+    return ended
 
 
 def search_workbench_runs(mlflow_client: Any, experiment_id: str) -> Iterator[Any]:

@@ -23,7 +23,14 @@ from workbench.report.load import (
     load_experiment,
     tidy,
 )
-from workbench.tracking import TAG, client, int_tag, parent_runs, store_error_types
+from workbench.tracking import (
+    TAG,
+    client,
+    end_dead_parents,
+    int_tag,
+    parent_runs,
+    store_error_types,
+)
 
 if TYPE_CHECKING:
     pass
@@ -118,6 +125,7 @@ def attach_to_parent(
     errors: tuple[type[BaseException], ...] = (WorkbenchError, *store_error_types())
     try:
         mlflow_client = client(data.tracking_uri)
+        end_dead_parents(mlflow_client, data.experiment_id)  # a killed sweep's, still RUNNING
         parents = parent_runs(mlflow_client, data.experiment_id)
         if not parents:
             return None

@@ -12,7 +12,6 @@ keeps the parent it was created under. A sweep with nothing to train writes noth
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import sys
 import time
@@ -37,8 +36,10 @@ from workbench.tracking import (
     TAG,
     RunRecord,
     RunState,
+    end_dead_parents,
     existing_runs,
     experiment_slug,
+    process_tags,
 )
 
 
@@ -188,6 +189,8 @@ def _run_sweep(
     experiment_dir = options.checkpoint_dir / experiment_slug(plan.experiment)
     claims = Claims(experiment_dir)
     try:
+        with store_errors(options.tracking_uri):  # a killed sweep's parent, seen to be dead
+            end_dead_parents(client(options.tracking_uri), experiment_id, claims.holding)
         decisions = _claim_and_decide(plan, claims, options, experiment_id)
         summary = Summary(experiment_id, uuid.uuid4().hex[:12], decisions)
         if on_start is not None:
@@ -266,7 +269,7 @@ def _sweep_tags(plan: Plan, sweep_id: str) -> dict[str, str]:
     return {
         **base_tags(),
         TAG + "sweep": sweep_id,
-        TAG + "driver_pid": str(os.getpid()),
+        **process_tags("driver_pid"),
         **source_tags(plan.spec_path),
     }
 

@@ -20,8 +20,9 @@ Parents carry no ``workbench.run_key``, so no reader of runs (skip and resume, t
 
 Two ``workbench run`` of one plan at once find or create, and end, the parent one at a time
 (a lock beside the run claims): one parent, and the last one to finish ends it. An interrupted
-sweep ends it KILLED; a driver killed outright leaves it RUNNING under a dead pid, and the next
-sweep of the plan reopens it.
+sweep ends it KILLED; a driver killed outright leaves it RUNNING under a dead process, and the
+next ``workbench run`` or ``workbench report`` on its experiment ends it KILLED
+(``tracking.end_dead_parents``); the next sweep of its plan reopens it.
 """
 
 from __future__ import annotations

@@ -22,7 +22,14 @@ import yaml
 from workbench.errors import first_line
 from workbench.naming import format_value
 from workbench.spec import applicable_config
-from workbench.tracking import TAG, MetricBuffer, RunState, dataset_inputs, flatten
+from workbench.tracking import (
+    TAG,
+    MetricBuffer,
+    RunState,
+    dataset_inputs,
+    flatten,
+    process_tags,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +53,7 @@ def record_start(
     import torch
 
     tags = {
-        TAG + "pid": str(os.getpid()),
+        **process_tags("pid"),
         TAG + "host": socket.gethostname(),
         TAG + "device": str(device),
         TAG + "torch_version": torch.version.__version__,  # a plain str: the driver stores it
