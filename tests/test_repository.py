@@ -56,7 +56,11 @@ def test_the_pattern_finds_what_it_should() -> None:
 
 def test_what_users_read_names_no_team_folder() -> None:
     """The README and docs/ are for users, who have no ../shared: not even its data folder."""
-    readable = [p for p in tracked_files() if p.name == "README.md" or "docs" in p.parts]
+    readable = [
+        p
+        for p in tracked_files()
+        if p.suffix == ".md" and (p.name == "README.md" or "docs" in p.parts)
+    ]
     found = [
         f"{path.relative_to(REPO)}:{number}"
         for path in readable
