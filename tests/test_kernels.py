@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from floats import assert_f32_close
 
+from workbench import cache
 from workbench.errors import WorkbenchError
 from workbench.models import attention_head_size, build_model
 from workbench.models import native as kernels
@@ -230,7 +231,11 @@ def test_build_is_cached_and_reused(fresh_kernels: Path) -> None:
     kernels.tiny_attention.cache_clear()
     assert kernels.tiny_attention(8) is not built  # loaded again...
     assert library.stat().st_mtime_ns == stamp  # ...from the cache, not rebuilt
-    assert [p.name for p in fresh_kernels.iterdir()] == [library.name]  # no scratch left behind
+    # No scratch left behind: the library, and the record of its content (workbench.cache)
+    assert sorted(p.name for p in fresh_kernels.iterdir()) == [
+        library.name,
+        library.name + ".sha256",
+    ]
 
 
 @needs_compiler
@@ -474,3 +479,71 @@ def test_attention_dropout_always_takes_sdpa_and_the_tag_says_so() -> None:
         with pytest.raises(AttentionUnavailable, match="computes no attention dropout"):
             resolve_attention(setting, cpu, 8, 8, dropout=0.2)
     assert resolve_attention("auto", cpu, 8, 8, dropout=0.0).name in ("native", "torch")
+
+
+PLANTED = """#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *marker = fopen("%s", "w");
+    if (marker) fclose(marker);
+}
+void tiny_attention_forward(void) {}
+void tiny_attention_backward(void) {}
+"""
+
+
+def load_in_a_new_process(cache_home: Path) -> subprocess.CompletedProcess[str]:
+    """``native.load(8)`` and one call, in a fresh interpreter (a library this process loaded
+    once is never read again from its path: dlopen hands back the one it holds)."""
+    script = (
+        "import torch\n"
+        "from workbench.models.native import load\n"
+        "print(tuple(load(8)(torch.randn(16, 24), 1, 8).shape))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "XDG_CACHE_HOME": str(cache_home)},
+    )  # fmt: skip
+
+
+def plant(library: Path, content: bytes) -> None:
+    """``library`` replaced by ``content`` (a new file renamed over it, as an attacker would)."""
+    swap = library.with_name("swap")
+    swap.write_bytes(content)
+    os.replace(swap, library)
+
+
+@needs_compiler
+def test_a_kernel_replaced_in_the_cache_is_built_again_never_loaded(
+    fresh_kernels: Path, tmp_path: Path
+) -> None:
+    """The second hostile round: a library swapped into the cache was loaded (its constructor
+    ran). A kernel is loaded only while its content is what workbench built."""
+    first = load_in_a_new_process(tmp_path)
+    assert first.returncode == 0 and "(16, 8)" in first.stdout, first.stderr
+    (library,) = fresh_kernels.glob("tiny_attention_h8_*.so")
+    marker = tmp_path / "constructor-ran"
+    source = tmp_path / "planted.c"
+    source.write_text(PLANTED % marker)
+    out = tmp_path / "planted.so"
+    compiled = subprocess.run(
+        ["cc", "-shared", "-fPIC", str(source), "-o", str(out)], capture_output=True, text=True
+    )
+    assert compiled.returncode == 0, compiled.stderr
+    plant(library, out.read_bytes())
+    again = load_in_a_new_process(tmp_path)
+    assert again.returncode == 0 and "(16, 8)" in again.stdout, again.stderr
+    assert not marker.exists()
+    assert library.read_bytes() != out.read_bytes() and cache.verified(library)
+
+
+@needs_compiler
+def test_a_broken_kernel_is_built_again_not_a_verdict(fresh_kernels: Path, tmp_path: Path) -> None:
+    """A library that does not load, even with a record that matches it (written by someone
+    else): built again, once; what asked for it gets a kernel."""
+    assert load_in_a_new_process(tmp_path).returncode == 0
+    (library,) = fresh_kernels.glob("tiny_attention_h8_*.so")
+    plant(library, b"\x7fELF broken")
+    cache.record(library)
+    again = load_in_a_new_process(tmp_path)
+    assert again.returncode == 0 and "(16, 8)" in again.stdout, again.stderr
+    assert cache.verified(library) and len(library.read_bytes()) > 1000

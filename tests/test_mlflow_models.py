@@ -19,7 +19,7 @@ from mlflow.entities import LoggedModelStatus
 from runs import Store, invoke
 from specs import write_spec
 
-from workbench import mlflow_model
+from workbench import cache, mlflow_model
 from workbench.corpus import CharTokenizer
 from workbench.models import MODELS, build_model, export
 from workbench.models.attention import SDPA
@@ -370,7 +370,7 @@ def test_a_kept_archive_written_with_a_runs_weights_computes_that_runs_logits(
                                         if kind != "bigram" else {"kind": kind})  # fmt: skip
     first, second = trained_like(config, 1), trained_like(config, 2)
     save_logits(first, tmp_path / "first.pt2")  # traced: the archive is kept
-    (kept,) = export_cache.iterdir()
+    (kept,) = export_cache.glob("*.pt2")
     assert kept.name == export.template_key(first) + ".pt2"
     # A fresh process: the kept archive, never a trace.
     monkeypatch.setattr(export, "_templates", type(export._templates)())
@@ -421,7 +421,7 @@ def test_a_kept_archive_that_is_broken_or_not_the_models_is_traced_again(
 ) -> None:
     model = trained_like(ModelConfig.model_validate(MULTI_HEAD), 3)
     save_logits(model, tmp_path / "a.pt2")
-    (kept,) = export_cache.iterdir()
+    (kept,) = export_cache.glob("*.pt2")
     good = kept.read_bytes()
     forged = {
         "truncated": good[: len(good) // 2],
@@ -441,6 +441,7 @@ def test_a_kept_archive_that_is_broken_or_not_the_models_is_traced_again(
     monkeypatch.setattr(export, "trace_logits", lambda *a: traced.append(a) or real_trace(*a))
     for name, content in forged.items():
         kept.write_bytes(content)
+        cache.record(kept)  # a forger who wrote the record too: the archive's checks refuse it
         monkeypatch.setattr(export, "_templates", type(export._templates)())
         save_logits(model, tmp_path / f"{name}.pt2")
         logits_of_archive(tmp_path / f"{name}.pt2", model)
@@ -450,6 +451,13 @@ def test_a_kept_archive_that_is_broken_or_not_the_models_is_traced_again(
     monkeypatch.setattr(export, "_templates", type(export._templates)())
     save_logits(model, tmp_path / "again.pt2")
     assert len(traced) == len(forged)
+    # A valid archive that is not the one kept, its record not rewritten: never read, traced.
+    planted = rewritten(kept, lambda records: None)
+    assert planted != kept.read_bytes()
+    kept.write_bytes(planted)
+    monkeypatch.setattr(export, "_templates", type(export._templates)())
+    save_logits(model, tmp_path / "changed.pt2")
+    assert len(traced) == len(forged) + 1 and kept.read_bytes() != planted
 
 
 def test_no_cache_folder_traces_in_each_process(

@@ -82,3 +82,33 @@ def test_without_a_cache_folder_mlflow_makes_the_store(
     monkeypatch.chdir(tmp_path)
     store.open_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert rows(tmp_path / "mlflow.db", "SELECT name FROM experiments") == [("Default",)]
+
+
+def test_a_template_with_triggers_added_is_never_copied(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second hostile round: triggers planted in the template renamed every run and replaced
+    every stored loss in each new store, while the template held no row. A template is used only
+    while its content is what workbench recorded when it made it (workbench.cache)."""
+    monkeypatch.chdir(tmp_path)
+    store.open_store(f"sqlite:///{tmp_path / 'first.db'}")  # makes the template
+    own = rows(tmp_path / "first.db", "SELECT name, sql FROM sqlite_master WHERE type='trigger'")
+    with contextlib.closing(sqlite3.connect(cache)) as connection, connection:
+        connection.execute(
+            "CREATE TRIGGER planted AFTER INSERT ON runs BEGIN "
+            "UPDATE runs SET name = 'renamed' WHERE run_uuid = NEW.run_uuid; END"
+        )
+        connection.execute(
+            "CREATE TRIGGER loss AFTER INSERT ON metrics BEGIN "
+            "UPDATE metrics SET value = 0 WHERE run_uuid = NEW.run_uuid; END"
+        )
+    store.open_store(f"sqlite:///{tmp_path / 'second.db'}")
+    second = tmp_path / "second.db"
+    assert rows(second, "SELECT name, sql FROM sqlite_master WHERE type='trigger'") == own
+    client = MlflowClient(f"sqlite:///{second}")
+    run = client.create_run(client.create_experiment("x"), run_name="mine")
+    client.log_metric(run.info.run_id, "val_loss", 2.5)
+    assert client.get_run(run.info.run_id).info.run_name == "mine"
+    assert client.get_run(run.info.run_id).data.metrics["val_loss"] == 2.5
+    triggers = rows(cache, "SELECT name FROM sqlite_master WHERE type='trigger'")
+    assert ("planted",) not in triggers and ("loss",) not in triggers  # made again

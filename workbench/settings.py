@@ -29,6 +29,7 @@ class Settings:
     c_compiler: str | None  # CC; None: the first of cc, gcc, clang on the PATH
     store_template_dir: Path | None = None  # empty MLflow databases, one per MLflow version
     export_template_dir: Path | None = None  # traced model archives, one per model shape
+    cache_dir: Path | None = None  # the folder of the three above (and of data, by default)
 
 
 def public_apis_only() -> bool:
@@ -54,4 +55,5 @@ def load_settings() -> Settings:
         c_compiler=os.environ.get("CC") or None,
         store_template_dir=cache_dir / "stores" if cache_dir else None,
         export_template_dir=cache_dir / "exports" if cache_dir else None,
+        cache_dir=cache_dir,
     )

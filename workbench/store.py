@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from workbench import cache
 from workbench.errors import WorkbenchError, first_line
 
 if TYPE_CHECKING:
@@ -137,6 +138,8 @@ def _copy_template(database: Path) -> None:
     partial = database.with_name(f".{database.name}.{os.getpid()}.partial")
     try:
         shutil.copyfile(template, partial)
+        if not cache.is_copy_of(partial, template):  # swapped since it was checked
+            return
         # A link, not a rename: it never replaces a file that another program (``mlflow ui``,
         # a client) created meanwhile without our lock; then MLflow opens that one instead.
         os.link(partial, database)
@@ -159,12 +162,12 @@ def _store_template() -> Path | None:
     version = re.sub(r"[^0-9A-Za-z.+]", "_", mlflow.__version__)
     template = folder / f"mlflow-{version}.db"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        cache.checked_folder(folder)
         with FileLock(f"{template}.lock", timeout=STORE_LOCK_TIMEOUT_S):
-            if _is_empty_store(template):
+            if cache.verified(template) and _is_empty_store(template):
                 return template
             _make_template(template)
-            return template if _is_empty_store(template) else None
+            return template if cache.verified(template) and _is_empty_store(template) else None
     except Exception:  # any failure here: MLflow creates the store itself, and says why not
         return None
 
@@ -179,6 +182,7 @@ def _make_template(template: Path) -> None:
         with contextlib.closing(sqlite3.connect(partial)) as connection, connection:
             connection.execute("DELETE FROM experiments")  # Default: its location is per store
         os.replace(partial, template)
+        cache.record(template)  # its content: a template changed since is made again
     finally:
         partial.unlink(missing_ok=True)
 

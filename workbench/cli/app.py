@@ -228,11 +228,13 @@ def run(
         if dry_run:  # what this command would do: the store is read, nothing written
             _print_plan_from_store(expanded, _tracking_uri(tracking_uri), force, rerun_failed)
             return
+        from workbench.cache import check_folders
         from workbench.settings import load_settings
         from workbench.sweep.driver import Options
         from workbench.sweep.executors import make_executor
         from workbench.sweep.packs import DEFAULT_PACK_SIZE
 
+        check_folders(load_settings().cache_dir)  # a cache others can write to: refused here
         chosen, threads = make_executor(
             executor, jobs, jobs_per_gpu, address, cpus_per_run, gpus_per_run, max_retries
         )

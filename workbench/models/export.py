@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
-from workbench import compat
+from workbench import cache, compat
 from workbench.models import LanguageModel, build_model
 from workbench.models.attention import SDPA
 from workbench.models.source import SOURCE_DIGEST
@@ -138,7 +138,7 @@ def _template(model: LanguageModel) -> _Template:
 
 def _kept_or_traced(model: LanguageModel, key: str) -> _Template:
     cached = _cache_file(key)
-    if cached is not None and cached.is_file():
+    if cached is not None and cache.verified(cached):  # else missing or changed: traced again
         with contextlib.suppress(Exception):  # unreadable, or not this model's: traced again
             return _read_template(cached, model)
     return _traced_template(model, cached)
@@ -168,7 +168,12 @@ def _cache_file(key: str) -> Path | None:
     from workbench.settings import load_settings
 
     folder = load_settings().export_template_dir
-    return folder / f"{key}.pt2" if folder is not None else None
+    if folder is None:
+        return None
+    try:
+        return cache.checked_folder(folder) / f"{key}.pt2"
+    except (OSError, cache.CacheRefused):  # nowhere safe to keep it: traced in each process
+        return None
 
 
 def _traced_template(model: LanguageModel, keep: Path | None) -> _Template:
@@ -197,6 +202,7 @@ def _keep(archive: Path, keep: Path) -> None:
         keep.parent.mkdir(parents=True, exist_ok=True)
         partial.write_bytes(archive.read_bytes())
         os.replace(partial, keep)
+        cache.record(keep)
     except OSError:
         pass
     finally:

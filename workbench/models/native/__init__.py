@@ -8,9 +8,11 @@ forward and backward (``benchmarks/bench_step.py``).
 
 The library is built once per head size and machine into ``~/.cache/workbench/kernels`` (a file
 named by a hash of the source, the compiler and the CPU, written atomically, so concurrent runs
-share it), in about a second. :func:`load` raises :class:`KernelUnavailable` saying why there is
-no kernel (no C compiler, ``WORKBENCH_NATIVE=0``, ...); :func:`tiny_attention`, what
-``train.attention: auto`` asks, returns ``None`` instead (warning where a build failed).
+share it), in about a second; it is loaded only while its content is what was built
+(:mod:`workbench.cache`), and built again otherwise. :func:`load` raises
+:class:`KernelUnavailable` saying why there is no kernel (no C compiler,
+``WORKBENCH_NATIVE=0``, ...); :func:`tiny_attention`, what ``train.attention: auto`` asks,
+returns ``None`` instead (warning where a build failed).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from workbench import cache
 from workbench.errors import WorkbenchError
 from workbench.settings import load_settings
 
@@ -85,10 +88,9 @@ def build(head_size: int, kernel_dir: Path, compiler: list[str]) -> Path:
             for part in (source, version.stdout, _cpu_identity(), " ".join(FLAGS + NATIVE))
         )
     ).hexdigest()[:16]
-    target = kernel_dir / f"tiny_attention_h{head_size}_{key}.so"
-    if target.exists():
+    target = cache.checked_folder(kernel_dir) / f"tiny_attention_h{head_size}_{key}.so"
+    if cache.verified(target):  # built here before, and unchanged since: else built again
         return target
-    kernel_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=kernel_dir) as scratch:
         obj, library = Path(scratch) / "kernel.o", Path(scratch) / "kernel.so"
         for arch in (NATIVE, []):
@@ -106,6 +108,7 @@ def build(head_size: int, kernel_dir: Path, compiler: list[str]) -> Path:
         if linked.returncode != 0:
             raise KernelBuildError(f"{compiler[0]} could not link {SOURCE.name}: {linked.stderr}")
         os.replace(library, target)  # atomic: a concurrent build of the same file is harmless
+        cache.record(target)
     return target
 
 
@@ -261,9 +264,15 @@ def load(head_size: int) -> TinyAttention:
     if settings.kernel_dir is None:
         raise KernelBuildError("no cache directory (no home directory, and no XDG_CACHE_HOME)")
     try:
-        path = build(head_size, settings.kernel_dir, _compiler(settings.c_compiler))
-        return TinyAttention(ctypes.CDLL(str(path)), head_size)
-    except (OSError, subprocess.SubprocessError) as error:
+        compiler = _compiler(settings.c_compiler)
+        path = build(head_size, settings.kernel_dir, compiler)
+        try:
+            return TinyAttention(ctypes.CDLL(str(path)), head_size)
+        except (OSError, AttributeError):  # a library that does not load: built again, once
+            cache.discard(path)
+            path = build(head_size, settings.kernel_dir, compiler)
+            return TinyAttention(ctypes.CDLL(str(path)), head_size)
+    except (OSError, AttributeError, subprocess.SubprocessError, cache.CacheRefused) as error:
         raise KernelBuildError(str(error)) from error
 
 
