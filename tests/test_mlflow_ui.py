@@ -70,10 +70,13 @@ def test_mlflow_ui_shows_each_run_s_datasets_source_and_model(store: Store, tmp_
 
     with (
         mlflow_server(store.uri, tmp_path) as url,
-        browse(f"{url}/#/experiments/{experiment}/runs", tmp_path / "profile", 1600) as page,
+        browse(f"{url}/#/experiments/{experiment}/runs", tmp_path / "profile", 2000) as page,
     ):
         # What a new user sees first: the default columns, and the sweep's parent run alone.
-        headers = page.wait_until(HEADERS, timeout=60)
+        # The grid draws its header cells as they come into view, one after another (MLflow
+        # 3.18 opens an assistant panel beside the table): wait for the sixth.
+        every = f"(() => {{ const h = {HEADERS}; return h.includes('Models') ? h : null; }})()"
+        headers = page.wait_until(every, timeout=120)
         assert headers[:6] == ["Run Name", "Created", "Dataset", "Duration", "Source", "Models"]
         page.wait_until(f"new Set({ROW_INDICES}).size > 0", timeout=60)
         shown = table(page)

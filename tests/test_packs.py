@@ -32,7 +32,8 @@ from workbench.train.trainer import Trainer
 MH = {"multi_head": {"model": {"kind": "multi_head"}}}
 GRID = {"train.learning_rate": [1.0e-3, 3.0e-3]}
 # Tags that say which process trained a run and when: they differ between any two sweeps.
-PER_PROCESS = {"pid", "driver_pid", "sweep", "heartbeat", "host", "pack", "pack_size", "threads"}
+PER_PROCESS = {"pid", "pid_start", "driver_pid", "driver_pid_start", "sweep", "heartbeat", "host",
+               "pack", "pack_size", "threads"}  # fmt: skip
 
 
 def decisions(tmp_path: Path, action: Action = Action.NEW, **top: Any) -> list[Decision]:

@@ -28,7 +28,8 @@ class Diverged(Exception):
 
 
 Ended: TypeAlias = Literal[RunState.FINISHED, RunState.DIVERGED]
-"""How training itself ends (a failure raises; an interruption is KeyboardInterrupt)."""
+"""How training itself ends (a failure raises; an interruption raises KeyboardInterrupt, or
+DriverLost in a worker whose driver is gone)."""
 
 
 @dataclass
