@@ -34,7 +34,8 @@ from workbench.models.attention import (
 from workbench.settings import load_settings
 from workbench.spec import AttentionSetting, ModelConfig
 
-HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
+COMPILER = next(filter(None, (shutil.which(name) for name in ("cc", "gcc", "clang"))), None)
+HAS_COMPILER = COMPILER is not None
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
 
 
@@ -525,8 +526,9 @@ def test_a_kernel_replaced_in_the_cache_is_built_again_never_loaded(
     source = tmp_path / "planted.c"
     source.write_text(PLANTED % marker)
     out = tmp_path / "planted.so"
+    assert COMPILER is not None
     compiled = subprocess.run(
-        ["cc", "-shared", "-fPIC", str(source), "-o", str(out)], capture_output=True, text=True
+        [COMPILER, "-shared", "-fPIC", str(source), "-o", str(out)], capture_output=True, text=True
     )
     assert compiled.returncode == 0, compiled.stderr
     plant(library, out.read_bytes())
