@@ -15,12 +15,12 @@ comes later (tokenizers, say).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import stat
 import uuid
 from pathlib import Path
 
+from workbench.datasets import sha256_file
 from workbench.errors import WorkbenchError
 
 DIGEST_SUFFIX = ".sha256"
@@ -62,14 +62,6 @@ def _check(path: Path) -> None:
         )
 
 
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _record_path(entry: Path) -> Path:
     return entry.with_name(entry.name + DIGEST_SUFFIX)
 
@@ -78,7 +70,7 @@ def record(entry: Path) -> None:
     """Note ``entry``'s content as workbench's own (written atomically beside it)."""
     partial = entry.with_name(f".{entry.name}.{uuid.uuid4().hex}.partial")
     try:
-        partial.write_text(_digest(entry) + "\n")
+        partial.write_text(sha256_file(entry) + "\n")
         os.replace(partial, _record_path(entry))
     finally:
         with contextlib.suppress(OSError):
@@ -88,7 +80,7 @@ def record(entry: Path) -> None:
 def verified(entry: Path) -> bool:
     """Whether ``entry`` is a file whose content is what workbench recorded for it."""
     try:
-        return _record_path(entry).read_text().strip() == _digest(entry)
+        return _record_path(entry).read_text().strip() == sha256_file(entry)
     except OSError:
         return False
 
@@ -97,7 +89,7 @@ def is_copy_of(copy: Path, entry: Path) -> bool:
     """Whether ``copy`` holds what workbench recorded for ``entry`` (checked on the copy, so
     that an entry swapped between a check and its copy is never used)."""
     try:
-        return _record_path(entry).read_text().strip() == _digest(copy)
+        return _record_path(entry).read_text().strip() == sha256_file(copy)
     except OSError:
         return False
 

@@ -343,9 +343,9 @@ def run_key(config: RunConfig, data_sha256: str) -> str:
 
 
 def _drop_duplicates(runs: list[Run], origin: str) -> tuple[list[Run], list[tuple[str, str]]]:
-    """One run per key: a variant's grid points that a key it does not read tells apart (an
-    ``n_embd`` axis on the bigram) are one run. Two variants that resolve to one config are
-    refused, naming both: one name would stand for the other's run."""
+    """One run per key: a variant's grid points that ``--set`` made equal (a set grid key) are
+    one run, listed in ``duplicates``. Two variants that resolve to one config are refused,
+    naming both: one name would stand for the other's run."""
     first: dict[str, Run] = {}
     kept, duplicates = [], []
     clashes: dict[tuple[str, str], str] = {}
