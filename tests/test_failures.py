@@ -191,6 +191,55 @@ def test_a_resume_uses_the_runs_own_thread_count(store: Store, tmp_path: Path) -
     )
 
 
+HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
+# A setting workbench chooses per machine, the environment variable that turns its choice off,
+# the tag that records it, and what it records with the variable 1 and 0.
+CHOSEN = {
+    "attention": ("WORKBENCH_NATIVE", "native", "torch"),  # auto: the native kernel, if built
+    "adamw": ("WORKBENCH_PUBLIC_APIS", "elementwise", "fused"),  # fused: a private torch kernel
+}
+
+
+@pytest.mark.parametrize("tag", list(CHOSEN))
+def test_a_resume_keeps_the_arithmetic_it_started_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tag: str
+) -> None:
+    """What workbench chooses per machine (the attention path auto takes, torch's fused AdamW
+    or the element-wise update) is recorded when a run starts: a resume takes it, whatever
+    would be chosen now, and where it cannot run here the run stays resumable (KILLED,
+    saying why) instead of continuing with other float sums."""
+    if tag == "attention" and not HAS_COMPILER:
+        pytest.skip("auto takes the torch path either way: no C compiler")
+    variable, when_1, when_0 = CHOSEN[tag]
+    spec = sweep_spec(tmp_path, seeds=[1])
+    for value in ("0", "1"):
+        started, now = (when_1 if value == "1" else when_0), ("1" if value == "0" else "0")
+        monkeypatch.setenv(variable, value)
+        own = Store(tmp_path / f"{value}-uninterrupted")
+        assert invoke("run", str(spec), "--jobs", "1", *own.args()).exit_code == 0
+        (want,) = own.runs()
+        assert want.data.tags[TAG + tag] == started
+        store = Store(tmp_path / f"{value}-interrupted")
+        proc = start(spec, store, "--jobs", "1")
+        wait_for(lambda: checkpoint_written(store), proc)  # noqa: B023 (called here)
+        os.kill(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=60)
+        monkeypatch.setenv(variable, now)  # the machine would now choose the other way
+        resumed = invoke("run", str(spec), "--jobs", "1", *store.args())
+        (run,) = store.runs()
+        if started in ("native", "fused"):  # what it started with cannot run now: no verdict
+            assert run.info.status == "KILLED" and resumed.exit_code == 1, resumed.output
+            assert "arithmetic it started with" in run.data.tags[TAG + "reason"]
+            monkeypatch.setenv(variable, value)
+            resumed = invoke("run", str(spec), "--jobs", "1", *store.args())
+            (run,) = store.runs()
+        assert resumed.exit_code == 0, resumed.output
+        assert run.data.tags[TAG + tag] == started
+        assert_same_curve(
+            store.history(run.info.run_id, "val_loss"), own.history(want.info.run_id, "val_loss")
+        )
+
+
 # --- 4, 5. two processes at once ---------------------------------------------------------
 
 

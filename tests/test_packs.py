@@ -24,7 +24,7 @@ from workbench.store import ensure_experiment
 from workbench.sweep.driver import Action, Decision
 from workbench.sweep.jobs import DriverLost, Job, MlflowCallback, execute_job
 from workbench.sweep.packs import Pack, execute_pack, group
-from workbench.tracking import TAG, MetricBuffer, RunState
+from workbench.tracking import TAG, MetricBuffer, RunRecord, RunState
 from workbench.train.factory import build_trainer
 from workbench.train.packed import checkpoint_step
 from workbench.train.trainer import Trainer
@@ -33,7 +33,7 @@ MH = {"multi_head": {"model": {"kind": "multi_head"}}}
 GRID = {"train.learning_rate": [1.0e-3, 3.0e-3]}
 # Tags that say which process trained a run and when: they differ between any two sweeps.
 PER_PROCESS = {"pid", "pid_start", "driver_pid", "driver_pid_start", "sweep", "heartbeat", "host",
-               "pack", "pack_size", "threads"}  # fmt: skip
+               "pack", "pack_size", "threads", "packed", "pack_members"}  # fmt: skip
 
 
 def decisions(tmp_path: Path, action: Action = Action.NEW, **top: Any) -> list[Decision]:
@@ -83,6 +83,41 @@ def test_runs_that_cannot_pack_train_alone(tmp_path: Path) -> None:
     resumed = [Decision(d.run, Action.RESUME, RunState.KILLED) for d in new]
     work = group([new[0], resumed[1]], "on", gpus=0)
     assert work == [new[0], resumed[1]]  # a new run never packs with a resumed one
+
+
+def resumed(decision: Decision, members: tuple[str, ...] | None) -> Decision:
+    """``decision`` as a KILLED run in the store, which first started in a pack of ``members``
+    (() alone; None: recorded before workbench stored how a run started)."""
+    tags = {} if members is None else {TAG + "packed": "true" if members else "false"}
+    if members:
+        tags[TAG + "pack_members"] = "+".join(members)
+    record = RunRecord("id-" + decision.run.key, "KILLED", tags, {}, 0)
+    return Decision(decision.run, Action.RESUME, RunState.KILLED, record)
+
+
+def test_a_resume_trains_as_its_run_first_started(tmp_path: Path) -> None:
+    """Packed or alone is fixed when a run is created: float sums differ between the two (and
+    between packs of other members), so a resume keeps its run's way whatever --pack says."""
+    new = decisions(tmp_path, seeds=[1, 2, 3], grid=GRID, variants=MH)
+    keys = [d.run.key for d in new]
+    pack = (keys[4], keys[0], keys[2])  # a recorded order, not the plan's
+    todo = [resumed(new[k], pack) for k in (0, 2, 4)] + [resumed(new[1], ()), resumed(new[3], ())]
+    for setting in ("off", "auto", "on"):
+        work = group(todo, setting, gpus=0, size=2, workers=4)
+        assert names(work) == [
+            [new[k].run.name for k in (4, 0, 2)],  # whole (no size cap, no split), its order
+            new[1].run.name,  # started alone: never packed
+            new[3].run.name,
+        ], setting
+    last = group([todo[1]], "off", gpus=0)  # the only member left to train: a pack of one
+    assert names(last) == [[new[2].run.name]]
+    # A resume recorded before workbench stored how it started packs as before, with resumes.
+    legacy = [resumed(d, None) for d in new[:2]]
+    assert names(group(legacy, "on", gpus=0)) == [[d.run.name for d in new[:2]]]
+    assert group(legacy, "off", gpus=0) == legacy
+    # A tag that does not hold the run's own key is not its pack.
+    forged = resumed(new[5], (keys[0], keys[1]))
+    assert group([forged], "off", gpus=0) == [forged]
 
 
 # --- end to end (slow) ------------------------------------------------------------------------
@@ -169,21 +204,29 @@ LONG = {"max_iters": 1500, "eval_interval": 50, "eval_iters": 2, "device": "cpu"
 
 
 @pytest.mark.slow
-def test_a_killed_pack_resumes_every_member_exactly(store: Store, tmp_path: Path) -> None:
-    spec = write_spec(tmp_path, train=LONG, variants=MH, seeds=[1, 2])
-    proc = start(spec, store, "--pack", "--jobs", "1")
-    wait_for(lambda: len(list(store.checkpoints.rglob("checkpoint.pt"))) == 2, proc)
+@pytest.mark.parametrize("first, then", [("--pack", "--no-pack"), ("--no-pack", "--pack")])
+def test_a_killed_pack_resumes_every_member_exactly(
+    store: Store, tmp_path: Path, first: str, then: str
+) -> None:
+    """Killed mid-run, packed (or alone), and resumed with the other setting: each run resumes
+    as it first started, to 1e-6 of its uninterrupted self (packed and alone differ by more
+    than that at high rates)."""
+    fast = {**LONG, "learning_rate": 1e-2}  # where rounding is amplified most
+    spec = write_spec(tmp_path, train=fast, variants=MH, seeds=[1, 2])
+    proc = start(spec, store, first, "--jobs", "1")
+    started = 2 if first == "--pack" else 1  # runs that train before the kill
+    wait_for(lambda: len(list(store.checkpoints.rglob("checkpoint.pt"))) == started, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    assert sorted(r.info.status for r in store.runs()) == ["RUNNING", "RUNNING"]  # stale
+    assert "RUNNING" in {r.info.status for r in store.runs()}  # stale
 
-    resumed = invoke("run", str(spec), "--pack", "-j", "1", *store.args())
+    resumed = invoke("run", str(spec), then, "-j", "1", *store.args())
     assert resumed.exit_code == 0, resumed.output
     reference = Store(tmp_path / "reference")
-    assert invoke("run", str(spec), "--pack", "-j", "1", *reference.args()).exit_code == 0
+    assert invoke("run", str(spec), first, "-j", "1", *reference.args()).exit_code == 0
     want = reference.by_name()
     for name, run in store.by_name().items():
-        assert run.info.status == "FINISHED" and run.data.tags[TAG + "attempt"] == "2"
+        assert run.info.status == "FINISHED"
         history = store.history(run.info.run_id, "val_loss")
         steps = [s for s, _ in history]
         assert steps == sorted(set(steps)), "a step was logged twice"
@@ -191,6 +234,12 @@ def test_a_killed_pack_resumes_every_member_exactly(store: Store, tmp_path: Path
         assert steps == [s for s, _ in expected]
         assert [v for _, v in history] == pytest.approx([v for _, v in expected], abs=1e-6)
         assert len(run.outputs.model_outputs) == 1
+        assert run.data.tags[TAG + "packed"] == str(first == "--pack").lower()
+        attempts = run.data.tags.get(TAG + "attempt", "1")
+        assert (attempts, run.data.tags.get(TAG + "pack_size")) in {
+            ("2", "2" if first == "--pack" else None),  # resumed as it started
+            ("1", None),  # alone: not started before the kill, trained by the resume
+        }
 
 
 # --- packed training that raises (in process) -------------------------------------------------
@@ -264,8 +313,9 @@ def test_a_pack_that_raises_trains_each_member_alone(
 
 
 def test_members_at_different_steps_train_apart(store: Store) -> None:
-    """A member resumed from a later checkpoint than the others trains alone (a pack of one
-    is slower than a run alone); the others still train as one pack."""
+    """A member resumed from a later checkpoint than the others (a kill between two members'
+    checkpoints) trains as a pack of one, its arithmetic still a packed run's; the others
+    still train as one pack."""
     pack = pack_of(store, [1, 2, 3])
     first = pack.jobs[0]
     config = RunConfig.model_validate(first.config)
@@ -278,7 +328,7 @@ def test_members_at_different_steps_train_apart(store: Store) -> None:
     results = execute_pack(resumed)
     assert [r.status for r in results] == [RunState.FINISHED] * 3
     tags = [store.client.get_run(r.run_id).data.tags for r in results]
-    assert TAG + "pack" not in tags[0]  # alone
+    assert tags[0][TAG + "pack_size"] == "1"  # trained by itself, in the same pack
     assert tags[1][TAG + "pack"] == tags[2][TAG + "pack"] and tags[1][TAG + "pack_size"] == "2"
     assert [s for s, _ in store.history(results[0].run_id, "val_loss")] == [20]  # from step 10
 

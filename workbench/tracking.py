@@ -72,6 +72,17 @@ class RunRecord:
         """The torch threads the run was started with (its resume must use the same)."""
         return int_tag(self.tags, TAG + "threads")
 
+    @property
+    def pack_members(self) -> tuple[str, ...] | None:
+        """The run keys of the pack the run first started in, in order: () where it started
+        alone, None where it was recorded before workbench stored how it started. Its
+        resumes train the same way: float sums depend on it."""
+        packed = self.tags.get(TAG + "packed")
+        if packed is None:
+            return None
+        members = self.tags.get(TAG + "pack_members", "")
+        return tuple(members.split("+")) if packed == "true" and members else ()
+
     def is_stale(self, now: float | None = None) -> bool:
         """A RUNNING run whose process is gone (kill -9, power loss) or silent for too long. A
         process is its pid and when it started (``process_start``): a pid the kernel handed to

@@ -320,20 +320,26 @@ class _StoreRuns:
     def prepare_unit(self, item: Decision | list[Decision]) -> Unit:
         """A run's job, or a pack of them, with each MLflow run created or reopened now."""
         if isinstance(item, list):
-            return Pack(tuple(self.prepare(decision) for decision in item))
+            keys = tuple(decision.run.key for decision in item)
+            return Pack(tuple(self.prepare(decision, keys) for decision in item))
         return self.prepare(item)
 
-    def prepare(self, decision: Decision) -> Job:
+    def prepare(self, decision: Decision, pack: tuple[str, ...] = ()) -> Job:
+        """The run's job. Every setting that changes its float sums (threads, attention path,
+        packed or alone) is recorded when the run is created and kept by every resume."""
         run = decision.run
         # The run's own thread count, whatever else is in this sweep: float sums depend on it.
         threads = run.config.train.threads or self.options.threads_per_job
         previous = decision.record if decision.action is Action.RESUME else None
+        attention, fused = None, None
         if previous is not None:
             threads = previous.threads or threads  # the run's own, recorded when it started
+            attention = previous.tags.get(TAG + "attention")  # the path it took, not auto's now
+            fused = {"fused": True, "elementwise": False}.get(previous.tags.get(TAG + "adamw", ""))
             run_id, attempt = previous.run_id, previous.attempt + 1
             self._reopen(previous, attempt, threads)
         else:
-            run_id, attempt = self._create(decision, threads), 1
+            run_id, attempt = self._create(decision, threads, pack), 1
         return Job(
             name=run.name,
             key=run.key,
@@ -343,6 +349,8 @@ class _StoreRuns:
             checkpoint_dir=str(self.experiment_dir / run.key),
             data_dir=str(self.options.data_dir),
             threads=threads,
+            attention=attention if attention in ("sdpa", "torch", "native") else None,
+            fused_adamw=fused,
             checkpoint_every_s=self.options.checkpoint_every_s,
             resumed=previous is not None,
             attempt=attempt,
@@ -361,7 +369,7 @@ class _StoreRuns:
         if TAG + "reason" in previous.tags:  # why it stopped last time; no longer true
             self.mlflow_client.delete_tag(run_id, TAG + "reason")
 
-    def _create(self, decision: Decision, threads: int) -> str:
+    def _create(self, decision: Decision, threads: int, pack: tuple[str, ...]) -> str:
         """A new MLflow run, from step 0; a stale run it replaces (``--force``) is ended."""
         run, record = decision.run, decision.record
         if record is not None and decision.state is RunState.STALE:
@@ -369,7 +377,10 @@ class _StoreRuns:
             self.mlflow_client.set_terminated(record.run_id, status="KILLED")
         # A fresh start, not someone's leftovers.
         shutil.rmtree(self.experiment_dir / run.key, ignore_errors=True)
-        tags = {**self.tags, TAG + "threads": str(threads), PARENT_TAG: self.parent.run_id}
+        tags = {**self.tags, TAG + "threads": str(threads), PARENT_TAG: self.parent.run_id,
+                TAG + "packed": "true" if pack else "false"}  # fmt: skip
+        if pack:  # its resumes train in this pack, members in this order (tracking.pack_members)
+            tags[TAG + "pack_members"] = "+".join(pack)
         with signals_deferred():  # a run is created whole: tags, params and inputs, or not
             return create_run(self.mlflow_client, self.experiment_id, run, tags)
 

@@ -57,6 +57,8 @@ class Job:
     checkpoint_dir: str
     data_dir: str
     threads: int | None = None
+    attention: str | None = None  # a resume's attention path: the one its run started with
+    fused_adamw: bool | None = None  # a resume's optimizer update: as its run started
     checkpoint_every_s: float = 10.0  # checkpoint (and store metrics) at most this often
     resumed: bool = False  # continuing an MLflow run that already holds points
     attempt: int = 1
@@ -156,11 +158,24 @@ def train_recorded(
     except (KeyboardInterrupt, DriverLost) as exc:
         reason = str(exc) or "interrupted"
     except BaseException as exc:
-        if not is_environment_failure(exc):
+        if _kept_path_missing(job, exc):  # this machine lacks it: no verdict, resumable
+            reason = f"resumes with the arithmetic it started with: {first_line(exc)}"
+        elif not is_environment_failure(exc):
             return _failed(job, mlflow_client, buffer, callback, exc)
-        reason = describe_environment_failure(exc)
+        else:
+            reason = describe_environment_failure(exc)
     # Unflushed points come after the last checkpoint: the resume recomputes them.
     return end_killed(job, reason, mlflow_client, step=callback.last_step)
+
+
+def _kept_path_missing(job: Job, exc: BaseException) -> bool:
+    """A resume whose recorded attention path or optimizer update cannot run here."""
+    from workbench.models.attention import AttentionUnavailable
+    from workbench.train.optim import FusedUnavailable
+
+    return (job.attention is not None and isinstance(exc, AttentionUnavailable)) or (
+        job.fused_adamw is not None and isinstance(exc, FusedUnavailable)
+    )
 
 
 def end_killed(job: Job, reason: str, mlflow_client: Any | None = None, step: int = 0) -> JobResult:
@@ -284,8 +299,9 @@ def _train_and_record(
         callback,
         Path(job.checkpoint_dir),
         checkpoint_every_s=job.checkpoint_every_s,
+        fused=job.fused_adamw,
     )
-    record.record_start(job, mlflow_client, buffer, trainer.device, trainer.model)
+    record.record_start(job, mlflow_client, buffer, trainer)
     result = trainer.fit()
     model = trainer.model
     return record.record_end(job, mlflow_client, buffer, callback.artifacts, result, model, corpus)
@@ -310,14 +326,19 @@ def preload() -> None:
 
 
 def job_config(job: Job) -> RunConfig:
-    """The run's config, with its own thread count (a resume's is the one it started with)."""
+    """The run's config, with its own thread count and, for a resume, the attention path it
+    started with (``auto`` may choose another on this machine today)."""
     from workbench.spec import RunConfig
 
     config = RunConfig.model_validate(job.config)
-    if job.threads is None:
+    update: dict[str, Any] = {}
+    if job.threads is not None:
+        update["threads"] = job.threads
+    if job.attention is not None:
+        update["attention"] = job.attention
+    if not update:
         return config
-    train = config.train.model_copy(update={"threads": job.threads})
-    return config.model_copy(update={"train": train})
+    return config.model_copy(update={"train": config.train.model_copy(update=update)})
 
 
 def job_corpus(job: Job, config: RunConfig) -> Corpus:

@@ -6,7 +6,8 @@ The driver groups the runs it is about to train (:func:`group`); an executor han
 :class:`Pack` to one worker, which runs :func:`execute_pack` and answers with one result per
 member. What a pack cannot change: each member's MLflow run, params, tags, curves, artifacts and
 logged model (:mod:`workbench.sweep.record`, shared with a run alone), its checkpoint (the
-solo format: a member resumes alone or in another pack), skip and resume per member. What a
+solo format), skip and resume per member. What it does change is float rounding, so a run
+created in a pack resumes in that pack, and a run created alone resumes alone. What a
 member's failure does: a member that diverges is masked out and recorded diverged while the
 others go on; an exception in packed training is no verdict on any one member, so each member
 is then trained alone from its checkpoint, where only its own exception fails it.
@@ -85,20 +86,35 @@ def group(
     size: int = DEFAULT_PACK_SIZE,
     workers: int = 1,
 ) -> list[Decision | list[Decision]]:
-    """The driver's work list: runs alone, and packs (lists of two or more) of runs with one
-    pack key and the same action (a new run packs with new runs, a resumed one with resumed
-    ones), at most ``size`` each, in the order of their first run. Fewer groups than
-    ``workers`` are split, so that no worker sits idle beside one big pack."""
-    if setting == "off" or size < 2:
-        return list(decisions)
-    groups: dict[tuple[str, str], list[Decision]] = {}
-    order: list[Decision | tuple[str, str]] = []
+    """The driver's work list: runs alone, and packs (lists) in the order of their first run.
+
+    A resumed run trains as it first started (``RunRecord.pack_members``), whatever ``setting``
+    says now: a run started alone resumes alone, a packed one with the members of its pack
+    that are left, in their order (a pack of one, where it is the last). New runs with one pack
+    key pack together, at most ``size`` each; fewer groups than ``workers`` are split, so that
+    no worker sits idle beside one big pack. Runs recorded before workbench stored how they
+    started pack as new runs do, a resumed one with resumed ones."""
+    groups: dict[tuple[str, ...], list[Decision]] = {}
+    kept: dict[tuple[str, ...], tuple[str, ...]] = {}  # recorded packs: their members' order
+    order: list[Decision | tuple[str, ...]] = []
     for decision in decisions:
+        members = _recorded_pack(decision)
         key = pack_key(decision.run.config)
-        if key is None or not _packs_here(decision.run.config, setting, gpus):
+        if members is not None:
+            slot: tuple[str, ...] = ("recorded", *members)
+            kept[slot] = members
+        elif (
+            setting == "off"
+            or size < 2
+            or key is None
+            or not _packs_here(decision.run.config, setting, gpus)
+        ):
+            slot = ()
+        else:
+            slot = (key, str(decision.action))
+        if members == () or not slot:
             order.append(decision)
             continue
-        slot = (key, str(decision.action))
         if slot not in groups:
             groups[slot] = []
             order.append(slot)
@@ -108,13 +124,28 @@ def group(
     for item in order:
         if not isinstance(item, tuple):
             work.append(item)
-            continue
-        runs = groups[item]
-        step = min(size, -(-len(runs) // parts))
-        for start in range(0, len(runs), step):
-            chunk = runs[start : start + step]
-            work.append(chunk if len(chunk) > 1 else chunk[0])
+        elif item in kept:
+            place = {name: i for i, name in enumerate(kept[item])}
+            work.append(sorted(groups[item], key=lambda d: place[d.run.key]))
+        else:
+            runs = groups[item]
+            step = min(size, -(-len(runs) // parts))
+            for start in range(0, len(runs), step):
+                chunk = runs[start : start + step]
+                work.append(chunk if len(chunk) > 1 else chunk[0])
     return work
+
+
+def _recorded_pack(decision: Decision) -> tuple[str, ...] | None:
+    """How a resumed run first started: its pack's members, () alone; None for a new run or
+    one recorded before workbench stored it."""
+    record = decision.record
+    if str(decision.action) != "resume" or record is None:
+        return None
+    members = record.pack_members
+    if members and decision.run.key not in members:  # a tag someone edited: not this run's
+        return None
+    return members
 
 
 def _packs_here(config: RunConfig, setting: PackSetting, gpus: int) -> bool:
@@ -205,9 +236,9 @@ class _PackRun:
 
     def train(self) -> None:
         """Train the members together, then record each one's end. Members resumed from
-        checkpoints at different steps (runs of different packs, or a run resumed alone before)
-        or with different thread counts (a resume keeps its own) train as one pack per step and
-        count, one after the other; a member alone in its group trains as a run alone."""
+        checkpoints at different steps (a kill between two members' checkpoints) or with
+        different keys train as one pack per step and key, one after the other: a pack of one
+        too, where a member is alone in its group (its arithmetic stays a packed run's)."""
         from workbench.train.packed import checkpoint_step
         from workbench.train.process import prepare_process
 
@@ -221,14 +252,7 @@ class _PackRun:
                 groups.setdefault(key, []).append(k)
         for chosen in groups.values():
             prepare_process(configs[chosen[0]].train)  # threads and TF32, shared by the group
-            if len(chosen) > 1:
-                self.train_together(chosen, configs, corpus)
-                continue
-            k = chosen[0]  # a pack of one is slower than a run alone (benchmarks/RESULTS.md)
-            result = train_recorded(jobs[k], self.client, self.buffers[k], self.callbacks[k])
-            self.end(k, result)
-            if result.status is RunState.KILLED:  # interrupted: so are the members left
-                raise KeyboardInterrupt(result.reason or "interrupted")
+            self.train_together(chosen, configs, corpus)
 
     def train_together(self, chosen: list[int], configs: list[RunConfig], corpus: Any) -> None:
         from workbench.sweep import record
@@ -241,12 +265,12 @@ class _PackRun:
             [self.callbacks[k] for k in chosen],
             [Path(job.checkpoint_dir) for job in jobs],
             checkpoint_every_s=jobs[0].checkpoint_every_s,
+            fused=jobs[0].fused_adamw,  # the members started together: one choice
         )
         tags = {TAG + "pack": pack_id(self.pack), TAG + "pack_size": str(len(jobs))}
         for member, k in enumerate(chosen):
             self.buffers[k].tags(tags)  # stored with the start's flush
-            model = trainer.member_model(member)
-            record.record_start(jobs[member], self.client, self.buffers[k], trainer.device, model)
+            record.record_start(jobs[member], self.client, self.buffers[k], trainer, member)
         results = trainer.fit()
         for member, (k, result) in enumerate(zip(chosen, results, strict=True)):
             model, artifacts = trainer.member_model(member), self.callbacks[k].artifacts
@@ -264,7 +288,8 @@ class _PackRun:
             job = self.pack.jobs[k]
             self.open.remove(self.buffers[k])
             self.buffers[k] = job_buffer(job)
-            self.buffers[k].tags({TAG + "pack_error": failure})
+            # From here it trains alone, and so does every resume of it (workbench.packed).
+            self.buffers[k].tags({TAG + "pack_error": failure, TAG + "packed": "false"})
             self.open.append(self.buffers[k])
             self.callbacks[k] = MlflowCallback(self.buffers[k], job.key, self.progress, self.open)
         for k in left:

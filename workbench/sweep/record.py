@@ -32,26 +32,31 @@ from workbench.tracking import (
 )
 
 if TYPE_CHECKING:
-    import torch
-
     from workbench.corpus import Corpus
     from workbench.grid import Run
     from workbench.models.ladder import LanguageModel
     from workbench.sweep.jobs import Job, JobResult
     from workbench.train.loop import TrainResult
+    from workbench.train.packed import PackedTrainer
+    from workbench.train.trainer import Trainer
 
 
 def record_start(
     job: Job,
     mlflow_client: Any,
     buffer: MetricBuffer,
-    device: torch.device,
-    model: LanguageModel,
+    trainer: Trainer | PackedTrainer,
+    member: int = 0,
 ) -> None:
-    """The process, device and attention code that train the run, and its parameter count,
-    stored before the first step."""
+    """The process, device, attention code and optimizer update that train the run (member
+    ``member`` of a pack), and its parameter count, stored before the first step. A resume
+    takes the attention code and the update recorded here (``workbench.sweep.driver``)."""
     import torch
 
+    from workbench.train.trainer import Trainer
+
+    device = trainer.device
+    model = trainer.model if isinstance(trainer, Trainer) else trainer.member_model(member)
     tags = {
         **process_tags("pid"),
         TAG + "host": socket.gethostname(),
@@ -61,6 +66,7 @@ def record_start(
     backend = model.attention_backend
     if backend is not None:  # which attention code ran (train.attention: auto chooses per machine)
         tags[TAG + "attention"] = backend.name
+    tags[TAG + "adamw"] = "fused" if trainer.optimizer.fused else "elementwise"
     if device.type == "cuda":  # which GPU, to find the runs that shared one
         tags[TAG + "gpu_name"] = torch.cuda.get_device_name(device)
         tags[TAG + "cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")

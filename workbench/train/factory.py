@@ -31,6 +31,7 @@ def build_trainer(
     *,
     log_interval: int = 10,
     checkpoint_every_s: float = 0.0,
+    fused: bool | None = None,
 ) -> Trainer:
     """The trainer of one run; ``fit()`` resumes from ``run_dir``'s checkpoint if it has one.
 
@@ -58,6 +59,7 @@ def build_trainer(
         [p for p in model.parameters() if p.requires_grad],
         lr=train.learning_rate,
         weight_decay=train.weight_decay,
+        fused=fused,  # None: torch's fused kernel where it has one (a resume: as it started)
     )
     sampler = BatchSampler(corpus.train, train.block_size, train.batch_size, config.seed)
     eval_sets = {

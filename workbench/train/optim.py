@@ -33,6 +33,10 @@ def _as_groups(
     return [list(cast(Sequence[nn.Parameter], group)) for group in items]
 
 
+class FusedUnavailable(ValueError):
+    """``fused=True`` where torch's fused AdamW kernel is not available."""
+
+
 class FlatAdamW:
     """AdamW (decoupled weight decay, torch's defaults) for parameters of one device and dtype.
 
@@ -75,8 +79,10 @@ class FlatAdamW:
         # torch's fused kernel is private (workbench.compat): None takes the public update.
         self._kernel = compat.fused_adamw(first.device) if fused is not False else None
         if fused and self._kernel is None:
-            raise ValueError("FlatAdamW(fused=True): torch's fused AdamW kernel is not available "
-                             "here (or WORKBENCH_PUBLIC_APIS=1 turned it off)")  # fmt: skip
+            raise FusedUnavailable(
+                "FlatAdamW(fused=True): torch's fused AdamW kernel is not available here "
+                "(or WORKBENCH_PUBLIC_APIS=1 turned it off)"
+            )
         self.params = flat_params
         self.group_sizes = torch.tensor(
             [sum(p.numel() for p in group) for group in groups], device=first.device

@@ -45,6 +45,7 @@ def build_packed_trainer(
     *,
     log_interval: int = 10,
     checkpoint_every_s: float = 0.0,
+    fused: bool | None = None,
 ) -> PackedTrainer:
     """The trainer of a pack, each member built as ``build_trainer`` builds its solo run.
 
@@ -70,6 +71,7 @@ def build_packed_trainer(
             run_dir,
             log_interval=log_interval,
             checkpoint_every_s=checkpoint_every_s,
+            fused=fused,
         )
         for config, callback, run_dir in zip(configs, callbacks, run_dirs, strict=True)
     ]
@@ -100,7 +102,9 @@ class PackedTrainer:
         self.active_mask = torch.ones(len(members), dtype=torch.bool, device=self.device)
         groups = [[p for p in m.model.parameters() if p.requires_grad] for m in members]
         decay = torch.tensor([m.train_config.weight_decay for m in members])
-        self.optimizer = FlatAdamW(groups, lr=torch.zeros(len(members)), weight_decay=decay)
+        self.optimizer = FlatAdamW(
+            groups, lr=torch.zeros(len(members)), weight_decay=decay, fused=first.optimizer.fused
+        )  # the members' own choice
         self.grad_clip = torch.tensor([m.train_config.grad_clip for m in members]).to(self.device)
         self.clips = any(m.train_config.grad_clip > 0 for m in members)  # known here: no sync
         self.params = self._stacked_params()
