@@ -30,6 +30,7 @@ from workbench.errors import WorkbenchError, first_line
 
 if TYPE_CHECKING:
     import torch
+    from mlflow.tracking import MlflowClient
 
     from workbench.corpus import CharTokenizer
     from workbench.models.ladder import LanguageModel
@@ -181,7 +182,11 @@ def _save_with_mlflow(
 
 
 def log_model(
-    mlflow_client: Any, run_id: str, model: LanguageModel, tokenizer: CharTokenizer, step: int
+    mlflow_client: MlflowClient,
+    run_id: str,
+    model: LanguageModel,
+    tokenizer: CharTokenizer,
+    step: int,
 ) -> str:
     """Log ``model``'s logits program as the run's model (named ``model``, with the run's
     params), linked as the run's output at ``step``; returns its model id."""
@@ -211,7 +216,7 @@ def log_model(
     return str(logged.model_id)
 
 
-def reuse_or_discard(mlflow_client: Any, run_id: str, step: int) -> str | None:
+def reuse_or_discard(mlflow_client: MlflowClient, run_id: str, step: int) -> str | None:
     """For a resumed run: the id of the READY model an earlier attempt logged (linked to the
     run if the attempt stopped before that), else None, with any partial model deleted."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
@@ -227,18 +232,20 @@ def reuse_or_discard(mlflow_client: Any, run_id: str, step: int) -> str | None:
             mlflow_client.delete_logged_model(model.model_id)
     if not ready:
         return None
-    linked = {output.model_id for output in run.outputs.model_outputs or []}
+    outputs = run.outputs.model_outputs if run.outputs is not None else None
+    linked = {output.model_id for output in outputs or []}
     if ready[0].model_id not in linked:
         mlflow_client.log_outputs(run_id, [LoggedModelOutput(ready[0].model_id, step=step)])
     return str(ready[0].model_id)
 
 
-def run_model_id(mlflow_client: Any, run_id: str) -> str | None:
+def run_model_id(mlflow_client: MlflowClient, run_id: str) -> str | None:
     """The READY model among the run's outputs (the newest), or None (a run from before
     workbench logged models)."""
     from mlflow.entities import LoggedModelStatus
 
-    outputs = mlflow_client.get_run(run_id).outputs.model_outputs or []
+    run_outputs = mlflow_client.get_run(run_id).outputs
+    outputs = (run_outputs.model_outputs if run_outputs is not None else None) or []
     for output in reversed(outputs):
         model = mlflow_client.get_logged_model(output.model_id)
         if model.status == LoggedModelStatus.READY:
@@ -246,7 +253,7 @@ def run_model_id(mlflow_client: Any, run_id: str) -> str | None:
     return None
 
 
-def load_model(tracking_uri: str, mlflow_client: Any, model_id: str) -> LoggedRunModel:
+def load_model(tracking_uri: str, mlflow_client: MlflowClient, model_id: str) -> LoggedRunModel:
     """The model through ``mlflow.pytorch.load_model`` and its tokenizer. Only a pt2 model is
     read, with MLflow's pickle refusal on whatever this process's setting (MLflow 3.17 allows
     pickle by default): its check that the archive holds no pickle then runs."""

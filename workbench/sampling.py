@@ -6,12 +6,15 @@ import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workbench.errors import WorkbenchError, first_line
 from workbench.spec import clip
 from workbench.store import client
 from workbench.tracking import PLAN_TAG, TAG, WORKBENCH_RUNS
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 MAX_CANDIDATES = 20  # runs listed when a name or key is ambiguous
 
@@ -59,7 +62,7 @@ def find_run_id(tracking_uri: str, run: str, experiment: str | None = None) -> s
     return str(found[0].info.run_id)
 
 
-def _finished_runs(mlflow_client: Any, experiment_ids: list[str], run: str) -> list[Any]:
+def _finished_runs(mlflow_client: MlflowClient, experiment_ids: list[str], run: str) -> list[Any]:
     """Finished workbench runs whose name or run key is ``run``, newest first."""
     if not experiment_ids:
         return []
@@ -154,7 +157,7 @@ def sample(
     return idx
 
 
-def _run_seed(mlflow_client: Any, run_id: str) -> int:
+def _run_seed(mlflow_client: MlflowClient, run_id: str) -> int:
     data = mlflow_client.get_run(run_id).data
     seed = data.params.get("seed", data.tags.get(TAG + "seed", "0"))
     try:
@@ -163,7 +166,7 @@ def _run_seed(mlflow_client: Any, run_id: str) -> int:
         return 0
 
 
-def _load_artifacts(mlflow_client: Any, run_id: str, run: str) -> tuple[Any, Any, int]:
+def _load_artifacts(mlflow_client: MlflowClient, run_id: str, run: str) -> tuple[Any, Any, int]:
     """The model, tokenizer and seed of a run logged before its weights were a logged model."""
     from pydantic import ValidationError
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workbench.states import RunState as RunState
 
@@ -30,6 +30,10 @@ from workbench.store import sqlite_path as sqlite_path
 from workbench.store import store_error_types as store_error_types
 from workbench.store import store_errors as store_errors
 from workbench.store import tracking_uri as tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 TAG = "workbench."  # prefix of our own tags
 STALE_AFTER_S = 600.0  # a RUNNING run whose heartbeat is older than this is stale
@@ -106,8 +110,22 @@ class RunRecord:
         now = process_start(pid)
         return now is None or now == recorded  # None: this OS does not say
 
+    @classmethod
+    def of(cls, run: Run) -> RunRecord:
+        """The record of an MLflow run as the store hands it over."""
+        return cls(
+            run_id=run.info.run_id,
+            status=run.info.status,
+            tags=dict(run.data.tags),
+            metrics=dict(run.data.metrics),
+            start_time=run.info.start_time or 0,
+            params=dict(run.data.params),
+        )
+
     @property
     def state(self) -> RunState:
+        """The run's state, from MLflow's status and workbench's tags: the one place that reads
+        MLflow's status words (:func:`mlflow_status` is the one that writes them)."""
         if self.status == "FINISHED":
             return RunState.FINISHED
         if self.status == "FAILED":
@@ -115,6 +133,20 @@ class RunRecord:
         if self.status == "RUNNING":
             return RunState.STALE if self.is_stale() else RunState.RUNNING
         return RunState.KILLED
+
+
+_MLFLOW_STATUS = {
+    RunState.FINISHED: "FINISHED",
+    RunState.FAILED: "FAILED",
+    RunState.DIVERGED: "FAILED",  # with the workbench.diverged tag
+    RunState.KILLED: "KILLED",
+    RunState.RUNNING: "RUNNING",
+}
+
+
+def mlflow_status(state: RunState) -> str:
+    """MLflow's status word for ``state``, as ``set_terminated`` and ``update_run`` take it."""
+    return _MLFLOW_STATUS[state]
 
 
 def int_tag(tags: dict[str, str], name: str) -> int | None:
@@ -174,14 +206,16 @@ def plan_id(run_keys: Iterable[str]) -> str:
     return hashlib.sha256(joined.encode("utf-8")).hexdigest()[:16]
 
 
-def parent_runs(mlflow_client: Any, experiment_id: str, plan: str | None = None) -> list[Any]:
+def parent_runs(
+    mlflow_client: MlflowClient, experiment_id: str, plan: str | None = None
+) -> list[Any]:
     """The parent runs of an experiment (of one plan, if given), oldest first."""
     filter_string = PARENT_RUNS if plan is None else f"tags.`{PLAN_TAG}` = '{plan}'"
     return list(_search_pages(mlflow_client, experiment_id, filter_string, "ASC"))
 
 
 def end_dead_parents(
-    mlflow_client: Any,
+    mlflow_client: MlflowClient,
     experiment_id: str,
     holding: Callable[[str], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> int:
@@ -198,24 +232,21 @@ def end_dead_parents(
         plan = tags.get(PLAN_TAG, "")
         with holding("plan-" + plan) if holding else contextlib.nullcontext():
             run = mlflow_client.get_run(found.info.run_id)  # as it is now, under the lock
-            record = RunRecord(
-                "", run.info.status, dict(run.data.tags), {}, run.info.start_time or 0
-            )
-            if not record.is_stale():  # is_stale: RUNNING, and its process is gone
+            if not RunRecord.of(run).is_stale():  # is_stale: RUNNING, and its process is gone
                 continue
             mlflow_client.set_tag(run.info.run_id, TAG + "reason", "its sweep's process is gone")
-            mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+            mlflow_client.set_terminated(run.info.run_id, status=mlflow_status(RunState.KILLED))
             ended += 1
     return ended
 
 
-def search_workbench_runs(mlflow_client: Any, experiment_id: str) -> Iterator[Any]:
+def search_workbench_runs(mlflow_client: MlflowClient, experiment_id: str) -> Iterator[Any]:
     """Every workbench run of an experiment, newest first, page by page."""
     return _search_pages(mlflow_client, experiment_id, WORKBENCH_RUNS, "DESC")
 
 
 def _search_pages(
-    mlflow_client: Any, experiment_id: str, filter_string: str, order: str
+    mlflow_client: MlflowClient, experiment_id: str, filter_string: str, order: str
 ) -> Iterator[Any]:
     """The runs ``filter_string`` finds, by start time (``order``: ASC or DESC), page by page."""
     token = None
@@ -239,14 +270,7 @@ def existing_runs(uri: str, experiment_id: str) -> dict[str, RunRecord]:
     for run in search_workbench_runs(client(uri), experiment_id):
         key = run.data.tags.get(TAG + "run_key")
         if key and key not in records:
-            records[key] = RunRecord(
-                run_id=run.info.run_id,
-                status=run.info.status,
-                tags=dict(run.data.tags),
-                metrics=dict(run.data.metrics),
-                start_time=run.info.start_time or 0,
-                params=dict(run.data.params),
-            )
+            records[key] = RunRecord.of(run)
     return records
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from workbench.grid import Run
 from workbench.spec import applicable_config
-from workbench.tracking import RunRecord, flatten
+from workbench.tracking import RunRecord, RunState, flatten
 
 SHAPE_KEYS = ("train.block_size", "train.batch_size", "train.eval_interval", "train.eval_iters",
               "train.device")  # fmt: skip
@@ -51,7 +51,7 @@ class StepTimes:
         times = cls({}, {})
         for record in records:
             wall = record.metrics.get("wall_time_s")
-            if record.status != "FINISHED" or not wall or wall <= 0:
+            if record.state is not RunState.FINISHED or not wall or wall <= 0:
                 continue
             try:
                 steps = int(record.params["train.max_iters"])

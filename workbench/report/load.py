@@ -29,6 +29,7 @@ from workbench.tracking import (
 
 if TYPE_CHECKING:
     import pandas as pd
+    from mlflow.tracking import MlflowClient
 
 STATES = tuple(str(s) for s in RunState if s not in (RunState.TO_DO, RunState.CLAIMED))
 SEED_PARAMS = ("seed", "train.seed")  # what repeats a grid point; every other param tells one apart
@@ -179,7 +180,7 @@ def _client(tracking_uri: str) -> Any:
     return client(tracking_uri)
 
 
-def _search_runs(mlflow_client: Any, experiment_id: str) -> pd.DataFrame:
+def _search_runs(mlflow_client: MlflowClient, experiment_id: str) -> pd.DataFrame:
     """Every workbench run, newest first, in ``mlflow.search_runs``' pandas layout (without
     touching MLflow's global tracking URI)."""
     import pandas as pd

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from workbench.errors import WorkbenchError
 from workbench.grid import Plan, Run
@@ -39,8 +39,12 @@ from workbench.tracking import (
     end_dead_parents,
     existing_runs,
     experiment_slug,
+    mlflow_status,
     process_tags,
 )
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 
 class Executor(Protocol):
@@ -282,7 +286,7 @@ class _StoreRuns:
     options: Options
     experiment_id: str
     experiment_dir: Path
-    mlflow_client: Any
+    mlflow_client: MlflowClient
     tags: dict[str, str]  # of every run of this sweep
     parent: SweepParent  # of the runs this sweep creates
 
@@ -362,7 +366,7 @@ class _StoreRuns:
         from mlflow.entities import RunTag
 
         run_id = previous.run_id
-        self.mlflow_client.update_run(run_id, status="RUNNING")
+        self.mlflow_client.update_run(run_id, status=mlflow_status(RunState.RUNNING))
         tags = {**self.tags, TAG + "attempt": str(attempt), TAG + "threads": str(threads),
                 TAG + "heartbeat": f"{time.time():.0f}"}  # fmt: skip
         self.mlflow_client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
@@ -374,7 +378,7 @@ class _StoreRuns:
         run, record = decision.run, decision.record
         if record is not None and decision.state is RunState.STALE:
             self.mlflow_client.set_tag(record.run_id, TAG + "reason", "superseded")
-            self.mlflow_client.set_terminated(record.run_id, status="KILLED")
+            self.mlflow_client.set_terminated(record.run_id, status=mlflow_status(RunState.KILLED))
         # A fresh start, not someone's leftovers.
         shutil.rmtree(self.experiment_dir / run.key, ignore_errors=True)
         tags = {**self.tags, TAG + "threads": str(threads), PARENT_TAG: self.parent.run_id,
@@ -393,7 +397,6 @@ class _StoreRuns:
             if ended is not None:
                 return ended
             self.mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
-            self.mlflow_client.set_terminated(
-                job.run_id, status="KILLED" if status is RunState.KILLED else "FAILED"
-            )
+            verdict = RunState.KILLED if status is RunState.KILLED else RunState.FAILED
+            self.mlflow_client.set_terminated(job.run_id, status=mlflow_status(verdict))
         return JobResult(job.key, job.run_id, status, reason=reason)

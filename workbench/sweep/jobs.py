@@ -19,9 +19,19 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from workbench.errors import WorkbenchError, first_line
 from workbench.sweep.events import Progress
-from workbench.tracking import TAG, MetricBuffer, RunState, client, store_error_types
+from workbench.tracking import (
+    TAG,
+    MetricBuffer,
+    RunRecord,
+    RunState,
+    client,
+    mlflow_status,
+    store_error_types,
+)
 
 if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
     from workbench.corpus import Corpus
     from workbench.spec import RunConfig
 
@@ -149,7 +159,7 @@ def job_buffer(job: Job) -> MetricBuffer:
 
 
 def train_recorded(
-    job: Job, mlflow_client: Any, buffer: MetricBuffer, callback: MlflowCallback
+    job: Job, mlflow_client: MlflowClient, buffer: MetricBuffer, callback: MlflowCallback
 ) -> JobResult:
     try:
         if job.resumed:  # points after the last checkpoint may be stored already
@@ -178,7 +188,9 @@ def _kept_path_missing(job: Job, exc: BaseException) -> bool:
     )
 
 
-def end_killed(job: Job, reason: str, mlflow_client: Any | None = None, step: int = 0) -> JobResult:
+def end_killed(
+    job: Job, reason: str, mlflow_client: MlflowClient | None = None, step: int = 0
+) -> JobResult:
     """End an interrupted job's run KILLED (resumable) where the store answers, unless it
     already ended: interrupted after its end, the verdict stands. Also for a job interrupted
     before it could reach its own handler (a SIGTERM while the worker was opening the store).
@@ -191,11 +203,11 @@ def end_killed(job: Job, reason: str, mlflow_client: Any | None = None, step: in
     return JobResult(job.key, job.run_id, RunState.KILLED, step=step, reason=reason)
 
 
-def _end_killed(mlflow_client: Any, job: Job, reason: str) -> JobResult | None:
+def _end_killed(mlflow_client: MlflowClient, job: Job, reason: str) -> JobResult | None:
     ended = ended_result(mlflow_client, job)
     if ended is None:
         mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
-        mlflow_client.set_terminated(job.run_id, status="KILLED")
+        mlflow_client.set_terminated(job.run_id, status=mlflow_status(RunState.KILLED))
     return ended
 
 
@@ -226,19 +238,17 @@ def system_metrics_of(job: Job, buffer: MetricBuffer) -> Iterator[None]:
         monitor.finish()  # joins its thread and stores what it sampled
 
 
-def ended_result(mlflow_client: Any, job: Job) -> JobResult | None:
+def ended_result(mlflow_client: MlflowClient, job: Job) -> JobResult | None:
     """What the store says of a run that already ended (FINISHED or FAILED), else None: a run
     stopped between its last store call and its last word keeps its verdict, and a FINISHED
     run is never reopened."""
-    run = mlflow_client.get_run(job.run_id)
-    tags = run.data.tags
-    if run.info.status == "FINISHED":
+    record = RunRecord.of(mlflow_client.get_run(job.run_id))
+    verdict = record.state
+    if verdict is RunState.FINISHED:
         shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
         return JobResult(job.key, job.run_id, RunState.FINISHED)
-    if run.info.status == "FAILED":
-        diverged = tags.get(TAG + "diverged") == "true"
-        verdict: JobStatus = RunState.DIVERGED if diverged else RunState.FAILED
-        return JobResult(job.key, job.run_id, verdict, reason=tags.get(TAG + "reason"))
+    if verdict is RunState.FAILED or verdict is RunState.DIVERGED:
+        return JobResult(job.key, job.run_id, verdict, reason=record.tags.get(TAG + "reason"))
     return None
 
 
@@ -264,7 +274,7 @@ def describe_environment_failure(exc: BaseException) -> str:
 
 def _failed(
     job: Job,
-    mlflow_client: Any,
+    mlflow_client: MlflowClient,
     buffer: MetricBuffer,
     callback: MlflowCallback,
     exc: BaseException,
@@ -275,7 +285,7 @@ def _failed(
         buffer.tags({TAG + "reason": reason, TAG + "stopped_step": str(callback.last_step)})
         buffer.flush(heartbeat=False)
         mlflow_client.log_text(job.run_id, traceback.format_exc(), "error.txt")
-        mlflow_client.set_terminated(job.run_id, status="FAILED")
+        mlflow_client.set_terminated(job.run_id, status=mlflow_status(RunState.FAILED))
     except store_error_types():  # the store went too: left RUNNING, resumed next time
         return JobResult(
             job.key, job.run_id, RunState.KILLED, step=callback.last_step, reason=reason
@@ -284,7 +294,7 @@ def _failed(
 
 
 def _train_and_record(
-    job: Job, mlflow_client: Any, buffer: MetricBuffer, callback: MlflowCallback
+    job: Job, mlflow_client: MlflowClient, buffer: MetricBuffer, callback: MlflowCallback
 ) -> JobResult:
     from workbench.sweep import record
     from workbench.train.factory import build_trainer

@@ -45,6 +45,8 @@ from workbench.sweep.jobs import (
 from workbench.tracking import TAG, MetricBuffer, RunState, client, store_error_types
 
 if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
     from workbench.sweep.driver import Decision
 
 PackSetting: TypeAlias = Literal["auto", "on", "off"]
@@ -184,7 +186,9 @@ class _PackRun:
     """A pack's members in the store while the worker holds them: a buffer and a callback
     each, the results of those that ended, and the heartbeats of those still open."""
 
-    def __init__(self, pack: Pack, mlflow_client: Any, progress: ProgressFn | None) -> None:
+    def __init__(
+        self, pack: Pack, mlflow_client: MlflowClient, progress: ProgressFn | None
+    ) -> None:
         self.pack, self.client, self.progress = pack, mlflow_client, progress
         self.buffers = [job_buffer(job) for job in pack.jobs]
         self.open: list[MetricBuffer] = list(self.buffers)  # shared with every callback

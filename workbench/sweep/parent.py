@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -43,9 +43,13 @@ from workbench.tracking import (
     RunRecord,
     RunState,
     existing_runs,
+    mlflow_status,
     parent_runs,
     plan_id,
 )
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 STATES = (RunState.FINISHED, RunState.FAILED, RunState.DIVERGED, RunState.KILLED,
           RunState.STALE, RunState.RUNNING, RunState.TO_DO)  # fmt: skip
@@ -66,7 +70,11 @@ class SweepParent:
 
 
 def open_parent(
-    mlflow_client: Any, experiment_id: str, plan: Plan, sweep_tags: dict[str, str], claims: Claims
+    mlflow_client: MlflowClient,
+    experiment_id: str,
+    plan: Plan,
+    sweep_tags: dict[str, str],
+    claims: Claims,
 ) -> SweepParent:
     """The plan's parent run, RUNNING for this sweep: found, or created with the spec."""
     from mlflow.entities import Param, RunTag
@@ -79,7 +87,7 @@ def open_parent(
             run = found[0]  # oldest: never more than one, but a hand-made copy is passed by
             attempt = _attempt(run.data.tags) + 1
             run_id = str(run.info.run_id)
-            mlflow_client.update_run(run_id, status="RUNNING")
+            mlflow_client.update_run(run_id, status=mlflow_status(RunState.RUNNING))
             tags[TAG + "attempt"] = str(attempt)
             mlflow_client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         else:
@@ -97,7 +105,7 @@ def open_parent(
 
 
 def end_parent(
-    mlflow_client: Any,
+    mlflow_client: MlflowClient,
     tracking_uri: str,
     experiment_id: str,
     plan: Plan,
@@ -129,12 +137,12 @@ def end_parent(
         if counts[RunState.RUNNING] and not interrupted:
             return  # another live process is training runs of this plan
         if interrupted or counts[RunState.KILLED] or counts[RunState.STALE]:
-            status = "KILLED"
+            status = RunState.KILLED
         elif counts[RunState.FAILED] or counts[RunState.DIVERGED]:
-            status = "FAILED"
+            status = RunState.FAILED
         else:
-            status = "FINISHED"
-        mlflow_client.set_terminated(parent.run_id, status=status)
+            status = RunState.FINISHED
+        mlflow_client.set_terminated(parent.run_id, status=mlflow_status(status))
 
 
 def _best(records: Any) -> RunRecord | None:

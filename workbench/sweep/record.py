@@ -28,10 +28,13 @@ from workbench.tracking import (
     RunState,
     dataset_inputs,
     flatten,
+    mlflow_status,
     process_tags,
 )
 
 if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
     from workbench.corpus import Corpus
     from workbench.grid import Run
     from workbench.models.ladder import LanguageModel
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
 
 def record_start(
     job: Job,
-    mlflow_client: Any,
+    mlflow_client: MlflowClient,
     buffer: MetricBuffer,
     trainer: Trainer | PackedTrainer,
     member: int = 0,
@@ -82,7 +85,7 @@ def record_start(
 
 def record_end(
     job: Job,
-    mlflow_client: Any,
+    mlflow_client: MlflowClient,
     buffer: MetricBuffer,
     artifacts: dict[str, str | bytes],
     result: TrainResult,
@@ -113,7 +116,8 @@ def record_end(
     if not diverged:
         log_artifacts(mlflow_client, job, corpus, artifacts, result.history)
         log_final_model(mlflow_client, job, model, corpus.tokenizer, result.step)
-    mlflow_client.set_terminated(job.run_id, status="FAILED" if diverged else "FINISHED")
+    ended = RunState.DIVERGED if diverged else RunState.FINISHED
+    mlflow_client.set_terminated(job.run_id, status=mlflow_status(ended))
     # Not kept: a finished run is done, and a diverged one would diverge the same way again.
     shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
     return JobResult(
@@ -130,7 +134,7 @@ def record_end(
 
 
 def log_artifacts(
-    mlflow_client: Any,
+    mlflow_client: MlflowClient,
     job: Job,
     corpus: Any,
     artifacts: dict[str, str | bytes],
@@ -176,7 +180,9 @@ def write_figures(
             (folder / "attention.png").write_bytes(png)
 
 
-def log_final_model(mlflow_client: Any, job: Job, model: Any, tokenizer: Any, step: int) -> None:
+def log_final_model(
+    mlflow_client: MlflowClient, job: Job, model: Any, tokenizer: Any, step: int
+) -> None:
     """The final weights as the run's MLflow model, before the run is FINISHED, and once: a
     resumed run keeps the READY model an earlier attempt logged (its weights are the ones this
     attempt reached again from the same checkpoint) and discards a partial one."""
@@ -196,7 +202,9 @@ def log_final_model(mlflow_client: Any, job: Job, model: Any, tokenizer: Any, st
         mlflow_client.set_tag(job.run_id, TAG + "model_error", reason)
 
 
-def create_run(mlflow_client: Any, experiment_id: str, run: Run, sweep_tags: dict[str, str]) -> str:
+def create_run(
+    mlflow_client: MlflowClient, experiment_id: str, run: Run, sweep_tags: dict[str, str]
+) -> str:
     """The MLflow run of a grid point: its tags, note, params and dataset inputs, written once
     (a resume reopens the run and keeps them)."""
     from mlflow.entities import Param

@@ -22,7 +22,7 @@ from workbench.store import client
 from workbench.sweep.events import CrashFn, Ended, EventFn, Progress, Started
 from workbench.sweep.jobs import Job, JobResult, ended_result
 from workbench.sweep.packs import Pack, Unit, execute_unit, members
-from workbench.tracking import TAG, RunState
+from workbench.tracking import TAG, RunState, mlflow_status
 
 PROGRESS_EVERY_S = 1.0
 
@@ -165,7 +165,7 @@ class RayExecutor:
     def _tag_attempt(job: Job) -> None:
         mlflow_client = client(job.tracking_uri)
         mlflow_client.set_tag(job.run_id, TAG + "attempt", str(job.attempt))
-        mlflow_client.update_run(job.run_id, status="RUNNING")
+        mlflow_client.update_run(job.run_id, status=mlflow_status(RunState.RUNNING))
 
     @staticmethod
     def _interrupt(
