@@ -129,7 +129,7 @@ def test_a_signal_held_back_without_a_python_handler_still_acts() -> None:
     (it used to be dropped)."""
     script = (
         "import os, signal\n"
-        "from workbench.sweep.jobs import signals_deferred\n"
+        "from workbench.sweep.signals import signals_deferred\n"
         "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
         "with signals_deferred():\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
@@ -146,7 +146,7 @@ def test_a_signal_held_back_without_a_python_handler_still_acts() -> None:
 def test_a_running_run_whose_pid_now_names_another_process_is_stale(tmp_path: Path) -> None:
     """A pid the kernel handed to another process (after a crash, or a reboot) keeps no run
     RUNNING: the start time recorded beside the pid tells the two apart."""
-    from workbench.tracking import process_start
+    from workbench.processes import process_start
 
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:

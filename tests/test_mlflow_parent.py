@@ -25,6 +25,7 @@ from runs import Store, invoke, mlflow_server, start, wait_for
 from specs import write_spec
 
 from workbench.grid import expand
+from workbench.processes import process_start
 from workbench.report.attention import attention_png
 from workbench.report.figures import loss_curve_png
 from workbench.report.load import load_experiment
@@ -32,7 +33,7 @@ from workbench.store import client, ensure_experiment
 from workbench.sweep.claims import Claims
 from workbench.sweep.driver import plan_records
 from workbench.sweep.parent import open_parent, resolved_spec
-from workbench.tracking import PLAN_TAG, TAG, RunState, existing_runs, plan_id, process_start
+from workbench.tracking import PLAN_TAG, TAG, RunState, existing_runs, plan_id
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 slow = pytest.mark.slow  # trains: seconds to a minute each

@@ -23,7 +23,7 @@ from workbench.spec import RunConfig, pack_key
 from workbench.store import ensure_experiment
 from workbench.sweep.driver import Action, Decision
 from workbench.sweep.jobs import DriverLost, Job, MlflowCallback, execute_job
-from workbench.sweep.packs import Pack, execute_pack, group
+from workbench.sweep.packs import Pack, PackOf, execute_pack, group
 from workbench.tracking import TAG, MetricBuffer, RunRecord, RunState
 from workbench.train.factory import build_trainer
 from workbench.train.packed import checkpoint_step
@@ -43,7 +43,8 @@ def decisions(tmp_path: Path, action: Action = Action.NEW, **top: Any) -> list[D
 
 def names(work: list[Any]) -> list[Any]:
     return [
-        [d.run.name for d in item] if isinstance(item, list) else item.run.name for item in work
+        [d.run.name for d in item.decisions] if isinstance(item, PackOf) else item.run.name
+        for item in work
     ]
 
 
@@ -57,15 +58,16 @@ def test_runs_that_differ_in_seed_and_rate_pack_and_other_shapes_do_not(tmp_path
     work = group(todo, "on", gpus=0)
     assert [len(item) for item in work] == [4, 4]  # one pack per block size
     for pack in work:
-        assert len({d.run.config.train.block_size for d in pack}) == 1
-        assert len({(d.run.seed, d.run.config.train.learning_rate) for d in pack}) == 4
+        assert isinstance(pack, PackOf)
+        assert len({d.run.config.train.block_size for d in pack.decisions}) == 1
+        assert len({(d.run.seed, d.run.config.train.learning_rate) for d in pack.decisions}) == 4
     assert group(todo, "off", gpus=0) == todo
     assert group(todo, "auto", gpus=0) == todo  # a CPU: alone, as fast as packed or faster
     assert [len(item) for item in group(todo, "auto", gpus=1)] == [4, 4]  # a GPU: packed
     on_cpu = decisions(tmp_path / "cpu", seeds=[1, 2], variants=MH)  # train.device: cpu
     assert group(on_cpu, "auto", gpus=1) == on_cpu
     chunked = group(todo, "on", gpus=0, size=3)
-    assert [len(item) if isinstance(item, list) else 1 for item in chunked] == [3, 1, 3, 1]
+    assert [len(item) if isinstance(item, PackOf) else 1 for item in chunked] == [3, 1, 3, 1]
     assert isinstance(chunked[1], Decision)  # a pack of one is a run alone
     assert [len(item) for item in group(todo, "on", gpus=0, workers=4)] == [2, 2, 2, 2]
     assert [len(item) for item in group(todo, "on", gpus=0, workers=2)] == [4, 4]  # 2 groups

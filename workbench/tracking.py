@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import re
 import socket
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workbench.processes import pid_alive, process_start
 from workbench.states import RunState as RunState
 
 # The store's names (and the run states) that other modules import from here (mypy: explicit
@@ -96,7 +96,7 @@ class RunRecord:
         pids = {name: int_tag(self.tags, TAG + name) for name in ("pid", "driver_pid")}
         if self.tags.get(TAG + "host") == socket.gethostname() and any(pids.values()):
             return not any(
-                pid and _pid_alive(pid) and self._same_process(name, pid)
+                pid and pid_alive(pid) and self._same_process(name, pid)
                 for name, pid in pids.items()
             )
         now = time.time() if now is None else now  # elsewhere: silent for too long
@@ -158,39 +158,6 @@ def int_tag(tags: dict[str, str], name: str) -> int | None:
     except (ValueError, OverflowError):
         return None
     return number if number is not None and number > 0 else None
-
-
-def process_start(pid: int) -> str | None:
-    """When process ``pid`` started, as ``<boot id>:<clock ticks after boot>`` (Linux's
-    /proc), None where the OS does not say: with its pid, what identifies a process across pid
-    reuse and reboots."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return f"{boot}:{fields[19]}"  # the 22nd field, starttime (fields[0] is the 3rd)
-    except (OSError, IndexError):
-        return None
-
-
-def process_tags(name: str) -> dict[str, str]:
-    """This process as ``workbench.<name>`` (its pid) and ``workbench.<name>_start``."""
-    pid = os.getpid()
-    start = process_start(pid)
-    return {TAG + name: str(pid), **({f"{TAG}{name}_start": start} if start else {})}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie nobody reaped (containers without an init) is not alive
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
 
 
 WORKBENCH_RUNS = f"tags.`{TAG}run_key` != ''"  # a search filter: runs workbench trained

@@ -29,7 +29,8 @@ from workbench.sweep.driver import Action, Decision, Summary
 from workbench.tracking import RunState
 
 if TYPE_CHECKING:
-    from workbench.sweep.driver import Executor, Options
+    from workbench.sweep.driver import Options
+    from workbench.sweep.executors import Executor
 
 REFRESH_S = 0.25  # the live display's redraws, at most
 SUMMARY_ROWS = 30  # a longer sweep's summary lists only the runs that did not finish

@@ -20,18 +20,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from workbench.errors import WorkbenchError
 from workbench.grid import Plan, Run
+from workbench.processes import process_tags
 from workbench.provenance import base_tags, source_tags
 from workbench.store import client, ensure_experiment, sqlite_path, store_error_types, store_errors
 from workbench.sweep.claims import Claims
-from workbench.sweep.events import CrashFn, Ended, Event, EventFn
-from workbench.sweep.jobs import Job, JobResult, JobStatus, ended_result, signals_deferred
-from workbench.sweep.packs import DEFAULT_PACK_SIZE, Pack, PackSetting, Unit, group
+from workbench.sweep.events import Ended, Event, EventFn
+from workbench.sweep.jobs import Job, JobResult, JobStatus, ended_result
+from workbench.sweep.packs import DEFAULT_PACK_SIZE, Pack, PackOf, PackSetting, Unit, Work, group
 from workbench.sweep.parent import PARENT_TAG, SweepParent, end_parent, open_parent
 from workbench.sweep.record import create_run
+from workbench.sweep.signals import signals_deferred
 from workbench.tracking import (
     TAG,
     RunRecord,
@@ -40,27 +42,12 @@ from workbench.tracking import (
     existing_runs,
     experiment_slug,
     mlflow_status,
-    process_tags,
 )
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-
-class Executor(Protocol):
-    def run(
-        self,
-        items: list[Any],
-        prepare: Callable[[Any], Unit],
-        on_event: EventFn,
-        on_crash: CrashFn,
-    ) -> list[JobResult]: ...
-
-    def warm_up(self, runs: int) -> None:
-        """Get ready for up to ``runs`` runs before ``run`` is called (may do nothing)."""
-
-    def close(self) -> None:
-        """Let go of whatever ``warm_up`` started and ``run`` did not use."""
+    from workbench.sweep.executors import Executor
 
 
 @dataclass(frozen=True)
@@ -235,7 +222,7 @@ def _fetch_data(todo: list[Decision], data_dir: Path) -> None:
         resolve_text_path(*data, data_dir)
 
 
-def _work(todo: list[Decision], options: Options) -> list[Decision | list[Decision]]:
+def _work(todo: list[Decision], options: Options) -> list[Work]:
     """The runs to train, alone or in packs."""
     gpus = 0
     if options.pack == "auto":
@@ -247,7 +234,7 @@ def _work(todo: list[Decision], options: Options) -> list[Decision | list[Decisi
 
 def _execute(
     executor: Executor,
-    work: list[Decision | list[Decision]],
+    work: list[Work],
     runs: _StoreRuns,
     summary: Summary,
     on_event: EventFn | None,
@@ -321,11 +308,11 @@ class _StoreRuns:
             end_parent(self.mlflow_client, self.options.tracking_uri, self.experiment_id,
                        plan, self.parent, claims, interrupted)  # fmt: skip
 
-    def prepare_unit(self, item: Decision | list[Decision]) -> Unit:
+    def prepare_unit(self, item: Work) -> Unit:
         """A run's job, or a pack of them, with each MLflow run created or reopened now."""
-        if isinstance(item, list):
-            keys = tuple(decision.run.key for decision in item)
-            return Pack(tuple(self.prepare(decision, keys) for decision in item))
+        if isinstance(item, PackOf):
+            keys = tuple(decision.run.key for decision in item.decisions)
+            return Pack(tuple(self.prepare(decision, keys) for decision in item.decisions))
         return self.prepare(item)
 
     def prepare(self, decision: Decision, pack: tuple[str, ...] = ()) -> Job:

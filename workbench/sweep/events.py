@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 if TYPE_CHECKING:
     from workbench.sweep.jobs import Job, JobResult, JobStatus
@@ -37,3 +37,6 @@ Event: TypeAlias = Started | Progress | Ended
 EventFn: TypeAlias = Callable[[Event], None]
 CrashFn: TypeAlias = Callable[["Job", str, "JobStatus"], "JobResult"]
 """Records a job whose worker died or never answered: (job, reason, status) -> its result."""
+Item = TypeVar("Item")
+"""What the driver hands an executor, in order: an executor turns each into a unit (a run's job
+or a pack) with the driver's ``prepare`` just before dispatching it, and never looks inside."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
-import signal
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from workbench.errors import WorkbenchError, first_line
 from workbench.sweep.events import Progress
+from workbench.sweep.signals import signals_deferred, signals_ignored
 from workbench.tracking import (
     TAG,
     MetricBuffer,
@@ -195,7 +195,7 @@ def end_killed(
     already ended: interrupted after its end, the verdict stands. Also for a job interrupted
     before it could reach its own handler (a SIGTERM while the worker was opening the store).
     A second signal must not leave the run RUNNING, so signals wait until this is done."""
-    with _signals_ignored(), contextlib.suppress(WorkbenchError, *store_error_types()):
+    with signals_ignored(), contextlib.suppress(WorkbenchError, *store_error_types()):
         mlflow_client = mlflow_client or client(job.tracking_uri)
         ended = _end_killed(mlflow_client, job, reason)
         if ended is not None:
@@ -359,56 +359,3 @@ def job_corpus(job: Job, config: RunConfig) -> Corpus:
     data = config.data
     return Corpus.from_file(resolve_text_path(data.dataset, data.path, Path(job.data_dir)),
                             data.val_fraction)  # fmt: skip
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """SIGINT/SIGTERM held back for a moment, then handled as they would have been (main
-    thread only; elsewhere a no-op). The handler is swapped, not the signal mask blocked: a
-    mask holds the signal back from this thread only, not from the others."""
-    caught: list[int] = []
-    with _signals_handled_by(lambda signum, frame: caught.append(signum)) as saved:
-        yield
-    if not caught:
-        return
-    first = saved.get(caught[0])
-    if callable(first):
-        first(caught[0], None)
-    elif first == signal.SIG_DFL:  # no handler of Python's: the signal's own default (exit)
-        signal.raise_signal(caught[0])
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """SIGINT/SIGTERM ignored for a moment (main thread only; elsewhere a no-op)."""
-    with _signals_handled_by(signal.SIG_IGN):
-        yield
-
-
-@contextlib.contextmanager
-def _signals_handled_by(handler: Any) -> Iterator[dict[int, Any]]:
-    """SIGINT and SIGTERM go to ``handler`` for a moment; yields the handlers it replaced."""
-    saved: dict[int, Any] = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            saved[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread
-        pass
-    try:
-        yield saved
-    finally:
-        for number, previous in saved.items():
-            signal.signal(number, previous)
-
-
-def describe_exit(exitcode: int | None) -> str:
-    import signal
-
-    if exitcode is None:
-        return "worker process vanished"
-    if exitcode < 0:
-        try:
-            return f"worker process killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"worker process killed by signal {-exitcode}"
-    return f"worker process exited with code {exitcode}"

@@ -38,10 +38,10 @@ from workbench.sweep.jobs import (
     job_buffer,
     job_config,
     job_corpus,
-    signals_deferred,
     system_metrics_of,
     train_recorded,
 )
+from workbench.sweep.signals import signals_deferred
 from workbench.tracking import TAG, MetricBuffer, RunState, client, store_error_types
 
 if TYPE_CHECKING:
@@ -70,6 +70,21 @@ Unit: TypeAlias = Job | Pack
 """What an executor hands one worker: a run alone, or a pack."""
 
 
+@dataclass(frozen=True)
+class PackOf:
+    """Runs the driver will train as one pack, in order (:func:`group`); each becomes a
+    :class:`Job` of a :class:`Pack` when it is dispatched."""
+
+    decisions: tuple[Decision, ...]
+
+    def __len__(self) -> int:
+        return len(self.decisions)
+
+
+Work: TypeAlias = "Decision | PackOf"
+"""The driver's work list, item by item: a run alone, or a pack of runs."""
+
+
 def members(unit: Unit) -> tuple[Job, ...]:
     return unit.jobs if isinstance(unit, Pack) else (unit,)
 
@@ -87,8 +102,8 @@ def group(
     gpus: int,
     size: int = DEFAULT_PACK_SIZE,
     workers: int = 1,
-) -> list[Decision | list[Decision]]:
-    """The driver's work list: runs alone, and packs (lists) in the order of their first run.
+) -> list[Work]:
+    """The driver's work list: runs alone, and packs in the order of their first run.
 
     A resumed run trains as it first started (``RunRecord.pack_members``), whatever ``setting``
     says now: a run started alone resumes alone, a packed one with the members of its pack
@@ -122,19 +137,19 @@ def group(
             order.append(slot)
         groups[slot].append(decision)
     parts = -(-workers // max(1, len(groups)))  # each group split this many ways, at least
-    work: list[Decision | list[Decision]] = []
+    work: list[Work] = []
     for item in order:
         if not isinstance(item, tuple):
             work.append(item)
         elif item in kept:
             place = {name: i for i, name in enumerate(kept[item])}
-            work.append(sorted(groups[item], key=lambda d: place[d.run.key]))
+            work.append(PackOf(tuple(sorted(groups[item], key=lambda d: place[d.run.key]))))
         else:
             runs = groups[item]
             step = min(size, -(-len(runs) // parts))
             for start in range(0, len(runs), step):
                 chunk = runs[start : start + step]
-                work.append(chunk if len(chunk) > 1 else chunk[0])
+                work.append(PackOf(tuple(chunk)) if len(chunk) > 1 else chunk[0])
     return work
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from workbench.errors import first_line
 from workbench.naming import format_value
+from workbench.processes import process_tags
 from workbench.spec import applicable_config
 from workbench.tracking import (
     TAG,
@@ -29,7 +30,6 @@ from workbench.tracking import (
     dataset_inputs,
     flatten,
     mlflow_status,
-    process_tags,
 )
 
 if TYPE_CHECKING:

@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from workbench.errors import WorkbenchError
+from workbench.sweep.events import CrashFn, EventFn, Item
 
 if TYPE_CHECKING:
-    from workbench.sweep.driver import Executor
+    from workbench.sweep.jobs import JobResult
+    from workbench.sweep.packs import Unit
 
 EXECUTORS = ("local", "ray")
+
+
+class Executor(Protocol):
+    def run(
+        self,
+        items: Sequence[Item],
+        prepare: Callable[[Item], Unit],
+        on_event: EventFn,
+        on_crash: CrashFn,
+    ) -> list[JobResult]: ...
+
+    def warm_up(self, runs: int) -> None:
+        """Get ready for up to ``runs`` runs before ``run`` is called (may do nothing)."""
+
+    def close(self) -> None:
+        """Let go of whatever ``warm_up`` started and ``run`` did not use."""
 
 
 def make_executor(

@@ -23,21 +23,20 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from workbench.sweep.events import CrashFn, Ended, EventFn, Started
+from workbench.sweep.events import CrashFn, Ended, EventFn, Item, Started
 from workbench.sweep.jobs import (
     DriverLost,
     JobResult,
     JobStatus,
-    describe_exit,
     end_killed,
-    signals_deferred,
 )
 from workbench.sweep.packs import Unit, execute_unit, members
+from workbench.sweep.signals import describe_exit, signals_deferred
 from workbench.tracking import RunState
 
 PARENT_CHECK_S = 1.0
@@ -147,8 +146,8 @@ class LocalExecutor:
 
     def run(
         self,
-        items: list[Any],
-        prepare: Callable[[Any], Unit],
+        items: Sequence[Item],
+        prepare: Callable[[Item], Unit],
         on_event: EventFn,
         on_crash: CrashFn,
     ) -> list[JobResult]:

@@ -13,13 +13,13 @@ import contextlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from workbench.errors import WorkbenchError
 from workbench.store import client
-from workbench.sweep.events import CrashFn, Ended, EventFn, Progress, Started
+from workbench.sweep.events import CrashFn, Ended, EventFn, Item, Progress, Started
 from workbench.sweep.jobs import Job, JobResult, ended_result
 from workbench.sweep.packs import Pack, Unit, execute_unit, members
 from workbench.tracking import TAG, RunState, mlflow_status
@@ -73,8 +73,8 @@ class RayExecutor:
 
     def run(
         self,
-        items: list[Any],
-        prepare: Callable[[Any], Unit],
+        items: Sequence[Item],
+        prepare: Callable[[Item], Unit],
         on_event: EventFn,
         on_crash: CrashFn,
     ) -> list[JobResult]:
