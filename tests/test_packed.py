@@ -19,7 +19,7 @@ from workbench.train.checkpoint import CHECKPOINT_NAME
 from workbench.train.factory import build_trainer
 from workbench.train.loop import TrainResult
 from workbench.train.optim import FlatAdamW
-from workbench.train.packed import build_packed_trainer
+from workbench.train.packed import align_checkpoints, build_packed_trainer, checkpoint_step
 
 ROUNDING = 1e-5  # float32 rounding over a few dozen steps (batched kernels sum in other orders)
 
@@ -223,6 +223,45 @@ def test_checkpoints_resume_packs_and_solo_runs_alike(shakespeare: Corpus, tmp_p
     # a member's checkpoint holds its own weights, not the pack's buffer
     pack_size = (tmp_path / "pack_solo" / "a" / CHECKPOINT_NAME).stat().st_size
     assert solo_size is not None and pack_size < 1.2 * solo_size
+
+
+class StopsAtCheckpoint(Recorder):
+    """Ctrl-C just before this member's checkpoint at ``step`` (the members before it in the
+    pack have written theirs)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def on_checkpoint(self, step: int) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+        super().on_checkpoint(step)
+
+
+def test_a_member_a_checkpoint_ahead_goes_back_to_its_packs_step(
+    shakespeare: Corpus, tmp_path: Path
+) -> None:
+    """A kill between two members' checkpoints leaves one a checkpoint ahead: it resumes from
+    the one before (kept beside it), with the others, to the uninterrupted pack's numbers."""
+    configs = two_members({"kind": "multi_head"}, max_iters=40)
+    want = build_packed_trainer(configs, shakespeare, [None, None], [None, None]).fit()
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    stopping = [Recorder(), StopsAtCheckpoint(20)]
+    with pytest.raises(KeyboardInterrupt):
+        build_packed_trainer(configs, shakespeare, list(stopping), list(dirs),
+                             checkpoint_every_s=0.0).fit()  # fmt: skip
+    assert [checkpoint_step(d) for d in dirs] == [20, 10]
+    align_checkpoints(dirs)  # what the sweep does before it trains a pack
+    assert [checkpoint_step(d) for d in dirs] == [10, 10]
+    recorders = [Recorder(), Recorder()]
+    got = build_packed_trainer(configs, shakespeare, list(recorders), list(dirs)).fit()
+    assert [min(r.evals()) for r in recorders] == [20, 20]  # both from step 10
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine.final_val_loss == pytest.approx(theirs.final_val_loss, abs=1e-6)
+        assert [h["val_loss"] for h in mine.history] == pytest.approx(
+            [h["val_loss"] for h in theirs.history], abs=1e-6
+        )
 
 
 def test_runs_at_different_steps_are_not_packed(shakespeare: Corpus, tmp_path: Path):

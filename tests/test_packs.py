@@ -25,8 +25,7 @@ from workbench.sweep.driver import Action, Decision
 from workbench.sweep.jobs import DriverLost, Job, MlflowCallback, execute_job
 from workbench.sweep.packs import Pack, PackOf, execute_pack, group
 from workbench.tracking import TAG, MetricBuffer, RunRecord, RunState
-from workbench.train.factory import build_trainer
-from workbench.train.packed import checkpoint_step
+from workbench.train.packed import build_packed_trainer, checkpoint_step
 from workbench.train.trainer import Trainer
 
 MH = {"multi_head": {"model": {"kind": "multi_head"}}}
@@ -314,25 +313,43 @@ def test_a_pack_that_raises_trains_each_member_alone(
     assert "member 4 broke" in (results[1].reason or "")
 
 
-def test_members_at_different_steps_train_apart(store: Store) -> None:
-    """A member resumed from a later checkpoint than the others (a kill between two members'
-    checkpoints) trains as a pack of one, its arithmetic still a packed run's; the others
-    still train as one pack."""
+class StopsAtCheckpoint(Recorder):
+    """A member's callback that stops the pack (Ctrl-C) just before its own checkpoint at
+    ``step``: the members before it in the pack have written theirs, as a kill there leaves
+    them."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def on_checkpoint(self, step: int) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+        super().on_checkpoint(step)
+
+
+def test_a_pack_stopped_between_two_members_checkpoints_resumes_as_one(store: Store) -> None:
+    """Killed after one member's checkpoint and before the next one's: the member ahead goes
+    back to the others' step (here its first checkpoint: it starts over), and the pack resumes
+    as one, every point stored once, with the numbers of the pack uninterrupted."""
     pack = pack_of(store, [1, 2, 3])
-    first = pack.jobs[0]
-    config = RunConfig.model_validate(first.config)
+    configs = [RunConfig.model_validate(job.config) for job in pack.jobs]
     corpus = Corpus.from_file(load_settings().data_dir / "tinyshakespeare.txt", 0.1)
-    stopped = build_trainer(config, corpus, Recorder(10), Path(first.checkpoint_dir))
+    dirs = [Path(job.checkpoint_dir) for job in pack.jobs]
+    callbacks = [Recorder(), StopsAtCheckpoint(10), Recorder()]
+    stopped = build_packed_trainer(configs, corpus, list(callbacks), list(dirs))
     with pytest.raises(KeyboardInterrupt):
         stopped.fit()
-    assert checkpoint_step(Path(first.checkpoint_dir)) == 10
-    resumed = Pack((replace(first, resumed=True), *pack.jobs[1:]))
-    results = execute_pack(resumed)
+    assert [checkpoint_step(d) for d in dirs] == [10, 0, 0]
+    want = build_packed_trainer(configs, corpus, [None] * 3, [None] * 3).fit()
+
+    results = execute_pack(Pack(tuple(replace(job, resumed=True) for job in pack.jobs)))
     assert [r.status for r in results] == [RunState.FINISHED] * 3
-    tags = [store.client.get_run(r.run_id).data.tags for r in results]
-    assert tags[0][TAG + "pack_size"] == "1"  # trained by itself, in the same pack
-    assert tags[1][TAG + "pack"] == tags[2][TAG + "pack"] and tags[1][TAG + "pack_size"] == "2"
-    assert [s for s, _ in store.history(results[0].run_id, "val_loss")] == [20]  # from step 10
+    for result, expected in zip(results, want, strict=True):
+        assert store.client.get_run(result.run_id).data.tags[TAG + "pack_size"] == "3"
+        history = store.history(result.run_id, "val_loss")
+        assert [s for s, _ in history] == [0, 10, 20]
+        assert history[-1][1] == pytest.approx(expected.final_val_loss, abs=1e-6)
 
 
 def test_a_pack_that_raises_mid_run_stores_each_point_once(

@@ -25,6 +25,7 @@ from workbench.errors import first_line
 from workbench.train.optim import FlatAdamW
 
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_NAME = "checkpoint.prev.pt"  # a pack member's checkpoint before its last one
 
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "best_val_loss", "smoothed_loss", "history",
                    "sampler_rng", "torch_rng", "cuda_rng")  # fmt: skip
@@ -49,8 +50,16 @@ class LoopState:
 
 
 def save_checkpoint(
-    path: Path, model: nn.Module, optimizer: FlatAdamW, sampler: BatchSampler, loop: LoopState
+    path: Path,
+    model: nn.Module,
+    optimizer: FlatAdamW,
+    sampler: BatchSampler,
+    loop: LoopState,
+    keep_previous: bool = False,
 ) -> None:
+    """Write the run's checkpoint at ``path``; with ``keep_previous``, the one it replaces is
+    kept beside it (``PREVIOUS_NAME``) first, so that a crash at any moment leaves both files
+    whole: the new one and its predecessor, or the old one and its own."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
@@ -66,6 +75,12 @@ def save_checkpoint(
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)  # in memory: a full disk fails in write(), saying so
+    if keep_previous and path.exists():
+        link = path.with_name(f".{PREVIOUS_NAME}.link")
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        os.link(path, link)  # the same file under a second name, then renamed into place
+        os.replace(link, path.with_name(PREVIOUS_NAME))
     write_atomically(path, buffer.getvalue())
 
 

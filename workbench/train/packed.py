@@ -18,8 +18,9 @@ here resumes a solo run and the other way round. The loop is the solo run's own
 from __future__ import annotations
 
 import copy
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -30,7 +31,12 @@ from workbench.corpus import Corpus
 from workbench.models import LanguageModel, build_model
 from workbench.models.attention import PackedAttention
 from workbench.spec import RunConfig, pack_key
-from workbench.train.checkpoint import CHECKPOINT_NAME, load_checkpoint_file, save_checkpoint
+from workbench.train.checkpoint import (
+    CHECKPOINT_NAME,
+    PREVIOUS_NAME,
+    load_checkpoint_file,
+    save_checkpoint,
+)
 from workbench.train.factory import build_trainer
 from workbench.train.loop import TrainResult, fit_members
 from workbench.train.optim import FlatAdamW
@@ -78,11 +84,29 @@ def build_packed_trainer(
     return PackedTrainer(members)
 
 
-def checkpoint_step(run_dir: Path | None) -> int:
+def checkpoint_step(run_dir: Path | None, name: str = CHECKPOINT_NAME) -> int:
     """The step a run would resume from (0: no checkpoint)."""
-    if run_dir is None or not (run_dir / CHECKPOINT_NAME).exists():
+    if run_dir is None or not (run_dir / name).exists():
         return 0
-    return int(load_checkpoint_file(run_dir / CHECKPOINT_NAME, mmap=True)["step"])
+    return int(load_checkpoint_file(run_dir / name, mmap=True)["step"])
+
+
+def align_checkpoints(run_dirs: Sequence[Path | None]) -> None:
+    """A pack stopped between two of its members' checkpoints (a kill at that moment) leaves
+    some a checkpoint ahead of the others: those go back to the one before it (each member
+    keeps it, ``PREVIOUS_NAME``) where it stands at the others' step, so that the pack goes
+    on as one, its float sums the same as uninterrupted. The points they stored past that step
+    are computed again, the same, and not stored twice."""
+    dirs = [run_dir for run_dir in run_dirs if run_dir is not None]
+    steps = [checkpoint_step(run_dir) for run_dir in dirs]
+    behind = min(steps, default=0)
+    for run_dir, step in zip(dirs, steps, strict=True):
+        if step == behind:
+            continue
+        if behind == 0:  # the others start over: so does it, from its seed
+            (run_dir / CHECKPOINT_NAME).unlink()
+        elif checkpoint_step(run_dir, PREVIOUS_NAME) == behind:
+            os.replace(run_dir / PREVIOUS_NAME, run_dir / CHECKPOINT_NAME)
 
 
 class PackedTrainer:
@@ -258,7 +282,12 @@ class PackedTrainer:
         solo.step_number = self.optimizer.step_number
         solo.lr = learning_rate_at(member.loop.step - 1, member.train_config)  # the last step's
         save_checkpoint(
-            member.checkpoint_path, self.member_model(k), solo, member.sampler, member.loop
+            member.checkpoint_path,
+            self.member_model(k),
+            solo,
+            member.sampler,
+            member.loop,
+            keep_previous=True,  # a kill before the next member's: align_checkpoints
         )
 
     def _load_optimizer_rows(self) -> None:
