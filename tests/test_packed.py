@@ -252,6 +252,11 @@ def test_a_member_a_checkpoint_ahead_goes_back_to_its_packs_step(
         build_packed_trainer(configs, shakespeare, list(stopping), list(dirs),
                              checkpoint_every_s=0.0).fit()  # fmt: skip
     assert [checkpoint_step(d) for d in dirs] == [20, 10]
+    kept = (dirs[0] / "checkpoint.prev.pt").read_bytes()
+    (dirs[0] / "checkpoint.prev.pt").write_bytes(b"planted")  # not one workbench wrote: unused
+    align_checkpoints(dirs)
+    assert [checkpoint_step(d) for d in dirs] == [20, 10]
+    (dirs[0] / "checkpoint.prev.pt").write_bytes(kept)
     align_checkpoints(dirs)  # what the sweep does before it trains a pack
     assert [checkpoint_step(d) for d in dirs] == [10, 10]
     recorders = [Recorder(), Recorder()]

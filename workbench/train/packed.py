@@ -34,6 +34,7 @@ from workbench.spec import RunConfig, pack_key
 from workbench.train.checkpoint import (
     CHECKPOINT_NAME,
     PREVIOUS_NAME,
+    CheckpointError,
     load_checkpoint_file,
     save_checkpoint,
 )
@@ -105,7 +106,12 @@ def align_checkpoints(run_dirs: Sequence[Path | None]) -> None:
             continue
         if behind == 0:  # the others start over: so does it, from its seed
             (run_dir / CHECKPOINT_NAME).unlink()
-        elif checkpoint_step(run_dir, PREVIOUS_NAME) == behind:
+            continue
+        try:
+            previous = checkpoint_step(run_dir, PREVIOUS_NAME)
+        except CheckpointError:  # not one workbench wrote: never used, never a verdict
+            continue
+        if previous == behind:
             os.replace(run_dir / PREVIOUS_NAME, run_dir / CHECKPOINT_NAME)
 
 
