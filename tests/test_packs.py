@@ -313,6 +313,30 @@ def test_a_pack_that_raises_trains_each_member_alone(
     assert "member 4 broke" in (results[1].reason or "")
 
 
+def test_a_resume_keeps_the_device_it_started_on(store: Store) -> None:
+    """``train.device: auto`` chooses per machine: a resume takes the device its run started
+    on (``workbench.device``), and on a machine without it the run stays KILLED, resumable,
+    saying why, instead of going on with other float sums."""
+    import torch
+
+    from workbench.sweep.jobs import job_config
+
+    lacking = "cuda" if not torch.cuda.is_available() else "mps"
+    if lacking == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has every device a run can start on")
+    (job,) = pack_of(store, [1]).jobs
+    assert job_config(replace(job, device="cpu")).train.device == "cpu"  # the spec says cpu
+    auto = {**job.config, "train": {**job.config["train"], "device": "auto"}}
+    assert job_config(replace(job, config=auto, device="cpu")).train.device == "cpu"
+    assert job_config(replace(job, config=auto)).train.device == "auto"  # a new run: auto
+    result = execute_job(replace(job, config=auto, device=lacking, resumed=True))
+    assert result.status is RunState.KILLED
+    run = store.client.get_run(job.run_id)
+    assert run.info.status == "KILLED"
+    assert f"no {lacking} device" in run.data.tags[TAG + "reason"]
+    assert "--force" in run.data.tags[TAG + "reason"]
+
+
 class StopsAtCheckpoint(Recorder):
     """A member's callback that stops the pack (Ctrl-C) just before its own checkpoint at
     ``step``: the members before it in the pack have written theirs, as a kill there leaves

@@ -322,11 +322,12 @@ class _StoreRuns:
         # The run's own thread count, whatever else is in this sweep: float sums depend on it.
         threads = run.config.train.threads or self.options.threads_per_job
         previous = decision.record if decision.action is Action.RESUME else None
-        attention, fused = None, None
+        attention, fused, device = None, None, ""
         if previous is not None:
             threads = previous.threads or threads  # the run's own, recorded when it started
             attention = previous.tags.get(TAG + "attention")  # the path it took, not auto's now
             fused = {"fused": True, "elementwise": False}.get(previous.tags.get(TAG + "adamw", ""))
+            device = previous.tags.get(TAG + "device", "").split(":")[0]
             run_id, attempt = previous.run_id, previous.attempt + 1
             self._reopen(previous, attempt, threads)
         else:
@@ -342,6 +343,7 @@ class _StoreRuns:
             threads=threads,
             attention=attention if attention in ("sdpa", "torch", "native") else None,
             fused_adamw=fused,
+            device=device if device in ("cpu", "cuda", "mps") else None,
             checkpoint_every_s=self.options.checkpoint_every_s,
             resumed=previous is not None,
             attempt=attempt,

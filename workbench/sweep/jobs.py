@@ -69,6 +69,7 @@ class Job:
     threads: int | None = None
     attention: str | None = None  # a resume's attention path: the one its run started with
     fused_adamw: bool | None = None  # a resume's optimizer update: as its run started
+    device: str | None = None  # a resume's device type (cpu, cuda, mps), where it was auto
     checkpoint_every_s: float = 10.0  # checkpoint (and store metrics) at most this often
     resumed: bool = False  # continuing an MLflow run that already holds points
     attempt: int = 1
@@ -169,7 +170,8 @@ def train_recorded(
         reason = str(exc) or "interrupted"
     except BaseException as exc:
         if _kept_path_missing(job, exc):  # this machine lacks it: no verdict, resumable
-            reason = f"resumes with the arithmetic it started with: {first_line(exc)}"
+            reason = (f"resumes with the arithmetic it started with: {first_line(exc)} "
+                      "(--force trains it again from step 0 here)")  # fmt: skip
         elif not is_environment_failure(exc):
             return _failed(job, mlflow_client, buffer, callback, exc)
         else:
@@ -179,12 +181,15 @@ def train_recorded(
 
 
 def _kept_path_missing(job: Job, exc: BaseException) -> bool:
-    """A resume whose recorded attention path or optimizer update cannot run here."""
+    """A resume whose recorded device, attention path or optimizer update cannot run here."""
     from workbench.models.attention import AttentionUnavailable
     from workbench.train.optim import FusedUnavailable
+    from workbench.train.process import DeviceUnavailable
 
-    return (job.attention is not None and isinstance(exc, AttentionUnavailable)) or (
-        job.fused_adamw is not None and isinstance(exc, FusedUnavailable)
+    return (
+        (job.attention is not None and isinstance(exc, AttentionUnavailable))
+        or (job.fused_adamw is not None and isinstance(exc, FusedUnavailable))
+        or (job.device is not None and isinstance(exc, DeviceUnavailable))
     )
 
 
@@ -336,8 +341,8 @@ def preload() -> None:
 
 
 def job_config(job: Job) -> RunConfig:
-    """The run's config, with its own thread count and, for a resume, the attention path it
-    started with (``auto`` may choose another on this machine today)."""
+    """The run's config, with its own thread count and, for a resume, the device and attention
+    path it started with (``auto`` may choose others on this machine today)."""
     from workbench.spec import RunConfig
 
     config = RunConfig.model_validate(job.config)
@@ -346,6 +351,8 @@ def job_config(job: Job) -> RunConfig:
         update["threads"] = job.threads
     if job.attention is not None:
         update["attention"] = job.attention
+    if job.device is not None and config.train.device == "auto":
+        update["device"] = job.device
     if not update:
         return config
     return config.model_copy(update={"train": config.train.model_copy(update=update)})

@@ -14,10 +14,20 @@ import torch
 from workbench.spec import TrainConfig
 
 
+class DeviceUnavailable(RuntimeError):
+    """A device this machine does not have."""
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then the CPU."""
+    """``auto`` picks CUDA, then MPS, then the CPU; a device named that this machine lacks
+    raises :class:`DeviceUnavailable`."""
     if name != "auto":
-        return torch.device(name)
+        device = torch.device(name)
+        if (device.type == "cuda" and not torch.cuda.is_available()) or (
+            device.type == "mps" and not torch.backends.mps.is_available()
+        ):
+            raise DeviceUnavailable(f"no {device.type} device on this machine")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
