@@ -202,18 +202,12 @@ def end_killed(
     A second signal must not leave the run RUNNING, so signals wait until this is done."""
     with signals_ignored(), contextlib.suppress(WorkbenchError, *store_error_types()):
         mlflow_client = mlflow_client or client(job.tracking_uri)
-        ended = _end_killed(mlflow_client, job, reason)
+        ended = ended_result(mlflow_client, job)
         if ended is not None:
             return ended
-    return JobResult(job.key, job.run_id, RunState.KILLED, step=step, reason=reason)
-
-
-def _end_killed(mlflow_client: MlflowClient, job: Job, reason: str) -> JobResult | None:
-    ended = ended_result(mlflow_client, job)
-    if ended is None:
         mlflow_client.set_tag(job.run_id, TAG + "reason", reason)
         mlflow_client.set_terminated(job.run_id, status=mlflow_status(RunState.KILLED))
-    return ended
+    return JobResult(job.key, job.run_id, RunState.KILLED, step=step, reason=reason)
 
 
 @contextlib.contextmanager
