@@ -606,6 +606,16 @@ def test_odd_values_are_one_line(tmp_path: Path, args: list[str], words: str) ->
     one_line_error(invoke("plan", str(spec), *args), words)
 
 
+def test_a_pack_too_large_for_its_members_tag_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pack's run keys are one MLflow tag (workbench.pack_members, at most 8000 characters)."""
+    spec = sweep_spec(tmp_path)
+    monkeypatch.chdir(tmp_path)  # where the default store would be made
+    one_line_error(invoke("run", str(spec), "--pack-size", "257"), "--pack-size 257: at most 256")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_a_spec_that_never_ends_is_read_only_up_to_the_limit(tmp_path: Path) -> None:
     one_line_error(invoke("plan", "/dev/zero", "--no-store"), "at most 1 MiB")
     spec = tmp_path / "keys.yaml"

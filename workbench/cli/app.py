@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from workbench.grid import Plan
     from workbench.sweep.packs import PackSetting
 
+MAX_PACK_SIZE = 256  # a pack's run keys (17 characters each) fit one MLflow tag of 8000
+
 app = typer.Typer(
     help="Reproducible ablations of the 'Let's build GPT' ladder, tracked in MLflow.",
     no_args_is_help=True,
@@ -221,6 +223,8 @@ def run(
     with user_errors():
         if system_metrics:
             _require_psutil()
+        if pack_size is not None and pack_size > MAX_PACK_SIZE:  # its keys are one MLflow tag
+            raise WorkbenchError(f"--pack-size {pack_size}: at most {MAX_PACK_SIZE}")
         expanded = _expand(spec, set_, only)
         from workbench.cli.plan_view import make_console
 

@@ -316,8 +316,8 @@ class _StoreRuns:
         return self.prepare(item)
 
     def prepare(self, decision: Decision, pack: tuple[str, ...] = ()) -> Job:
-        """The run's job. Every setting that changes its float sums (threads, attention path,
-        packed or alone) is recorded when the run is created and kept by every resume."""
+        """The run's job. Every setting that changes its float sums (device, threads, attention
+        path, AdamW update, packed or alone) is recorded on the run and kept by every resume."""
         run = decision.run
         # The run's own thread count, whatever else is in this sweep: float sums depend on it.
         threads = run.config.train.threads or self.options.threads_per_job

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 PackSetting: TypeAlias = Literal["auto", "on", "off"]
 """auto: pack the runs that train on a GPU; on: pack wherever runs can be packed; off: never."""
 
-DEFAULT_PACK_SIZE = 64  # members per pack at most
+DEFAULT_PACK_SIZE = 64  # members per pack at most (`--pack-size`: up to 256, cli/app.py)
 
 
 @dataclass(frozen=True)
