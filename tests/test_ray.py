@@ -68,6 +68,19 @@ def workbench_run(spec: Path, uri: str, *extra: str) -> subprocess.Popen[str]:
     )
 
 
+def output_of(proc: subprocess.Popen[str]) -> str:
+    """What ``proc`` printed once it ended. A process that dies ends the wait at once; one that
+    runs on is waited for generously (a loaded machine is slow, never a reason to fail), then
+    killed, failing the test with what it printed."""
+    try:
+        output, _ = proc.communicate(timeout=1800)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        pytest.fail(f"workbench run did not end in 30 minutes:\n{output}")
+    return output
+
+
 def runs_of(uri: str, experiment: str) -> list[Any]:
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
@@ -82,7 +95,7 @@ def test_grid_on_ray_logs_to_the_server_and_reruns_skip(server: str, tmp_path: P
         {"bigram": {"model": {"kind": "bigram"}}, "multi_head": {"model": {"kind": "multi_head"}}},
         iters=40,
     )
-    output, _ = workbench_run(spec, server).communicate(timeout=300)
+    output = output_of(workbench_run(spec, server))
     assert "finished" in output, output
     runs = runs_of(server, "ray-ok")
     assert len(runs) == 4
@@ -96,7 +109,7 @@ def test_grid_on_ray_logs_to_the_server_and_reruns_skip(server: str, tmp_path: P
         assert run.outputs.model_outputs  # the weights: a logged model, through the server
 
     again = workbench_run(spec, server)
-    output, _ = again.communicate(timeout=300)
+    output = output_of(again)
     assert again.returncode == 0, output
     nothing = "ray-ok: nothing to do, 4 of 4 runs finished (--force retrains)"
     assert output.strip().splitlines() == [nothing], output  # one line
@@ -111,7 +124,7 @@ def test_grid_on_ray_logs_to_the_server_and_reruns_skip(server: str, tmp_path: P
 def test_a_pack_is_one_ray_task_that_records_each_member(server: str, tmp_path: Path) -> None:
     spec = ray_spec(tmp_path, "ray-pack", {"multi_head": {"model": {"kind": "multi_head"}}}, 40)
     proc = workbench_run(spec, server, "--pack")
-    output, _ = proc.communicate(timeout=300)
+    output = output_of(proc)
     assert proc.returncode == 0, output
     runs = runs_of(server, "ray-pack")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
@@ -153,7 +166,7 @@ def test_crashed_worker_is_retried_and_a_raising_run_fails(server: str, tmp_path
         return None
 
     os.kill(wait_for(victim_pid, proc), signal.SIGKILL)
-    output, _ = proc.communicate(timeout=400)
+    output = output_of(proc)
     assert proc.returncode == 1, output  # the raising runs failed
     by_variant: dict[str, list[Any]] = {}
     for run in runs_of(server, "ray-faults"):
