@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from floats import assert_f32_close
-from test_trainer import Recorder
+from test_trainer import Recorder, StopsAtCheckpoint
 from torch import nn
 
 from workbench.corpus import Corpus
@@ -223,20 +223,6 @@ def test_checkpoints_resume_packs_and_solo_runs_alike(shakespeare: Corpus, tmp_p
     # a member's checkpoint holds its own weights, not the pack's buffer
     pack_size = (tmp_path / "pack_solo" / "a" / CHECKPOINT_NAME).stat().st_size
     assert solo_size is not None and pack_size < 1.2 * solo_size
-
-
-class StopsAtCheckpoint(Recorder):
-    """Ctrl-C just before this member's checkpoint at ``step`` (the members before it in the
-    pack have written theirs)."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.step = step
-
-    def on_checkpoint(self, step: int) -> None:
-        if step == self.step:
-            raise KeyboardInterrupt
-        super().on_checkpoint(step)
 
 
 def test_a_member_a_checkpoint_ahead_goes_back_to_its_packs_step(

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from runs import Store, invoke, start, wait_for
 from specs import write_spec
-from test_trainer import Recorder
+from test_trainer import Recorder, StopsAtCheckpoint
 
 from workbench.corpus import Corpus
 from workbench.grid import expand
@@ -335,21 +335,6 @@ def test_a_resume_keeps_the_device_it_started_on(store: Store) -> None:
     assert run.info.status == "KILLED"
     assert f"no {lacking} device" in run.data.tags[TAG + "reason"]
     assert "--force" in run.data.tags[TAG + "reason"]
-
-
-class StopsAtCheckpoint(Recorder):
-    """A member's callback that stops the pack (Ctrl-C) just before its own checkpoint at
-    ``step``: the members before it in the pack have written theirs, as a kill there leaves
-    them."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.step = step
-
-    def on_checkpoint(self, step: int) -> None:
-        if step == self.step:
-            raise KeyboardInterrupt
-        super().on_checkpoint(step)
 
 
 def test_a_pack_stopped_between_two_members_checkpoints_resumes_as_one(store: Store) -> None:

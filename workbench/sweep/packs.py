@@ -258,18 +258,17 @@ class _PackRun:
         checkpoints at different steps (a kill between two members' checkpoints) or with
         different keys train as one pack per step and key, one after the other: a pack of one
         too, where a member is alone in its group (its arithmetic stays a packed run's)."""
-        from workbench.train.packed import align_checkpoints, checkpoint_step
+        from workbench.train.packed import align_checkpoints
         from workbench.train.process import prepare_process
 
         jobs = self.pack.jobs
         configs = [job_config(job) for job in jobs]
         corpus = job_corpus(jobs[0], configs[0])  # one pack key: one data set
-        align_checkpoints([Path(job.checkpoint_dir) for job in jobs if job.key not in self.ended])
+        left = [k for k, job in enumerate(jobs) if job.key not in self.ended]
+        steps = align_checkpoints([Path(jobs[k].checkpoint_dir) for k in left])
         groups: dict[tuple[int, str | None], list[int]] = {}
-        for k, job in enumerate(jobs):
-            if job.key not in self.ended:
-                key = (checkpoint_step(Path(job.checkpoint_dir)), pack_key(configs[k]))
-                groups.setdefault(key, []).append(k)
+        for k, step in zip(left, steps, strict=True):
+            groups.setdefault((step, pack_key(configs[k])), []).append(k)
         for chosen in groups.values():
             prepare_process(configs[chosen[0]].train)  # threads and TF32, shared by the group
             self.train_together(chosen, configs, corpus)

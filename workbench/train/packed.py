@@ -92,20 +92,20 @@ def checkpoint_step(run_dir: Path | None, name: str = CHECKPOINT_NAME) -> int:
     return int(load_checkpoint_file(run_dir / name, mmap=True)["step"])
 
 
-def align_checkpoints(run_dirs: Sequence[Path | None]) -> None:
+def align_checkpoints(run_dirs: Sequence[Path]) -> list[int]:
     """A pack stopped between two of its members' checkpoints (a kill at that moment) leaves
     some a checkpoint ahead of the others: those go back to the one before it (each member
     keeps it, ``PREVIOUS_NAME``) where it stands at the others' step, so that the pack goes
     on as one, its float sums the same as uninterrupted. The points they stored past that step
-    are computed again, the same, and not stored twice."""
-    dirs = [run_dir for run_dir in run_dirs if run_dir is not None]
-    steps = [checkpoint_step(run_dir) for run_dir in dirs]
+    are computed again, the same, and not stored twice. Returns each run's step after."""
+    steps = [checkpoint_step(run_dir) for run_dir in run_dirs]
     behind = min(steps, default=0)
-    for run_dir, step in zip(dirs, steps, strict=True):
-        if step == behind:
+    for k, run_dir in enumerate(run_dirs):
+        if steps[k] == behind:
             continue
         if behind == 0:  # the others start over: so does it, from its seed
             (run_dir / CHECKPOINT_NAME).unlink()
+            steps[k] = 0
             continue
         try:
             previous = checkpoint_step(run_dir, PREVIOUS_NAME)
@@ -113,6 +113,8 @@ def align_checkpoints(run_dirs: Sequence[Path | None]) -> None:
             continue
         if previous == behind:
             os.replace(run_dir / PREVIOUS_NAME, run_dir / CHECKPOINT_NAME)
+            steps[k] = behind
+    return steps
 
 
 class PackedTrainer:
