@@ -110,8 +110,12 @@ def test_a_resume_trains_as_its_run_first_started(tmp_path: Path) -> None:
             new[1].run.name,  # started alone: never packed
             new[3].run.name,
         ], setting
-    last = group([todo[1]], "off", gpus=0)  # the only member left to train: a pack of one
+    whole = group(todo, "on", gpus=0)[0]
+    assert isinstance(whole, PackOf) and (whole.rows, whole.width) == ((0, 1, 2), 3)
+    last = group([todo[1]], "off", gpus=0)  # the only member left to train: a pack of one,
     assert names(last) == [[new[2].run.name]]
+    assert isinstance(last[0], PackOf)  # in its row of a pack as wide as it started
+    assert (last[0].rows, last[0].width) == ((2,), 3)
     # A resume recorded before workbench stored how it started packs as before, with resumes.
     legacy = [resumed(d, None) for d in new[:2]]
     assert names(group(legacy, "on", gpus=0)) == [[d.run.name for d in new[:2]]]
@@ -419,10 +423,13 @@ def test_a_retried_pack_keeps_the_verdicts_of_members_that_ended(store: Store) -
     assert finished == [("k1", RunState.FINISHED)]
     assert isinstance(retry, Pack) and [j.key for j in retry.jobs] == ["k2", "k3"]
     assert all(j.resumed and j.attempt == 2 for j in retry.jobs)
+    assert retry.layout() == ((1, 2), 3)  # in their rows, as wide as the pack started
 
     again = execute_pack(Pack(tuple(replace(j, resumed=True) for j in pack.jobs)))
     assert [r.status for r in again] == [RunState.FINISHED] * 3
     assert store.history(first.run_id, "val_loss") == before  # not trained again
+    for result in again[1:]:  # trained in a pack of 3, the first member's row masked
+        assert store.client.get_run(result.run_id).data.tags[TAG + "pack_size"] == "3"
 
 
 def test_open_members_of_a_pack_keep_their_heartbeat(store: Store) -> None:

@@ -312,7 +312,8 @@ class _StoreRuns:
         """A run's job, or a pack of them, with each MLflow run created or reopened now."""
         if isinstance(item, PackOf):
             keys = tuple(decision.run.key for decision in item.decisions)
-            return Pack(tuple(self.prepare(decision, keys) for decision in item.decisions))
+            jobs = tuple(self.prepare(decision, keys) for decision in item.decisions)
+            return Pack(jobs, item.rows, item.width)
         return self.prepare(item)
 
     def prepare(self, decision: Decision, pack: tuple[str, ...] = ()) -> Job:

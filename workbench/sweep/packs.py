@@ -57,13 +57,22 @@ DEFAULT_PACK_SIZE = 64  # members per pack at most (`--pack-size`: up to 256, cl
 
 @dataclass(frozen=True)
 class Pack:
-    """Runs trained together in one worker: their jobs, as each would run alone."""
+    """Runs trained together in one worker: their jobs, as each would run alone. A resumed
+    pack that has fewer members than it started with (some ended) keeps each one's row of the
+    stacked model (``rows``, job by job) and its ``width``: a member's float sums depend on
+    both, so the rows of the others stay, masked."""
 
     jobs: tuple[Job, ...]
+    rows: tuple[int, ...] = ()  # () where job k is in row k
+    width: int = 0
 
     @property
     def key(self) -> str:
         return "+".join(job.key for job in self.jobs)
+
+    def layout(self) -> tuple[tuple[int, ...], int]:
+        """Each job's row, and the pack's width."""
+        return self.rows or tuple(range(len(self.jobs))), max(self.width, len(self.jobs))
 
 
 Unit: TypeAlias = Job | Pack
@@ -76,6 +85,8 @@ class PackOf:
     :class:`Job` of a :class:`Pack` when it is dispatched."""
 
     decisions: tuple[Decision, ...]
+    rows: tuple[int, ...] = ()  # a resumed pack's, from its recorded members (``Pack``)
+    width: int = 0
 
     def __len__(self) -> int:
         return len(self.decisions)
@@ -107,7 +118,8 @@ def group(
 
     A resumed run trains as it first started (``RunRecord.pack_members``), whatever ``setting``
     says now: a run started alone resumes alone, a packed one with the members of its pack
-    that are left, in their order (a pack of one, where it is the last). New runs with one pack
+    that are left, each in the row it started in (``Pack``): a pack of one, where it is the
+    last. New runs with one pack
     key pack together, at most ``size`` each; fewer groups than ``workers`` are split, so that
     no worker sits idle beside one big pack. Runs recorded before workbench stored how they
     started pack as new runs do, a resumed one with resumed ones."""
@@ -143,7 +155,9 @@ def group(
             work.append(item)
         elif item in kept:
             place = {name: i for i, name in enumerate(kept[item])}
-            work.append(PackOf(tuple(sorted(groups[item], key=lambda d: place[d.run.key]))))
+            runs = sorted(groups[item], key=lambda d: place[d.run.key])
+            rows = tuple(place[d.run.key] for d in runs)
+            work.append(PackOf(tuple(runs), rows, len(place)))
         else:
             runs = groups[item]
             step = min(size, -(-len(runs) // parts))
@@ -222,7 +236,7 @@ class _PackRun:
         failure = None
         try:
             for k, job in enumerate(self.pack.jobs):
-                if job.resumed:  # a retry of a pack whose worker died: some runs may have ended
+                if job.resumed:  # a pack resumed or retried: some runs may have ended
                     ended = ended_result(self.client, job)
                     if ended is not None:
                         self.end(k, ended)
@@ -256,8 +270,9 @@ class _PackRun:
     def train(self) -> None:
         """Train the members together, then record each one's end. Members resumed from
         checkpoints at different steps (a kill between two members' checkpoints) or with
-        different keys train as one pack per step and key, one after the other: a pack of one
-        too, where a member is alone in its group (its arithmetic stays a packed run's)."""
+        different keys train as one pack per step and key, one after the other. Each keeps
+        the pack's layout (``Pack``): the rows of members that have ended or train in another
+        group stay, masked, so that each member's float sums stay what they were."""
         from workbench.train.packed import align_checkpoints
         from workbench.train.process import prepare_process
 
@@ -278,6 +293,7 @@ class _PackRun:
         from workbench.train.packed import build_packed_trainer
 
         jobs = [self.pack.jobs[k] for k in chosen]
+        rows, width = self.pack.layout()
         trainer = build_packed_trainer(
             [configs[k] for k in chosen],
             corpus,
@@ -285,8 +301,10 @@ class _PackRun:
             [Path(job.checkpoint_dir) for job in jobs],
             checkpoint_every_s=jobs[0].checkpoint_every_s,
             fused=jobs[0].fused_adamw,  # the members started together: one choice
+            rows=[rows[k] for k in chosen],
+            width=width,
         )
-        tags = {TAG + "pack": pack_id(self.pack), TAG + "pack_size": str(len(jobs))}
+        tags = {TAG + "pack": pack_id(self.pack), TAG + "pack_size": str(width)}
         for member, k in enumerate(chosen):
             self.buffers[k].tags(tags)  # stored with the start's flush
             record.record_start(jobs[member], self.client, self.buffers[k], trainer, member)

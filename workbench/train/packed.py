@@ -53,8 +53,14 @@ def build_packed_trainer(
     log_interval: int = 10,
     checkpoint_every_s: float = 0.0,
     fused: bool | None = None,
+    rows: Sequence[int] = (),
+    width: int = 0,
 ) -> PackedTrainer:
     """The trainer of a pack, each member built as ``build_trainer`` builds its solo run.
+    ``rows`` and ``width``: each member's row in a pack wider than its members. A resumed pack
+    keeps the rows its members started in, and its width, though some members have ended or
+    resume apart: the others' float sums depend on both (a row's place in the buffer sets its
+    memory alignment, and so the order of a kernel's sums).
 
     Raises ValueError when the runs cannot share a pack: a run that is never packed, keys
     that differ, or checkpoints at different steps (a fresh run and a resumed one included:
@@ -82,7 +88,11 @@ def build_packed_trainer(
         )
         for config, callback, run_dir in zip(configs, callbacks, run_dirs, strict=True)
     ]
-    return PackedTrainer(members)
+    padding = [  # rows only: masked from the start, never recorded
+        build_trainer(configs[0], corpus, None, None, fused=fused)
+        for _ in range(max(width, len(configs)) - len(configs))
+    ]
+    return PackedTrainer(members, padding, rows)
 
 
 def checkpoint_step(run_dir: Path | None, name: str = CHECKPOINT_NAME) -> int:
@@ -121,32 +131,45 @@ class PackedTrainer:
     """Trains the models of K solo trainers (``members``) in one step.
 
     The members keep their models, samplers, eval sets, loop states and callbacks; their
-    trainable parameters are moved into this trainer's optimizer (row k of its buffer). A
+    trainable parameters are moved into this trainer's optimizer (one row of its buffer each). A
     member that diverges is masked out: its row is zeroed and stepped at rate 0 from then on.
+    ``padding``: rows masked out from the start, where the pack is wider than its members
+    (``build_packed_trainer``), member k in row ``rows[k]``; the loop never sees them.
     """
 
-    def __init__(self, members: list[Trainer]) -> None:
-        first = members[0]
+    def __init__(
+        self, members: list[Trainer], padding: Sequence[Trainer] = (), rows: Sequence[int] = ()
+    ) -> None:
+        first, width = members[0], len(members) + len(padding)
+        self.row_of = list(rows) or list(range(len(members)))
+        distinct = set(self.row_of) <= set(range(width)) and len(set(self.row_of)) == len(members)
+        if len(self.row_of) != len(members) or not distinct:
+            raise ValueError(f"rows {self.row_of}: one distinct row of {width} for each member")
+        placed, spare = dict(zip(self.row_of, members, strict=True)), iter(padding)
         self.members = members
+        self.rows = [placed[r] if r in placed else next(spare) for r in range(width)]
+        trainers = self.rows  # by row
         self.device = first.device
         self.train_config = first.train_config  # the shapes and schedules the members share
-        self.active = [True] * len(members)
-        self.active_mask = torch.ones(len(members), dtype=torch.bool, device=self.device)
-        groups = [[p for p in m.model.parameters() if p.requires_grad] for m in members]
-        decay = torch.tensor([m.train_config.weight_decay for m in members])
+        self.active = [True] * len(trainers)
+        self.active_mask = torch.ones(len(trainers), dtype=torch.bool, device=self.device)
+        groups = [[p for p in m.model.parameters() if p.requires_grad] for m in trainers]
+        decay = torch.tensor([m.train_config.weight_decay for m in trainers])
         self.optimizer = FlatAdamW(
-            groups, lr=torch.zeros(len(members)), weight_decay=decay, fused=first.optimizer.fused
+            groups, lr=torch.zeros(len(trainers)), weight_decay=decay, fused=first.optimizer.fused
         )  # the members' own choice
-        self.grad_clip = torch.tensor([m.train_config.grad_clip for m in members]).to(self.device)
-        self.clips = any(m.train_config.grad_clip > 0 for m in members)  # known here: no sync
+        self.grad_clip = torch.tensor([m.train_config.grad_clip for m in trainers]).to(self.device)
+        self.clips = any(m.train_config.grad_clip > 0 for m in trainers)  # known here: no sync
         self.params = self._stacked_params()
         self.eval_sets = {
             split: (
-                torch.stack([m.eval_sets[split][0] for m in members]),
-                torch.stack([m.eval_sets[split][1] for m in members]),
+                torch.stack([m.eval_sets[split][0] for m in trainers]),
+                torch.stack([m.eval_sets[split][1] for m in trainers]),
             )
             for split in first.eval_sets
         }
+        for row in set(range(width)) - set(self.row_of):
+            self._mask(row)
         backend = first.model.attention_backend
         with torch.random.fork_rng(devices=[]):  # its weights are never used
             self.template = build_model(
@@ -164,7 +187,7 @@ class PackedTrainer:
 
     def _stacked_params(self) -> dict[str, torch.Tensor]:
         """(K, *shape) views of the flat buffer, gradients likewise; untrainable ones stacked."""
-        K, models = len(self.members), [m.model for m in self.members]
+        K, models = len(self.rows), [m.model for m in self.rows]
         row = self.optimizer.flat.numel() // K
         stacked: dict[str, torch.Tensor] = {}
         offset = 0
@@ -180,20 +203,20 @@ class PackedTrainer:
         return stacked
 
     def _rows(self, buffer: torch.Tensor) -> torch.Tensor:
-        return buffer.view(len(self.members), -1)  # (K, P)
+        return buffer.view(len(self.rows), -1)  # (K, P)
 
     # -- one step, one eval ------------------------------------------------------------
 
     def step(self) -> torch.Tensor:
-        """One optimizer step of every member; returns the (detached) losses (K,)."""
+        """One optimizer step of every member; returns the members' (detached) losses (K,)."""
         step = self.members[0].loop.step
         self.optimizer.lr = torch.tensor(
             [
                 learning_rate_at(step, m.train_config) * on
-                for m, on in zip(self.members, self.active, strict=True)
+                for m, on in zip(self.rows, self.active, strict=True)
             ]
         )
-        batches = [m.sampler.sample() for m in self.members]
+        batches = [m.sampler.sample() for m in self.rows]
         x = torch.stack([b[0] for b in batches]).to(self.device)  # (K, B, T)
         y = torch.stack([b[1] for b in batches]).to(self.device)
         with self.members[0].autocast():
@@ -210,7 +233,7 @@ class PackedTrainer:
         self.optimizer.step()
         for member in self.members:
             member.loop.step += 1
-        return losses.detach()
+        return losses.detach()[self.row_of]
 
     def _check_gradients(self) -> None:
         first = next(p for p in self.params.values() if p.requires_grad)
@@ -228,10 +251,10 @@ class PackedTrainer:
     def evaluate(self) -> list[dict[str, float]]:
         """Each member's mean loss over its own eval sets. A pass takes the windows a solo
         pass takes, shared by the members: one vmapped pass holds all K members' activations."""
-        rows = max(1, self.members[0].eval_rows // len(self.members))
+        rows = max(1, self.members[0].eval_rows // len(self.rows))
         losses: list[dict[str, float]] = [{} for _ in self.members]
         for split, (x_all, y_all) in self.eval_sets.items():
-            total, count = torch.zeros(len(self.members), device=self.device), 0
+            total, count = torch.zeros(len(self.rows), device=self.device), 0
             for start in range(0, x_all.size(1), rows):
                 x = x_all[:, start : start + rows].to(self.device)
                 y = y_all[:, start : start + rows].to(self.device)
@@ -239,8 +262,9 @@ class PackedTrainer:
                     loss = self.losses(self.params, x, y)
                 total += loss.float() * x.size(1)
                 count += x.size(1)
-            for k, value in enumerate((total / count).tolist()):
-                losses[k][f"{split}_loss"] = value
+            values = (total / count).tolist()
+            for k, row in enumerate(self.row_of):
+                losses[k][f"{split}_loss"] = values[row]
         return losses
 
     # -- the loop's Steps ----------------------------------------------------------------
@@ -251,7 +275,7 @@ class PackedTrainer:
 
     def load(self) -> bool:
         """Each member from its checkpoint (all or none: ``build_packed_trainer``), then its
-        moments into row k."""
+        moments into its row."""
         resumed = [m.load_checkpoint() for m in self.members]
         if any(resumed):
             self._load_optimizer_rows()
@@ -260,11 +284,14 @@ class PackedTrainer:
     def drop(self, k: int) -> None:
         """Member k diverged: masked out, its row zeroed (nothing non-finite left to compute)
         and stepped at rate 0 from now on."""
-        self.active[k] = False
-        self.active_mask[k] = False
+        self._mask(self.row_of[k])
+
+    def _mask(self, row: int) -> None:
+        self.active[row] = False
+        self.active_mask[row] = False
         with torch.no_grad():
             for buffer in (self.optimizer.flat, self.optimizer.exp_avg, self.optimizer.exp_avg_sq):
-                self._rows(buffer)[k].zero_()
+                self._rows(buffer)[row].zero_()
 
     # -- members, checkpoints ---------------------------------------------------------
 
@@ -284,8 +311,8 @@ class PackedTrainer:
         if member.checkpoint_path is None:
             return
         solo = member.optimizer
-        solo.exp_avg.copy_(self._rows(self.optimizer.exp_avg)[k])
-        solo.exp_avg_sq.copy_(self._rows(self.optimizer.exp_avg_sq)[k])
+        solo.exp_avg.copy_(self._rows(self.optimizer.exp_avg)[self.row_of[k]])
+        solo.exp_avg_sq.copy_(self._rows(self.optimizer.exp_avg_sq)[self.row_of[k]])
         solo.steps.copy_(self.optimizer.steps)
         solo.step_number = self.optimizer.step_number
         solo.lr = learning_rate_at(member.loop.step - 1, member.train_config)  # the last step's
@@ -299,10 +326,10 @@ class PackedTrainer:
         )
 
     def _load_optimizer_rows(self) -> None:
-        """After each member loaded its checkpoint (weights straight into row k), its moments
-        from its solo optimizer into row k."""
-        for k, member in enumerate(self.members):
-            self._rows(self.optimizer.exp_avg)[k].copy_(member.optimizer.exp_avg)
-            self._rows(self.optimizer.exp_avg_sq)[k].copy_(member.optimizer.exp_avg_sq)
+        """After each member loaded its checkpoint (weights straight into its row), its
+        moments from its solo optimizer into that row."""
+        for row, member in zip(self.row_of, self.members, strict=True):
+            self._rows(self.optimizer.exp_avg)[row].copy_(member.optimizer.exp_avg)
+            self._rows(self.optimizer.exp_avg_sq)[row].copy_(member.optimizer.exp_avg_sq)
         self.optimizer.steps.copy_(self.members[0].optimizer.steps)
         self.optimizer.step_number = self.members[0].optimizer.step_number

@@ -192,13 +192,17 @@ def _retry(unit: Unit, finish: Callable[[Job, JobResult], None]) -> Unit | None:
     """The unit again after its worker died: each run's next attempt, from its checkpoint. A
     pack's members that ended before the worker died keep their verdict (a FINISHED run is
     never reopened) and are finished here; None when none is left."""
-    left = []
-    for job in members(unit):
+    left, rows = [], []
+    layout, width = unit.layout() if isinstance(unit, Pack) else ((0,), 1)
+    for job, row in zip(members(unit), layout, strict=True):
         ended = ended_result(client(job.tracking_uri), job)
         if ended is None:
             left.append(replace(job, attempt=job.attempt + 1, resumed=True))
+            rows.append(row)
         else:
             finish(job, ended)
     if not left:
         return None
-    return Pack(tuple(left)) if len(left) > 1 else left[0]
+    if isinstance(unit, Pack):  # each member in its row, as wide as the pack started
+        return Pack(tuple(left), tuple(rows), width)
+    return left[0]
