@@ -172,6 +172,7 @@ def test_a_running_run_whose_pid_now_names_another_process_is_stale(tmp_path: Pa
     assert RunRecord("id", "RUNNING", tags, {}, start_time=0).state is RunState.STALE  # gone
 
 
+@pytest.mark.slow
 def test_a_run_left_running_by_a_reused_pid_is_resumed(store: Any, tmp_path: Path) -> None:
     """The second hostile round: a RUNNING run whose recorded pid belongs to a live, unrelated
     process was skipped as "running elsewhere" for as long as that process lived."""

@@ -239,6 +239,7 @@ def test_build_is_cached_and_reused(fresh_kernels: Path) -> None:
     ]
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_concurrent_builds_into_one_cache_both_succeed(fresh_kernels: Path) -> None:
     """Runs of a grid start together and share the cache: each may build, none may see a
@@ -513,6 +514,7 @@ def plant(library: Path, content: bytes) -> None:
     os.replace(swap, library)
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_a_kernel_replaced_in_the_cache_is_built_again_never_loaded(
     fresh_kernels: Path, tmp_path: Path
@@ -538,6 +540,7 @@ def test_a_kernel_replaced_in_the_cache_is_built_again_never_loaded(
     assert library.read_bytes() != out.read_bytes() and cache.verified(library)
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_a_broken_kernel_is_built_again_not_a_verdict(fresh_kernels: Path, tmp_path: Path) -> None:
     """A library that does not load, even with a record that matches it (written by someone

@@ -415,6 +415,7 @@ def dropped_weight(records: dict[str, bytes]) -> None:
     records[name] = json.dumps(config).encode()
 
 
+@pytest.mark.slow
 @pytest.mark.private_api
 def test_a_kept_archive_that_is_broken_or_not_the_models_is_traced_again(
     export_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -388,6 +388,7 @@ def test_parent_pngs_and_report_through_a_tracking_server(tmp_path: Path) -> Non
             assert_png(artifact(client, run.info.run_id, "loss_curve.png"))
 
 
+@pytest.mark.slow
 def test_a_dead_sweeps_parent_is_ended_by_the_next_command(store: Store, tmp_path: Path) -> None:
     """A driver killed outright left its parent RUNNING until the same plan ran again (the
     second hostile round); `workbench report` and a `workbench run` of any plan of the

@@ -284,6 +284,7 @@ def pack_of(store: Store, seeds: list[int], checkpoint_every_s: float = 0.0) -> 
     return Pack(tuple(jobs))
 
 
+@pytest.mark.slow
 def test_a_pack_that_raises_trains_each_member_alone(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -142,7 +142,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Any:
     monkeypatch.undo()
 
 
-slow = pytest.mark.slow  # trains three small sweeps once for the module (about a minute)
+# The module's stores (three small sweeps trained once, eleven fabricated shapes reported once,
+# the hostile one) take seconds to build: their tests are left out of `pytest -m "not slow"`.
+slow = pytest.mark.slow
 
 
 # --- files and paths -----------------------------------------------------------------------------
@@ -584,6 +586,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return store
 
 
+@slow
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_store_shape_gives_a_page(shapes: Store, shape: str) -> None:
     html = shapes.html(shape)
@@ -606,6 +609,7 @@ def test_every_store_shape_gives_a_page(shapes: Store, shape: str) -> None:
         assert "heatmaps of best val loss" in html
 
 
+@slow
 @pytest.mark.parametrize("shape", BROWSED)
 def test_store_shapes_in_a_headless_browser(shapes: Store, shape: str, tmp_path: Path) -> None:
     from browser import chromium, open_page
@@ -683,6 +687,7 @@ def _points(shapes: Store, shape: str, finished_only: bool) -> dict[tuple[str, .
     return points
 
 
+@slow
 @pytest.mark.parametrize("shape", SHAPES)
 def test_each_loss_curve_panel_holds_a_line_per_variant_and_split(
     shapes: Store, drawn: dict[str, dict[str, list[Panel]]], shape: str
@@ -699,6 +704,7 @@ def test_each_loss_curve_panel_holds_a_line_per_variant_and_split(
             assert "np." not in panel.title, panel.title  # values as the spec writes them
 
 
+@slow
 @pytest.mark.parametrize("shape", ["three_axes", "float_axes", "float_and_string_axes"])
 def test_every_heatmap_cell_is_filled(drawn: dict[str, dict[str, list[Panel]]], shape: str) -> None:
     """A heatmap per variant (its title), each of its 2 × 2 cells holding a mean."""
@@ -755,6 +761,7 @@ def test_runs_of_two_configs_are_never_pooled_as_seeds(tmp_path: Path) -> None:
     assert points[("bigram", "max_iters=40, eval_interval=20")][2] == "2"
 
 
+@slow
 def test_a_grid_point_is_the_config_minus_the_seed(shapes: Store, tmp_path: Path) -> None:
     """Same variant and grid values, another param (or one logged by one run only): two points;
     another seed: one point."""
@@ -780,6 +787,7 @@ def test_a_grid_point_is_the_config_minus_the_seed(shapes: Store, tmp_path: Path
     assert list(points["seeds"]) == [2, 2, 2]
 
 
+@slow
 def test_the_ladder_follows_the_spec_not_the_history(shapes: Store) -> None:
     """Runs made last variant first: comparisons, tables and legends still read in the spec's
     order (the workbench.variant_index tag), later vs earlier."""
@@ -800,6 +808,7 @@ def test_the_ladder_follows_the_spec_not_the_history(shapes: Store) -> None:
     assert [r[0] for r in _table_rows(html, "Every grid point")] == ["step_a", "step_b", "step_c"]
 
 
+@slow
 def test_adjacent_rungs_at_every_grid_point(shapes: Store) -> None:
     """The per-point table: later − earlier at each grid point, ± Welch's 95% interval,
     recomputed here from the store."""
@@ -828,6 +837,7 @@ def test_adjacent_rungs_at_every_grid_point(shapes: Store) -> None:
     assert by_point[label][1].startswith(f"{difference:+.3f} ± {(welch.high - welch.low) / 2:.3f}")
 
 
+@slow
 def test_header_says_what_was_held_fixed_and_where_runs_came_from(shapes: Store) -> None:
     text = _text(shapes.html("three_axes"))
     held = text.split("held fixed", 1)[1].split("set by each variant", 1)[0]
@@ -839,6 +849,7 @@ def test_header_says_what_was_held_fixed_and_where_runs_came_from(shapes: Store)
     assert "cpu (48 runs)" in text
 
 
+@slow
 def test_every_best_val_loss_says_which_statistic(shapes: Store) -> None:
     """No bare "best val loss": each says whether it is one run's (min over its evals) or a
     mean over seeds."""
@@ -906,6 +917,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return store
 
 
+@slow
 def test_malformed_runs_are_skipped_with_one_line_each(hostile: Store) -> None:
     result = CliRunner().invoke(
         app,
@@ -921,6 +933,7 @@ def test_malformed_runs_are_skipped_with_one_line_each(hostile: Store) -> None:
     assert "4 — 4 finished" in _text(hostile.html("shared"))
 
 
+@slow
 def test_one_experiment_that_cannot_be_reported_costs_one_line(hostile: Store) -> None:
     out = hostile.folder / "all"
     result = CliRunner().invoke(app, ["report", "--tracking-uri", hostile.uri, "--out", str(out)])
@@ -933,6 +946,7 @@ def test_one_experiment_that_cannot_be_reported_costs_one_line(hostile: Store) -
     assert len(list(out.glob("*.html"))) == 5  # shared and the four hostile names
 
 
+@slow
 def test_csv_cells_never_start_a_formula(hostile: Store) -> None:
     import csv
 
@@ -949,6 +963,7 @@ def test_csv_cells_never_start_a_formula(hostile: Store) -> None:
     assert {row[clip] for row in body} == {"-0.5", ""}  # a negative number stays a number
 
 
+@slow
 def test_an_experiment_name_is_never_a_path(hostile: Store, tmp_path: Path) -> None:
     from workbench.report import write_reports
 

@@ -44,6 +44,7 @@ def test_new_stores_are_copies_of_one_template_and_find_their_own_artifacts(
     assert version == rows(cache, "SELECT version_num FROM alembic_version")
 
 
+@pytest.mark.slow
 def test_a_template_that_is_not_empty_is_never_copied(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -74,6 +75,7 @@ def test_a_store_that_appeared_meanwhile_is_never_replaced(tmp_path: Path, cache
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
 
 
+@pytest.mark.slow
 def test_without_a_cache_folder_mlflow_makes_the_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -84,6 +86,7 @@ def test_without_a_cache_folder_mlflow_makes_the_store(
     assert rows(tmp_path / "mlflow.db", "SELECT name FROM experiments") == [("Default",)]
 
 
+@pytest.mark.slow
 def test_a_template_with_triggers_added_is_never_copied(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
