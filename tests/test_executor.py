@@ -194,3 +194,43 @@ def test_a_run_left_running_by_a_reused_pid_is_resumed(store: Any, tmp_path: Pat
     finally:
         unrelated.kill()
         unrelated.wait()
+
+
+def test_workers_take_the_drivers_environment_of_the_moment_they_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Linux without GPUs the workers fork from a forkserver that imported torch and MLflow
+    once, in the environment of the first sweep of this process. Each sweep's workers still
+    take the environment of their own start (here: WORKBENCH_PUBLIC_APIS, which chooses the
+    AdamW update), and spawned workers (macOS, GPUs) train a run to the same numbers."""
+    import multiprocessing as mp
+
+    from runs import Store, invoke
+
+    from workbench.sweep.executors import local
+
+    expected = "forkserver" if sys.platform.startswith("linux") else "spawn"
+    assert local.worker_context(0).get_start_method() == expected
+    assert local.worker_context(1).get_start_method() == "spawn"
+    spec = write_spec(tmp_path, variants={"multi_head": {"model": {"kind": "multi_head"}}})
+    monkeypatch.chdir(tmp_path)
+
+    def sweep(name: str, public: str) -> Any:
+        monkeypatch.setenv("WORKBENCH_PUBLIC_APIS", public)
+        store = Store(tmp_path / name)
+        result = invoke("run", str(spec), *store.args())
+        assert result.exit_code == 0, result.output
+        (run,) = store.runs()
+        return store, run
+
+    _, fused = sweep("fused", "0")
+    _, elementwise = sweep("elementwise", "1")
+    assert fused.data.tags[TAG + "adamw"] == "fused"
+    assert elementwise.data.tags[TAG + "adamw"] == "elementwise"
+    monkeypatch.setattr(local, "worker_context", lambda gpus: mp.get_context("spawn"))
+    spawned_store, spawned = sweep("spawned", "0")
+    assert spawned.data.tags[TAG + "adamw"] == "fused"
+    assert spawned.data.metrics["val_loss"] == fused.data.metrics["val_loss"]  # same arithmetic
+    assert spawned_store.history(spawned.info.run_id, "val_loss") == Store(
+        tmp_path / "fused"
+    ).history(fused.info.run_id, "val_loss")

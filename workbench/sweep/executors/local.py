@@ -1,11 +1,12 @@
 """Local execution: a few long-lived worker processes, one run at a time each.
 
 Why not ``ProcessPoolExecutor``: one crashed worker breaks the whole pool and every queued job
-fails with it (docs/mlflow-notes.md). Here each worker is a spawned process with its own pipe; a
-worker that dies (segfault, ``os._exit``, kill -9) costs only the run it held and can garble only
-its own pipe, and a fresh worker takes its place. Workers are reused between runs, since
-importing torch and mlflow costs seconds per process; each opens the tracking store itself, and
-sends the driver only its events (``Started``, ``Progress``, ``Ended``) over its pipe.
+fails with it (docs/mlflow-notes.md). Here each worker is a process of its own with its own
+pipe; a worker that dies (segfault, ``os._exit``, kill -9) costs only the run it held and can
+garble only its own pipe, and a fresh worker takes its place. Workers are reused between runs,
+since importing torch and mlflow costs seconds per process; each opens the tracking store
+itself, and sends the driver only its events (``Started``, ``Progress``, ``Ended``) over its
+pipe. How a worker starts: :func:`worker_context`.
 
 Signals: workers ignore SIGINT (a Ctrl-C reaches the whole process group); the driver forwards
 exactly one SIGTERM, which a worker turns into KeyboardInterrupt so its run is marked KILLED.
@@ -25,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -36,7 +38,7 @@ from workbench.sweep.jobs import (
     end_killed,
 )
 from workbench.sweep.packs import Unit, execute_unit, members
-from workbench.sweep.signals import describe_exit, signals_deferred
+from workbench.sweep.signals import describe_exit, signals_deferred, signals_ignored
 from workbench.tracking import RunState
 
 PARENT_CHECK_S = 1.0
@@ -47,8 +49,47 @@ def raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _worker_main(env: dict[str, str], conn: Connection, early: bool = False) -> None:
-    os.environ.update(env)  # before torch is imported: CUDA_VISIBLE_DEVICES, thread counts
+# What a job imports (``_worker_main``, ``jobs.preload``), imported once by the forkserver.
+PRELOAD = [
+    "workbench.tracking",
+    "workbench.train.factory",
+    "workbench.sweep.jobs",
+    "workbench.sweep.record",
+    "workbench.mlflow_model",
+    "workbench.report.attention",
+    "workbench.report.figures",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "matplotlib.backends.backend_agg",
+]
+
+
+def worker_context(gpus: int) -> Any:
+    """How workers start. On Linux without GPUs: forked from one server process that imported
+    what a job needs once (multiprocessing's ``forkserver``, preloaded), so that a worker
+    starts in milliseconds instead of seconds of imports: every worker after the first, in
+    this sweep and in any later one of this process. The server never runs a job, and each
+    worker takes the driver's environment and working folder of the moment it starts
+    (``_worker_main``), not the server's. Elsewhere (macOS forks badly once frameworks are
+    loaded; CUDA must not be near a fork) each worker is spawned and imports for itself."""
+    if gpus or not sys.platform.startswith("linux"):
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    # Started (once per process) with SIGINT and SIGTERM ignored, which it keeps: a Ctrl-C or
+    # a SIGTERM to the process group is for the driver and the workers to handle; the server
+    # ends when the driver does. (A worker's death is read from the server: it must outlive
+    # them.)
+    with signals_ignored():
+        forkserver.ensure_running()
+    return ctx
+
+
+def _worker_main(env: dict[str, str], cwd: str, conn: Connection, early: bool = False) -> None:
+    # The driver's environment now (CUDA_VISIBLE_DEVICES, thread counts), before torch is
+    # imported where it was not (spawn); a forkserver's dates from when it started.
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     parent = os.getppid()
@@ -57,9 +98,13 @@ def _worker_main(env: dict[str, str], conn: Connection, early: bool = False) -> 
     # after its first job arrives.
     driver = _DriverPipe(conn)
     try:
-        import workbench.tracking
-        import workbench.train.factory  # noqa: F401  (torch)
+        import torch
 
+        import workbench.tracking
+        import workbench.train.factory  # noqa: F401
+
+        if "OMP_NUM_THREADS" in env:  # where torch was imported before (forkserver)
+            torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
         if early:
             from workbench.sweep.jobs import preload
 
@@ -159,7 +204,7 @@ class LocalExecutor:
         On KeyboardInterrupt the workers are interrupted too: each marks its run KILLED and
         the interrupt is re-raised once they have.
         """
-        ctx = mp.get_context("spawn")
+        ctx = worker_context(self.gpus)
         pending = deque(items)
         results: list[JobResult] = []
         slots = max(1, min(self.jobs, len(items)))
@@ -199,9 +244,12 @@ class LocalExecutor:
     def warm_up(self, runs: int) -> None:
         """Start the workers for up to ``runs`` runs now, so that their imports (seconds each)
         overlap what the driver does before the first job; ``run`` uses them, ``close`` stops
-        them if ``run`` never comes."""
+        them if ``run`` never comes. With a forkserver, only the server starts now (a worker's
+        start waits for its imports), and ``run`` forks the workers from it."""
         if not self.workers:
-            ctx = mp.get_context("spawn")
+            ctx = worker_context(self.gpus)  # a forkserver: started, importing meanwhile
+            if ctx.get_start_method() == "forkserver":
+                return
             slots = max(1, min(self.jobs, runs))
             threads = self.threads_per_job
             self.workers = [self._start(ctx, s, threads, early=True) for s in range(slots)]
@@ -211,14 +259,16 @@ class LocalExecutor:
         self._stop()
 
     def _start(self, ctx: Any, slot: int, threads: int | None, early: bool = False) -> _Worker:
-        env: dict[str, str] = {}
+        env = dict(os.environ)
         if threads is not None:  # torch reads it when it is first imported
             env["OMP_NUM_THREADS"] = str(threads)
         if self.gpus:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             env["CUDA_VISIBLE_DEVICES"] = worker_gpu(slot, self.gpus, self.jobs_per_gpu, visible)
         parent_conn, child_conn = ctx.Pipe()
-        process = ctx.Process(target=_worker_main, args=(env, child_conn, early), daemon=True)
+        process = ctx.Process(
+            target=_worker_main, args=(env, os.getcwd(), child_conn, early), daemon=True
+        )
         process.start()
         child_conn.close()
         return _Worker(process, parent_conn)
