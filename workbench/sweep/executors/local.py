@@ -60,6 +60,7 @@ PRELOAD = [
     "workbench.report.figures",
     "mlflow.store.tracking.sqlalchemy_store",
     "matplotlib.backends.backend_agg",
+    "workbench.sweep.executors.server_exit",  # last: the server ends without a teardown
 ]
 
 
