@@ -234,3 +234,56 @@ def test_workers_take_the_drivers_environment_of_the_moment_they_start(
     assert spawned_store.history(spawned.info.run_id, "val_loss") == Store(
         tmp_path / "fused"
     ).history(fused.info.run_id, "val_loss")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are spawned there")
+def test_the_forkserver_ends_without_a_teardown(tmp_path: Path) -> None:
+    """Preloaded last, ``server_exit`` ends the server at once when its driver is gone: a
+    teardown registered before it (as torch's and MLflow's are) never runs, so the server
+    lets go of the driver's stdout and stderr at once. Imported anywhere else, it does
+    nothing."""
+    import textwrap
+
+    marker = tmp_path / "torn_down"
+    (tmp_path / "planted_teardown.py").write_text(
+        f"import atexit\natexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
+    )
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        textwrap.dedent("""\
+        import multiprocessing as mp
+        import sys
+
+        def nothing():
+            pass
+
+        if __name__ == "__main__":
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(sys.argv[1:])
+            worker = ctx.Process(target=nothing)
+            worker.start()
+            worker.join()
+        """)
+    )
+
+    def server_tore_down(*preload: str) -> bool:
+        marker.unlink(missing_ok=True)
+        # Returns once every holder of the pipes let go: the driver, its worker, its server.
+        path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+        env = {**os.environ, "PYTHONPATH": path}
+        done = subprocess.run([sys.executable, str(driver), *preload], capture_output=True,
+                              text=True, timeout=300, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return marker.exists()
+
+    assert server_tore_down("planted_teardown")  # nothing stops a teardown: the check can fail
+    assert not server_tore_down("planted_teardown", "workbench.sweep.executors.server_exit")
+    elsewhere = subprocess.run(
+        [sys.executable, "-c", "import multiprocessing.forkserver, "
+         "workbench.sweep.executors.server_exit; raise SystemExit(3)"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert elsewhere.returncode == 3, elsewhere.stderr
+    from workbench.sweep.executors import local
+
+    assert local.PRELOAD[-1] == "workbench.sweep.executors.server_exit"  # after every teardown
