@@ -90,7 +90,8 @@ def _worker_main(env: dict[str, str], cwd: str, conn: Connection, early: bool = 
     # imported where it was not (spawn); a forkserver's dates from when it started.
     os.environ.clear()
     os.environ.update(env)
-    os.chdir(cwd)
+    with contextlib.suppress(OSError):  # a folder deleted since: the worker stays where it is
+        os.chdir(cwd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     parent = os.getppid()
