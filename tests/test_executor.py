@@ -196,6 +196,7 @@ def test_a_run_left_running_by_a_reused_pid_is_resumed(store: Any, tmp_path: Pat
         unrelated.wait()
 
 
+@pytest.mark.slow
 def test_workers_take_the_drivers_environment_of_the_moment_they_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -236,6 +237,7 @@ def test_workers_take_the_drivers_environment_of_the_moment_they_start(
     ).history(fused.info.run_id, "val_loss")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are spawned there")
 def test_the_forkserver_ends_without_a_teardown(tmp_path: Path) -> None:
     """Preloaded last, ``server_exit`` ends the server at once when its driver is gone: a
