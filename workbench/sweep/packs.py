@@ -119,10 +119,10 @@ def group(
     A resumed run trains as it first started (``RunRecord.pack_members``), whatever ``setting``
     says now: a run started alone resumes alone, a packed one with the members of its pack
     that are left, each in the row it started in (``Pack``): a pack of one, where it is the
-    last. New runs with one pack
-    key pack together, at most ``size`` each; fewer groups than ``workers`` are split, so that
-    no worker sits idle beside one big pack. Runs recorded before workbench stored how they
-    started pack as new runs do, a resumed one with resumed ones."""
+    last. New runs with one pack key pack together, at most ``size`` each; fewer groups than
+    ``workers`` are split, so that no worker sits idle beside one big pack. Runs recorded
+    before workbench stored how they started pack as new runs do, a resumed one with resumed
+    ones."""
     groups: dict[tuple[str, ...], list[Decision]] = {}
     kept: dict[tuple[str, ...], tuple[str, ...]] = {}  # recorded packs: their members' order
     order: list[Decision | tuple[str, ...]] = []
