@@ -147,8 +147,9 @@ class PackedTrainer:
             raise ValueError(f"rows {self.row_of}: one distinct row of {width} for each member")
         placed, spare = dict(zip(self.row_of, members, strict=True)), iter(padding)
         self.members = members
-        self.rows = [placed[r] if r in placed else next(spare) for r in range(width)]
-        trainers = self.rows  # by row
+        # Every row's trainer, in row order: the members' and the padding's.
+        self.trainers = [placed[r] if r in placed else next(spare) for r in range(width)]
+        trainers = self.trainers
         self.device = first.device
         self.train_config = first.train_config  # the shapes and schedules the members share
         self.active = [True] * len(trainers)
@@ -187,7 +188,7 @@ class PackedTrainer:
 
     def _stacked_params(self) -> dict[str, torch.Tensor]:
         """(K, *shape) views of the flat buffer, gradients likewise; untrainable ones stacked."""
-        K, models = len(self.rows), [m.model for m in self.rows]
+        K, models = len(self.trainers), [m.model for m in self.trainers]
         row = self.optimizer.flat.numel() // K
         stacked: dict[str, torch.Tensor] = {}
         offset = 0
@@ -203,7 +204,7 @@ class PackedTrainer:
         return stacked
 
     def _rows(self, buffer: torch.Tensor) -> torch.Tensor:
-        return buffer.view(len(self.rows), -1)  # (K, P)
+        return buffer.view(len(self.trainers), -1)  # (K, P)
 
     # -- one step, one eval ------------------------------------------------------------
 
@@ -213,10 +214,10 @@ class PackedTrainer:
         self.optimizer.lr = torch.tensor(
             [
                 learning_rate_at(step, m.train_config) * on
-                for m, on in zip(self.rows, self.active, strict=True)
+                for m, on in zip(self.trainers, self.active, strict=True)
             ]
         )
-        batches = [m.sampler.sample() for m in self.rows]
+        batches = [m.sampler.sample() for m in self.trainers]
         x = torch.stack([b[0] for b in batches]).to(self.device)  # (K, B, T)
         y = torch.stack([b[1] for b in batches]).to(self.device)
         with self.members[0].autocast():
@@ -251,10 +252,10 @@ class PackedTrainer:
     def evaluate(self) -> list[dict[str, float]]:
         """Each member's mean loss over its own eval sets. A pass takes the windows a solo
         pass takes, shared by the members: one vmapped pass holds all K members' activations."""
-        rows = max(1, self.members[0].eval_rows // len(self.rows))
+        rows = max(1, self.members[0].eval_rows // len(self.trainers))
         losses: list[dict[str, float]] = [{} for _ in self.members]
         for split, (x_all, y_all) in self.eval_sets.items():
-            total, count = torch.zeros(len(self.rows), device=self.device), 0
+            total, count = torch.zeros(len(self.trainers), device=self.device), 0
             for start in range(0, x_all.size(1), rows):
                 x = x_all[:, start : start + rows].to(self.device)
                 y = y_all[:, start : start + rows].to(self.device)

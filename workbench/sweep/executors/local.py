@@ -28,7 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from multiprocessing.context import ForkServerContext, SpawnContext
+from typing import Any, TypeAlias
 
 from workbench.sweep.events import CrashFn, Ended, EventFn, Item, Started
 from workbench.sweep.jobs import (
@@ -64,7 +65,10 @@ PRELOAD = [
 ]
 
 
-def worker_context(gpus: int) -> Any:
+WorkerContext: TypeAlias = SpawnContext | ForkServerContext
+
+
+def worker_context(gpus: int) -> WorkerContext:
     """How workers start. On Linux without GPUs: forked from one server process that imported
     what a job needs once (multiprocessing's ``forkserver``, preloaded), so that a worker
     starts in milliseconds instead of seconds of imports: every worker after the first, in
@@ -100,13 +104,9 @@ def _worker_main(env: dict[str, str], cwd: str, conn: Connection, early: bool = 
     # after its first job arrives.
     driver = _DriverPipe(conn)
     try:
-        import torch
-
         import workbench.tracking
-        import workbench.train.factory  # noqa: F401
+        import workbench.train.factory  # noqa: F401  (torch; each job sets its own threads)
 
-        if "OMP_NUM_THREADS" in env:  # where torch was imported before (forkserver)
-            torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
         if early:
             from workbench.sweep.jobs import preload
 
@@ -260,7 +260,9 @@ class LocalExecutor:
         """Stop any worker still running (``run`` stops its own when it returns)."""
         self._stop()
 
-    def _start(self, ctx: Any, slot: int, threads: int | None, early: bool = False) -> _Worker:
+    def _start(
+        self, ctx: WorkerContext, slot: int, threads: int | None, early: bool = False
+    ) -> _Worker:
         env = dict(os.environ)
         if threads is not None:  # torch reads it when it is first imported
             env["OMP_NUM_THREADS"] = str(threads)
